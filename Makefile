@@ -1,0 +1,25 @@
+# Two commands: `make train` (set up + CPU demo on real LIBERO) and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export MUJOCO_GL ?= egl
+export PYOPENGL_PLATFORM ?= egl
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE ?= offline
+
+.PHONY: setup train test bench-cpu
+
+$(STAMP): requirements.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(PY) OpenVLA_GRPO.py demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_libero_env.py
