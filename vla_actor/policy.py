@@ -1,0 +1,577 @@
+"""The policy the trainer talks to: batched action sampling, teacher-forced log-probs, LoRA, saving, loading.
+
+Sequence layout per sample (REF 3.2, 6.2), right-padded to the longest sample of the batch:
+    [BOS] [256 patches per image] [proprio token (OFT, optional)] [prompt text ... 29871] [suffix] [PAD ...]
+OpenVLA decodes 7 tokens autoregressively with a KV cache; OFT reads 56 positions of one bidirectional
+forward. Position p's output scores token p+1 in both, so the action logits come from the positions of
+29871 and of the suffix tokens before the last one.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache, LlamaModel, PretrainedConfig, PreTrainedTokenizerBase
+
+from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA_VOCAB_SIZE, N_BINS, OFT_CHUNK,
+                                     detokenize, find_stats, tokenize_normalized)
+from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CONFIG, PREPROCESSOR_FILE,
+                                  PROPRIO_PATTERN, atomic_directory, check_keys, dtype_name, find_one, load_weights,
+                                  read_json, read_norm_stats, read_proprio_projector, resolve_directory,
+                                  write_checkpoint)
+from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
+
+BOS_ID = 1
+STOP_ID = 2
+PAD_ID = 32000
+SPACE_PIECE_ID = 29871  # "▁", the space after "Out:" (REF 3.1)
+OFT_PLACEHOLDER_ID = 1  # any id works: placeholder embeddings are zeroed (REF 6.2)
+OFT_CONFIG_HINTS = ("num_images_in_input", "use_proprio", "proprio_dim")
+LLM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# transformers 5.24 (pinned) calls the KV cache argument `cache`; 5.17 (the GPU image) `past_key_values`, and
+# an unknown name is swallowed by **kwargs, so the name is read from the signature.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def prompt_text(instruction: str) -> str:
+    """OpenVLA (not v0.1) prompt, instruction lower-cased (REF 3.1)."""
+    return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+
+
+@dataclass
+class LoraSettings:
+    """Which LoRA adapters to add (PEFT)."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 16
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input; active only in log_probs with gradients (sampling never drops)."""
+    target: str | tuple[str, ...] = "all-linear"
+    """"all-linear" = every linear layer of the Llama decoder (lm_head excluded, as PEFT does), or a tuple of
+    names from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+    include_projector: bool = False
+    """Also adapt projector.fc1/fc2/fc3."""
+    include_vision: bool = False
+    """Also adapt the linear layers of the ViT blocks whose output is used (not the discarded last block)."""
+    init: str = "gaussian"
+    """PEFT init_lora_weights: "gaussian" (OpenVLA's recipe) or "default"; B starts at zero either way."""
+
+
+@dataclass
+class SampleOutput:
+    """One policy query for a batch of B observations."""
+
+    token_ids: torch.Tensor
+    """long [B, T] action token ids in 31744..31999 (T = 7, or 56 for OFT), on the CPU."""
+    log_probs: torch.Tensor
+    """float32 [B, T] log-softmax of the 256 action logits / temperature at the chosen ids, on the CPU."""
+    actions: np.ndarray
+    """float32 [B, 7] or [B, 8, 7]: un-normalised, dataset convention (gripper not converted, REF 5.2)."""
+
+
+@dataclass(frozen=True)
+class PixelNormalization:
+    """Per-backbone Normalize of the released processor (REF 1.4): DINO bf16-rounded ImageNet, SigLIP 0.5."""
+
+    mean: tuple[float, ...]
+    """6 values: DINO RGB then SigLIP RGB."""
+    std: tuple[float, ...]
+    """6 values, same order."""
+
+    @staticmethod
+    def from_preprocessor_config(config: dict) -> PixelNormalization:
+        sizes = config.get("input_sizes", [[3, IMAGE_SIZE, IMAGE_SIZE]] * 2)
+        params = config.get("tvf_normalize_params")
+        if sizes != [[3, IMAGE_SIZE, IMAGE_SIZE]] * 2 or not isinstance(params, list) or len(params) != 2:
+            raise ValueError(f"{PREPROCESSOR_FILE} must describe two 3x224x224 inputs with two "
+                             f"tvf_normalize_params entries; got input_sizes={sizes}, tvf_normalize_params={params}")
+        return PixelNormalization(mean=tuple(params[0]["mean"]) + tuple(params[1]["mean"]),
+                                  std=tuple(params[0]["std"]) + tuple(params[1]["std"]))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float32 [B, 6, H, W]: ToTensor (/255) then Normalize, per backbone."""
+        pixels = images.permute(0, 3, 1, 2).float().div(255.0).repeat(1, 2, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 6, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 6, 1, 1)
+        return (pixels - mean) / std
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """A right-padded multimodal batch."""
+
+    embeddings: torch.Tensor  # [B, M, D]
+    valid: torch.Tensor  # bool [B, M], False on padding
+    prompt_end: torch.Tensor  # long [B]: index of the first suffix position (= length without suffix)
+
+
+class VLAPolicy:
+    """An OpenVLA or OpenVLA-OFT policy. Build it with `load_policy`."""
+
+    def __init__(self, model: OpenVLAModel, tokenizer: PreTrainedTokenizerBase, *, config: dict, norm_stats: dict,
+                 unnorm_key: str, is_oft: bool, num_images: int, uses_proprio: bool, preprocessor_config: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.norm_stats = norm_stats
+        self.unnorm_key, self.stats = find_stats(norm_stats, unnorm_key, "the policy's statistics")
+        self.is_oft = is_oft
+        self.num_images = num_images
+        self.uses_proprio = uses_proprio
+        self.preprocessor_config = preprocessor_config
+        self.normalization = PixelNormalization.from_preprocessor_config(preprocessor_config)
+        self.action_dim = self.stats.action_dim
+        self.tokens_per_query = OFT_CHUNK * self.action_dim if is_oft else self.action_dim
+        self._peft: PeftModel | None = None
+        if uses_proprio and self.stats.proprio_q01 is None:
+            raise ValueError(f"the checkpoint uses proprio but statistics {self.unnorm_key!r} have no proprio q01/q99")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.projector.fc1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.language_model.get_input_embeddings().weight.dtype
+
+    # ----------------------------------------------------------------------------------------------- inputs
+
+    def _images(self, images: np.ndarray | torch.Tensor, name: str, batch: int) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or tuple(images.shape) != (batch, IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise ValueError(f"{name} must be uint8 [B, 224, 224, 3] with B = {batch} (one per instruction), got "
+                             f"{images.dtype} {list(images.shape)}")
+        return images.to(self.device)
+
+    def _check_batch(self, images, instructions: Sequence[str], wrist, proprio) -> int:
+        if isinstance(instructions, str) or not all(isinstance(text, str) for text in instructions):
+            raise ValueError("instructions must be a list of strings, one per image")
+        if len(instructions) == 0:
+            raise ValueError("instructions is empty: pass at least one observation")
+        batch = len(instructions)
+        if len(images) != batch:
+            raise ValueError(f"got {len(images)} images but {batch} instructions; pass one instruction per image")
+        if (wrist is not None) != (self.num_images == 2):
+            raise ValueError(f"this policy uses {self.num_images} image(s) per observation: pass wrist images "
+                             f"{'too' if self.num_images == 2 else 'as None'}")
+        if (proprio is not None) != self.uses_proprio:
+            raise ValueError(f"this policy {'needs' if self.uses_proprio else 'takes no'} proprio: pass "
+                             f"{'proprio [B, 8]' if self.uses_proprio else 'proprio=None'}")
+        return batch
+
+    def _pixel_values(self, images, wrist, batch: int) -> torch.Tensor:
+        views = [images] if wrist is None else [images, wrist]
+        names = ["images", "wrist"]
+        pixels = [self.normalization(self._images(view, name, batch)) for view, name in zip(views, names)]
+        return torch.cat(pixels, dim=1).to(self.dtype)
+
+    def _proprio(self, proprio, batch: int) -> torch.Tensor | None:
+        if proprio is None:
+            return None
+        proprio = np.asarray(torch.as_tensor(proprio).cpu(), dtype=np.float64)
+        if proprio.ndim != 2 or proprio.shape[0] != batch or not np.isfinite(proprio).all():
+            raise ValueError(f"proprio must be finite float [B={batch}, 8], got shape {list(proprio.shape)}")
+        return torch.as_tensor(self.stats.normalize_proprio(proprio), dtype=torch.float32, device=self.device)
+
+    def prompt_ids(self, instructions: Sequence[str]) -> list[list[int]]:
+        """BOS + prompt + 29871 for each instruction (REF 3.1)."""
+        ids = self.tokenizer([prompt_text(text) for text in instructions]).input_ids
+        return [row if row[-1] == SPACE_PIECE_ID else [*row, SPACE_PIECE_ID] for row in ids]
+
+    def _inputs(self, prefix: torch.Tensor, prompts: list[list[int]], suffix: torch.Tensor | None,
+                zeroed_suffix: int = 0) -> _Inputs:
+        """Embed [BOS] prefix [prompt] [suffix] per sample, right-padded; the first `zeroed_suffix` suffix
+        tokens get zero embeddings (OFT's empty action embeddings)."""
+        batch, suffix_len = len(prompts), 0 if suffix is None else suffix.shape[1]
+        lengths = torch.tensor([len(p) for p in prompts])
+        text_len = int(lengths.max()) + suffix_len
+        ids = torch.full((batch, text_len), PAD_ID, dtype=torch.long)
+        suffix = None if suffix is None else suffix.cpu()
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+            if suffix is not None:
+                ids[i, len(prompt): len(prompt) + suffix_len] = suffix[i]
+        columns = torch.arange(text_len)
+        text_valid = columns < (lengths + suffix_len)[:, None]
+        zeroed = ((columns >= lengths[:, None]) & (columns < (lengths + zeroed_suffix)[:, None])) \
+            if zeroed_suffix else None
+        device = self.device
+        embeddings = self.model.multimodal_embeddings(prefix, ids.to(device),
+                                                      None if zeroed is None else zeroed.to(device))
+        valid = torch.cat([text_valid[:, :1], torch.ones(batch, prefix.shape[1], dtype=torch.bool),
+                           text_valid[:, 1:]], dim=1)
+        return _Inputs(embeddings, valid.to(device), (lengths + prefix.shape[1]).to(device))
+
+    def _hidden(self, inputs: _Inputs, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Last hidden states of the whole padded batch: causal (OpenVLA) or bidirectional (OFT) over valid tokens."""
+        batch, length = inputs.valid.shape
+        positions = torch.arange(length, device=inputs.valid.device).expand(batch, length)
+        if self.is_oft:
+            blocked = torch.finfo(inputs.embeddings.dtype).min
+            mask = torch.zeros(batch, 1, length, length, dtype=inputs.embeddings.dtype, device=positions.device)
+            mask = mask.masked_fill(~inputs.valid[:, None, None, :], blocked)
+        else:
+            mask = inputs.valid.long()
+        out = self.model.language_model.model(inputs_embeds=inputs.embeddings, attention_mask=mask,
+                                              position_ids=positions, use_cache=cache is not None,
+                                              **{CACHE_ARGUMENT: cache})
+        if cache is not None and cache.get_seq_length() != length:
+            raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after a prefill of {length}: "
+                               f"this transformers version ignored the {CACHE_ARGUMENT!r} argument")
+        return out.last_hidden_state
+
+    def _action_log_softmax(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The one place where logits become action log-probs: LM head on the given positions only, the 256
+        action columns [31744, 32000), float32, divided by the temperature (REF 4, 6.7)."""
+        logits = self.model.action_logits(hidden, ACTION_TOKEN_BEGIN, ACTION_TOKEN_END)
+        return torch.log_softmax(logits / temperature, dim=-1)
+
+    def _readout(self, inputs: _Inputs, hidden: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
+        """Action log-probs [B, count, 256] from the `count` positions starting at each sample's last prompt
+        token (29871), whose output scores the first action token."""
+        positions = inputs.prompt_end[:, None] - 1 + torch.arange(count, device=hidden.device)
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._action_log_softmax(picked, temperature)
+
+    @staticmethod
+    def _check_temperature(temperature: float) -> None:
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (use greedy=True for argmax), "
+                             f"got {temperature!r}")
+
+    @contextmanager
+    def _mode(self, training: bool) -> Iterator[None]:
+        previous = self.model.training
+        self.model.train(training)
+        try:
+            yield
+        finally:
+            self.model.train(previous)
+
+    # --------------------------------------------------------------------------------------- rollout and loss
+
+    @torch.no_grad()
+    def sample(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], wrist=None, proprio=None,
+               temperature: float = 1.6, greedy: bool = False,
+               generator: torch.Generator | None = None) -> SampleOutput:
+        """Action tokens for B observations (uint8 [B, 224, 224, 3] images, one instruction each).
+
+        Each sample's result equals running it alone. `generator` (on the policy's device) makes the
+        multinomial draws reproducible; greedy takes the argmax of the same 256 action logits.
+        """
+        self._check_temperature(temperature)
+        batch = self._check_batch(images, instructions, wrist, proprio)
+        with self._mode(False):
+            prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
+                                                  self._proprio(proprio, batch))
+            prompts = self.prompt_ids(instructions)
+
+            def choose(log_probs: torch.Tensor) -> torch.Tensor:
+                if greedy:
+                    return log_probs.argmax(dim=-1)
+                flat = log_probs.exp().reshape(-1, N_BINS)
+                return torch.multinomial(flat, 1, generator=generator).reshape(log_probs.shape[:-1])
+
+            if self.is_oft:
+                log_probs = self._oft_log_probs(prefix, prompts, temperature)
+                columns = choose(log_probs)
+                chosen = log_probs.gather(-1, columns.unsqueeze(-1)).squeeze(-1)
+            else:
+                columns, chosen = self._decode_autoregressive(prefix, prompts, temperature, choose)
+        token_ids = (columns + ACTION_TOKEN_BEGIN).cpu()
+        return SampleOutput(token_ids=token_ids, log_probs=chosen.cpu(), actions=self.decode(token_ids))
+
+    def _decode_autoregressive(self, prefix, prompts, temperature, choose) -> tuple[torch.Tensor, torch.Tensor]:
+        """7 tokens with a KV cache; every step feeds each sample's token at its own next position."""
+        inputs = self._inputs(prefix, prompts, None)
+        cache = DynamicCache(config=self.model.language_model.config)
+        log_probs = self._readout(inputs, self._hidden(inputs, cache), 1, temperature)[:, 0]
+        mask = inputs.valid.long()
+        columns, chosen = [], []
+        for step in range(self.tokens_per_query):
+            column = choose(log_probs)
+            columns.append(column)
+            chosen.append(log_probs.gather(-1, column[:, None]).squeeze(-1))
+            if step + 1 == self.tokens_per_query:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model.language_model.model(
+                inputs_embeds=self.model.embed_tokens(column[:, None] + ACTION_TOKEN_BEGIN), attention_mask=mask,
+                position_ids=(inputs.prompt_end + step)[:, None], use_cache=True, **{CACHE_ARGUMENT: cache})
+            log_probs = self._action_log_softmax(out.last_hidden_state[:, 0], temperature)
+        return torch.stack(columns, dim=1), torch.stack(chosen, dim=1)
+
+    def _oft_log_probs(self, prefix, prompts, temperature) -> torch.Tensor:
+        """One bidirectional forward over prompt + 56 zero-embedded placeholders + STOP -> [B, 56, 256]."""
+        batch, count = len(prompts), self.tokens_per_query
+        suffix = torch.tensor([OFT_PLACEHOLDER_ID] * count + [STOP_ID]).expand(batch, count + 1)
+        inputs = self._inputs(prefix, prompts, suffix, zeroed_suffix=count)
+        return self._readout(inputs, self._hidden(inputs), count, temperature)
+
+    def log_probs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], token_ids: torch.Tensor,
+                  wrist=None, proprio=None, temperature: float = 1.6) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log-probs float32 [B, T] of `token_ids` and the entropy [B, T] of the 256-way
+        distributions, with the same slicing and temperature as `sample`. Differentiable w.r.t. the adapters;
+        runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled."""
+        self._check_temperature(temperature)
+        batch = self._check_batch(images, instructions, wrist, proprio)
+        token_ids = self._check_tokens(token_ids, batch)
+        with self._mode(torch.is_grad_enabled()):
+            prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
+                                                  self._proprio(proprio, batch))
+            prompts = self.prompt_ids(instructions)
+            if self.is_oft:
+                log_probs = self._oft_log_probs(prefix, prompts, temperature)
+            else:
+                inputs = self._inputs(prefix, prompts, token_ids)
+                log_probs = self._readout(inputs, self._hidden(inputs), self.tokens_per_query, temperature)
+        columns = (token_ids - ACTION_TOKEN_BEGIN).unsqueeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return log_probs.gather(-1, columns).squeeze(-1), entropy
+
+    def _check_tokens(self, token_ids, batch: int) -> torch.Tensor:
+        token_ids = torch.as_tensor(token_ids)
+        shape = (batch, self.tokens_per_query)
+        if token_ids.dtype != torch.long or tuple(token_ids.shape) != shape:
+            raise ValueError(f"token_ids must be long {list(shape)}, got {token_ids.dtype} {list(token_ids.shape)}")
+        if token_ids.numel() and (token_ids.min() < ACTION_TOKEN_BEGIN or token_ids.max() >= ACTION_TOKEN_END):
+            raise ValueError(f"token_ids must be action tokens in [{ACTION_TOKEN_BEGIN}, {ACTION_TOKEN_END - 1}], "
+                             f"got values in [{int(token_ids.min())}, {int(token_ids.max())}]")
+        return token_ids.to(self.device)
+
+    # ------------------------------------------------------------------------------------- action <-> tokens
+
+    def decode(self, token_ids: torch.Tensor) -> np.ndarray:
+        """Token ids [B, T] -> un-normalised actions float32 [B, 7] or [B, 8, 7] (REF 4, 5.1)."""
+        normalized = detokenize(token_ids.cpu().numpy()).reshape(len(token_ids), -1, self.action_dim)
+        actions = self.stats.unnormalize(normalized, eps=1e-8 if self.is_oft else 0.0).astype(np.float32)
+        return actions if self.is_oft else actions[:, 0]
+
+    def action_tokens(self, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Inverse of decoding: dataset-unit actions [B, 7] ([B, 8, 7] for OFT) -> long [B, T] token ids."""
+        actions = np.asarray(torch.as_tensor(actions).cpu(), dtype=np.float64)
+        expected = (OFT_CHUNK, self.action_dim) if self.is_oft else (self.action_dim,)
+        if actions.ndim != len(expected) + 1 or actions.shape[1:] != expected or not np.isfinite(actions).all():
+            raise ValueError(f"actions must be finite [B, {', '.join(map(str, expected))}], "
+                             f"got shape {list(actions.shape)}")
+        ids = tokenize_normalized(self.stats.normalize(actions))
+        return torch.from_numpy(ids.reshape(len(actions), self.tokens_per_query))
+
+    # ------------------------------------------------------------------------------------------------- LoRA
+
+    def apply_lora(self, settings: LoraSettings) -> None:
+        """Wrap the chosen linear layers with trainable PEFT LoRA adapters; everything else stays frozen."""
+        if self._peft is not None:
+            raise ValueError("LoRA is already applied; load another adapter with load_adapter instead")
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                            target_modules=lora_target_modules(self.model, settings),
+                            init_lora_weights=True if settings.init == "default" else settings.init)
+        self._peft = get_peft_model(self.model, config)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in backward (Llama layers and ViT blocks) to save memory."""
+        language_model = self.model.language_model
+        # activation_checkpointing_* since transformers 5.2x; the GPU image's 5.17 has only gradient_checkpointing_*
+        if hasattr(language_model, "activation_checkpointing_enable"):
+            if enabled:
+                language_model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                language_model.activation_checkpointing_disable()
+        elif enabled:
+            language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            language_model.gradient_checkpointing_disable()
+        for vit in (self.model.vision_backbone.featurizer, self.model.vision_backbone.fused_featurizer):
+            vit.set_grad_checkpointing(enabled)
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """The base model (adapters bypassed) inside the block, e.g. for a KL reference; no copy is made."""
+        with self._peft.disable_adapter() if self._peft is not None else nullcontext():
+            yield
+
+    def _require_lora(self, action: str) -> PeftModel:
+        if self._peft is None:
+            raise ValueError(f"cannot {action}: no LoRA adapter is applied (call apply_lora or load_adapter first)")
+        return self._peft
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors), atomically."""
+        peft_model = self._require_lora("save an adapter")
+        with atomic_directory(directory) as staging:
+            peft_model.save_pretrained(staging)
+        return Path(directory)
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load a PEFT adapter saved by `save_adapter` (or by PEFT for this model) as the trainable adapter."""
+        directory = Path(directory)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{name} not found in {directory}: expected a PEFT adapter directory")
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, directory, is_trainable=True)
+        else:
+            saved = LoraConfig.from_pretrained(directory)
+            current = self._peft.peft_config["default"]
+            for field in ("r", "lora_alpha", "target_modules"):
+                if getattr(saved, field) != getattr(current, field):
+                    raise ValueError(f"adapter in {directory} has {field}={getattr(saved, field)!r} but the applied "
+                                     f"adapter has {getattr(current, field)!r}")
+            set_peft_model_state_dict(self._peft, load_peft_weights(str(directory)))
+        expected = get_peft_model_state_dict(self._peft)
+        found = load_peft_weights(str(directory))
+        check_keys({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()},
+                   f"adapter {directory}")
+
+    def merge_and_export(self, directory: str | os.PathLike, max_shard_bytes: int = 5_000_000_000) -> Path:
+        """A full checkpoint (released layout) with the adapters merged into the weights; this policy keeps its
+        separate adapters. `load_policy(directory)` reproduces this policy's outputs."""
+        config = copy.deepcopy(self.config)
+        config["torch_dtype"] = config["text_config"]["torch_dtype"] = dtype_name(self.dtype)
+        proprio = self.model.proprio_projector
+        return write_checkpoint(directory, config, merged_checkpoint_tensors(self.model), self.tokenizer,
+                                self.norm_stats, self.preprocessor_config,
+                                proprio_state=None if proprio is None else proprio.state_dict(),
+                                max_shard_bytes=max_shard_bytes)
+
+
+_VIT_BLOCK = re.compile(r"^vision_backbone\.(featurizer|fused_featurizer)\.blocks\.(\d+)\.")
+
+
+def lora_target_modules(model: OpenVLAModel, settings: LoraSettings) -> list[str]:
+    """Full module names of the nn.Linear layers selected by `settings`."""
+    leaf_names = LLM_LINEAR_NAMES if settings.target == "all-linear" else settings.target
+    if isinstance(leaf_names, str) or not leaf_names or set(leaf_names) - set(LLM_LINEAR_NAMES):
+        raise ValueError(f"LoraSettings.target must be 'all-linear' or a tuple of names from {LLM_LINEAR_NAMES}, "
+                         f"got {settings.target!r}")
+    if settings.init not in ("gaussian", "default"):
+        raise ValueError(f"LoraSettings.init must be 'gaussian' or 'default', got {settings.init!r}")
+    used_blocks = {tower: len(getattr(model.vision_backbone, tower).blocks) - 1
+                   for tower in ("featurizer", "fused_featurizer")}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        block = _VIT_BLOCK.match(name)
+        if (name.startswith("language_model.model.layers.") and name.rsplit(".", 1)[-1] in leaf_names) \
+                or (settings.include_projector and name.startswith("projector.")) \
+                or (settings.include_vision and block is not None and int(block[2]) < used_blocks[block[1]]):
+            names.append(name)
+    return names
+
+
+def merged_checkpoint_tensors(model: OpenVLAModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """File key -> tensor with every active LoRA delta added to its base weight, one tensor at a time."""
+    lora_layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("proprio_projector.") or ".lora_" in name:
+            continue
+        owner, _, parameter = name.rpartition(".")
+        layer_name = owner.removesuffix(".base_layer")
+        if owner.endswith(".base_layer") and layer_name in lora_layers:
+            layer = lora_layers[layer_name]
+            if parameter == "weight" and not layer.disable_adapters:
+                merged = tensor
+                for adapter in layer.active_adapters:
+                    merged = merged + layer.get_delta_weight(adapter)  # promoted, rounded once as PEFT's merge
+                tensor = merged.to(tensor.dtype)
+            name = f"{layer_name}.{parameter}"
+        yield to_file_key(name), tensor
+
+
+def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spatial",
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, attn_implementation: str = "sdpa", oft: bool | None = None,
+                num_images: int | None = None, use_proprio: bool | None = None,
+                revision: str | None = None) -> VLAPolicy:
+    """Load a released (or exported, or look-alike) OpenVLA / OpenVLA-OFT checkpoint, strictly.
+
+    oft / num_images / use_proprio default to the checkpoint's hints: OFT when config.json has one of
+    num_images_in_input / use_proprio / proprio_dim or a proprio_projector--*.pt file is present.
+    Hub ids are downloaded with huggingface_hub only when the path is not a local directory.
+    """
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    directory = resolve_directory(path_or_hub_id, revision)
+    config = read_json(directory / CONFIG_FILE)
+    _check_config(config, directory)
+    norm_stats, source = read_norm_stats(directory, config)
+    find_stats(norm_stats, unnorm_key, source)
+    if find_one(directory, L1_HEAD_PATTERN) is not None:
+        raise ValueError(f"{directory} holds an {L1_HEAD_PATTERN} file: an L1-regression OFT checkpoint. Only "
+                         f"token-based checkpoints (OpenVLA, or OFT with the discrete token head) are supported")
+    proprio_path = find_one(directory, PROPRIO_PATTERN)
+    is_oft = oft if oft is not None else (proprio_path is not None or any(k in config for k in OFT_CONFIG_HINTS))
+    if not is_oft and (num_images not in (None, 1) or use_proprio):
+        raise ValueError("an OpenVLA (non-OFT) policy takes one image and no proprio; pass oft=True for OFT")
+    num_images = 1 if not is_oft else num_images or config.get("num_images_in_input", 1)
+    if num_images not in (1, 2):
+        raise ValueError(f"num_images must be 1 or 2 (agentview, optionally wrist), got {num_images}")
+    uses_proprio = is_oft and (use_proprio if use_proprio is not None
+                               else config.get("use_proprio", proprio_path is not None))
+    if is_oft and attn_implementation == "flash_attention_2":
+        raise ValueError("OFT needs bidirectional attention with an explicit mask: use attn_implementation "
+                         "'sdpa' or 'eager'")
+    proprio_state = None
+    if uses_proprio:
+        if proprio_path is None:
+            raise FileNotFoundError(f"the checkpoint uses proprio but {directory} has no {PROPRIO_PATTERN} file")
+        proprio_state = read_proprio_projector(proprio_path)
+        if "fc1.weight" not in proprio_state:
+            raise ValueError(f"{proprio_path.name} has no fc1.weight; keys: {sorted(proprio_state)}")
+    spec = ModelSpec.from_config(config, None if proprio_state is None else proprio_state["fc1.weight"].shape[1])
+    model = build_model(spec, device, dtype, attn_implementation)
+    load_weights(checkpoint_tensors(model), directory)
+    if proprio_state is not None:
+        targets = model.proprio_projector.state_dict()
+        check_keys({k: v.shape for k, v in targets.items()}, {k: v.shape for k, v in proprio_state.items()},
+                   str(proprio_path))
+        model.proprio_projector.load_state_dict(proprio_state)
+    model.requires_grad_(False)
+    model.eval()
+    preprocessor_path = directory / PREPROCESSOR_FILE
+    preprocessor_config = read_json(preprocessor_path) if preprocessor_path.is_file() else PREPROCESSOR_CONFIG
+    tokenizer = _load_tokenizer(directory, model.language_model.config)
+    return VLAPolicy(model, tokenizer, config=config, norm_stats=norm_stats, unnorm_key=unnorm_key,
+                     is_oft=is_oft, num_images=num_images, uses_proprio=uses_proprio,
+                     preprocessor_config=preprocessor_config)
+
+
+def _check_config(config: dict, directory: Path) -> None:
+    if config.get("model_type") != "openvla":
+        raise ValueError(f"{directory / CONFIG_FILE}: model_type is {config.get('model_type')!r}, expected 'openvla'")
+    if config.get("n_action_bins", N_BINS) != N_BINS:
+        raise ValueError(f"{directory / CONFIG_FILE}: n_action_bins must be {N_BINS}, got {config['n_action_bins']}")
+    vocab = config.get("text_config", {}).get("vocab_size", LLAMA_VOCAB_SIZE)
+    if vocab - config.get("pad_to_multiple_of", 0) != LLAMA_VOCAB_SIZE:
+        raise ValueError(f"{directory / CONFIG_FILE}: text_config.vocab_size - pad_to_multiple_of must be "
+                         f"{LLAMA_VOCAB_SIZE} (32064 - 64), got {vocab} - {config.get('pad_to_multiple_of')}")
+
+
+def _load_tokenizer(directory: Path, llama_config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """AutoTokenizer with the Llama config handed over, so config.json's remote-code auto_map is never read."""
+    tokenizer = AutoTokenizer.from_pretrained(directory, config=llama_config, trust_remote_code=False)
+    found = (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.convert_ids_to_tokens(SPACE_PIECE_ID))
+    if found != (BOS_ID, PAD_ID, "▁"):
+        raise ValueError(f"tokenizer in {directory} has (bos id, pad id, piece 29871) = {found}; expected "
+                         f"({BOS_ID}, {PAD_ID}, '▁') as in the Llama-2 tokenizer with <PAD> added")
+    return tokenizer
