@@ -168,7 +168,8 @@ class OpenVLAModel(nn.Module):
 
     def action_logits(self, hidden: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """LM-head logits of the action token ids [begin, end) only, in float32."""
-        return self.language_model.get_output_embeddings()(hidden)[..., begin:end].float()
+        head = self.language_model.get_output_embeddings()
+        return nn.functional.linear(hidden, head.weight[begin:end]).float()
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

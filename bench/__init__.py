@@ -1,0 +1,1 @@
+"""GPU and CPU benchmarks; results in bench/results and BENCHMARKS.md."""

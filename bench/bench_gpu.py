@@ -1,0 +1,351 @@
+"""7B-shape rollout and update benchmark under a 24 GiB cap, against the seed-style per-sample baseline.
+
+On a GPU: the full OpenVLA-7B shape (all 982 tensors, random bf16 weights created on the card, no file) with
+LoRA r16 on every linear layer of the LLM, capped with torch.cuda.set_per_process_memory_fraction. With
+`--model tiny` it runs every code path on the CPU with a look-alike checkpoint (the CI smoke test).
+
+    python -m bench.bench_gpu --output bench/results/gpu_7b.json
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+# Set before the first CUDA allocation: rollout (KV cache) and update (activations) alternate, and without
+# expandable segments the freed blocks fragment the 24 GiB cap.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
+import tyro
+
+import grpo
+from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
+from vla_actor.openvla_7b import random_7b_policy
+from vla_actor.policy import VLAPolicy
+
+INSTRUCTIONS = (
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "pick up the black bowl next to the ramekin and place it on the plate",
+    "pick up the black bowl from table center and place it on the plate",
+    "pick up the black bowl on the cookie box and place it on the plate",
+)
+GIB = 2**30
+
+
+@dataclass
+class BenchConfig:
+    """What to measure; the defaults are the documented run of BENCHMARKS.md."""
+
+    model: Literal["7b", "tiny"] = "7b"
+    """"7b": random-weight OpenVLA-7B shape on CUDA; "tiny": look-alike checkpoint on the CPU (smoke test)."""
+    mem_cap_gib: float = 24.0
+    """Per-process GPU memory cap emulating the 24 GB card."""
+    rollout_batches: tuple[int, ...] = (8, 16, 32, 64)
+    """Batch sizes tried for batched sampling; the largest that fits and is fastest is reported."""
+    oft_batches: tuple[int, ...] = (8, 16, 32)
+    """Batch sizes tried for the OFT chunk mode (one forward per 8 actions)."""
+    micro_batches: tuple[int, ...] = (4, 8, 16)
+    """Micro-batch sizes tried for the update with gradient checkpointing."""
+    mini_batch: int = 64
+    """Samples (env steps) per optimizer step in our update."""
+    seed_samples: int = 16
+    """Samples timed for the per-sample baseline update (one optimizer step each)."""
+    repeats: int = 5
+    """Timed calls per rollout measurement (after one warm-up call)."""
+    iteration_steps: int = 4
+    """Env steps of the rollout batch in the full-iteration memory run."""
+    temperature: float = 1.6
+    """Sampling temperature (SimpleVLA-RL's LIBERO setting)."""
+    lora_rank: int = 16
+    """LoRA rank on every linear layer of the LLM (alpha = rank)."""
+    output: Path = Path("bench/results/gpu_7b.json")
+    """Where the result JSON goes."""
+    seed: int = 0
+    """Seed for weights, images and sampling."""
+    skip_oft: bool = False
+    """Skip the OFT chunk-mode measurement."""
+    iteration_batch: int = 16
+    """Rollout batch of the full-iteration memory run (optimizer state is resident then)."""
+
+
+def device_of(config: BenchConfig) -> torch.device:
+    if config.model == "tiny":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py --model 7b needs a CUDA GPU; use --model tiny for the CPU smoke run")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def build_policy(config: BenchConfig, variant: str, workdir: Path) -> VLAPolicy:
+    """The policy under test with LoRA applied; OFT uses two images and proprio (the LIBERO OFT recipe)."""
+    device = device_of(config)
+    if config.model == "tiny":
+        path = make_tiny_checkpoint(workdir / variant, variant=variant, seed=config.seed)
+        policy = load_policy(path, unnorm_key="libero_spatial", device=device, dtype=torch.float32)
+    else:
+        torch.manual_seed(config.seed)
+        oft = variant == "oft"
+        policy = random_7b_policy(device, torch.bfloat16, variant=variant, num_images=2 if oft else 1,
+                                  use_proprio=oft)
+    policy.apply_lora(LoraSettings(rank=config.lora_rank, alpha=config.lora_rank))
+    return policy
+
+
+@dataclass
+class Batch:
+    """Observations plus sampled tokens: the rows of one update."""
+
+    images: np.ndarray
+    wrist: np.ndarray | None
+    proprio: np.ndarray | None
+    instructions: list[str]
+    token_ids: torch.Tensor | None = None
+    old_log_probs: torch.Tensor | None = None
+
+    def rows(self, index: slice) -> dict:
+        return dict(images=self.images[index], instructions=self.instructions[index],
+                    wrist=None if self.wrist is None else self.wrist[index],
+                    proprio=None if self.proprio is None else self.proprio[index])
+
+
+def concatenate(batches: list[Batch]) -> Batch:
+    """Rows of several sampled batches as one (OpenVLA mode: one image, no proprio)."""
+    return Batch(images=np.concatenate([b.images for b in batches]), wrist=None, proprio=None,
+                 instructions=[text for b in batches for text in b.instructions],
+                 token_ids=torch.cat([b.token_ids for b in batches]),
+                 old_log_probs=torch.cat([b.old_log_probs for b in batches]))
+
+
+def observations(policy: VLAPolicy, size: int, rng: np.random.Generator) -> Batch:
+    images = rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8)
+    wrist = rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8) if policy.num_images == 2 else None
+    proprio = rng.normal(size=(size, 8)).astype(np.float32) if policy.uses_proprio else None
+    return Batch(images, wrist, proprio, [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(size)])
+
+
+def rollout(policy: VLAPolicy, batch: Batch, temperature: float) -> Batch:
+    out = policy.sample(**batch.rows(slice(None)), temperature=temperature)
+    batch.token_ids, batch.old_log_probs = out.token_ids, out.log_probs
+    return batch
+
+
+def actions_per_second(config: BenchConfig, policy: VLAPolicy, batch_size: int, rng: np.random.Generator) -> float:
+    batch = observations(policy, batch_size, rng)
+    seconds = timed(policy.device, lambda: rollout(policy, batch, config.temperature), config.repeats)
+    actions_per_query = policy.tokens_per_query // policy.action_dim
+    return batch_size * actions_per_query / seconds
+
+
+def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, micro_batch: int,
+           temperature: float) -> dict[str, float]:
+    """One optimizer step over all rows of `batch`, accumulated over micro-batches (the trainer's update)."""
+    rows = len(batch.instructions)
+    mask = torch.ones(rows, policy.tokens_per_query, dtype=torch.bool)
+    weights = grpo.token_weights(mask, torch.arange(rows))
+    advantages = torch.from_numpy(np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32))
+    device = policy.device
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, rows, micro_batch):
+        index = slice(start, start + micro_batch)
+        log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
+                                        temperature=temperature)
+        loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device), advantages[index].to(device),
+                                   weights[index].to(device), mask[index].to(device))
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
+    optimizer.step()
+    return {"grad_norm": float(grad_norm)}
+
+
+def samples_per_second(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, step_rows: int,
+                       micro_batch: int, temperature: float) -> float:
+    """Samples/s of updates that take an optimizer step every `step_rows` rows (after one warm-up step)."""
+    device = policy.device
+
+    def run(rows: slice) -> None:
+        for start in range(rows.start, rows.stop, step_rows):
+            part = slice(start, start + step_rows)
+            update(policy, optimizer, Batch(**batch.rows(part), token_ids=batch.token_ids[part],
+                                            old_log_probs=batch.old_log_probs[part]), micro_batch, temperature)
+
+    total = len(batch.instructions)
+    run(slice(0, step_rows))
+    synchronize(device)
+    start = time.perf_counter()
+    run(slice(0, total))
+    synchronize(device)
+    return total / (time.perf_counter() - start)
+
+
+def is_oom(error: Exception) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def try_measure(device: torch.device, fn: Callable[[], float]) -> float | None:
+    """fn() or None when it does not fit under the cap."""
+    try:
+        return fn()
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_oom(error):
+            raise
+        reset_peak(device)
+        return None
+
+
+def sampled(policy: VLAPolicy, rows: int, batch_size: int, rng: np.random.Generator, temperature: float) -> Batch:
+    """`rows` sampled observations, queried `batch_size` at a time."""
+    return concatenate([rollout(policy, observations(policy, batch_size, rng), temperature)
+                        for _ in range(-(-rows // batch_size))])
+
+
+def best_of(curve: dict, key: str, what: str) -> int:
+    fitting = {int(size): point[key] for size, point in curve.items() if point is not None}
+    if not fitting:
+        raise SystemExit(f"no {what} fits under the memory cap")
+    return max(fitting, key=fitting.get)
+
+
+def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> dict:
+    policy = build_policy(config, "openvla", workdir)
+    device = policy.device
+    results: dict = {"weights_gib": torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0}
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
+
+    # Seed style, eager: 1. one observation per call; 4. micro-batch 1 with an optimizer step per sample.
+    results["rollout_actions_per_s_seed"] = actions_per_second(config, policy, 1, rng)
+    seed_data = sampled(policy, config.seed_samples, 8, rng, config.temperature)
+    reset_peak(device)
+    results["update_samples_per_s_seed"] = samples_per_second(policy, optimizer, seed_data, 1, 1, config.temperature)
+    results["update_peak_gib_seed"] = peak_gib(device)
+    print({k: v for k, v in results.items()}, flush=True)
+
+    # 2. Ours: batched sampling, the curve over batch sizes.
+    curve = {}
+    for size in config.rollout_batches:
+        reset_peak(device)
+        rate = try_measure(device, lambda: actions_per_second(config, policy, size, rng))
+        curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(device)}
+        print(f"rollout batch {size}: {curve[str(size)]}", flush=True)
+    best_batch = best_of(curve, "actions_per_s", "rollout batch")
+    results.update(rollout_curve=curve, rollout_batch=best_batch,
+                   rollout_actions_per_s=curve[str(best_batch)]["actions_per_s"])
+
+    # 7. Rollout (no grad, KV cache) vs update (teacher-forced, checkpointed) log-probs, same dtype.
+    policy.gradient_checkpointing(True)
+    probe = rollout(policy, observations(policy, 16, rng), config.temperature)
+    new_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                        temperature=config.temperature)
+    mismatch = (new_log_probs.detach().float().cpu() - probe.old_log_probs).abs()
+    results.update(logprob_mismatch=float(mismatch.mean()), logprob_mismatch_max=float(mismatch.max()))
+    del new_log_probs
+
+    # 5. Ours: accumulation over micro-batches with gradient checkpointing, one step per mini-batch.
+    data = sampled(policy, config.mini_batch, min(best_batch, 16), rng, config.temperature)
+    update_curve = {}
+    for micro in config.micro_batches:
+        reset_peak(device)
+        rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro,
+                                                              config.temperature))
+        update_curve[str(micro)] = None if rate is None else {"samples_per_s": rate, "peak_gib": peak_gib(device)}
+        print(f"update micro-batch {micro}: {update_curve[str(micro)]}", flush=True)
+    best_micro = best_of(update_curve, "samples_per_s", "update micro-batch")
+    results.update(update_curve=update_curve, update_micro_batch=best_micro,
+                   update_samples_per_s=update_curve[str(best_micro)]["samples_per_s"],
+                   update_mini_batch=config.mini_batch)
+
+    # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
+    reset_peak(device)
+    iteration = sampled(policy, config.iteration_batch * config.iteration_steps, config.iteration_batch, rng,
+                        config.temperature)
+    for start in range(0, len(iteration.instructions), config.mini_batch):
+        part = slice(start, start + config.mini_batch)
+        update(policy, optimizer, Batch(**iteration.rows(part), token_ids=iteration.token_ids[part],
+                                        old_log_probs=iteration.old_log_probs[part]), best_micro, config.temperature)
+    synchronize(device)
+    results.update(iteration_batch=config.iteration_batch, peak_gib_iteration=peak_gib(device),
+                   peak_reserved_gib_iteration=(torch.cuda.max_memory_reserved(device) / GIB
+                                                if device.type == "cuda" else 0.0))
+    del policy, optimizer, data, iteration, seed_data, probe
+    reset_peak(device)
+    return results
+
+
+def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> dict:
+    """3. OFT chunk mode: one bidirectional forward gives 8 actions per observation."""
+    policy = build_policy(config, "oft", workdir)
+    device = policy.device
+    curve = {}
+    for size in config.oft_batches:
+        reset_peak(device)
+        rate = try_measure(device, lambda: actions_per_second(config, policy, size, rng))
+        curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(device)}
+        print(f"oft batch {size}: {curve[str(size)]}", flush=True)
+    del policy
+    reset_peak(device)
+    best = best_of(curve, "actions_per_s", "OFT batch")
+    return {"oft_curve": curve, "oft_batch": best, "oft_actions_per_s": curve[str(best)]["actions_per_s"],
+            "oft_setup": "2 images (agentview + wrist) + proprio token, 8x7 tokens per forward"}
+
+
+def main(config: BenchConfig) -> dict:
+    device = device_of(config)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "model": config.model, "mem_cap_gib": config.mem_cap_gib, "lora_rank": config.lora_rank,
+                     "torch": torch.__version__, "temperature": config.temperature}
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config.mem_cap_gib * GIB / total), device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    with tempfile.TemporaryDirectory() as workdir:
+        results.update(bench_openvla(config, Path(workdir), rng))
+        if not config.skip_oft:
+            results.update(bench_oft(config, Path(workdir), rng))
+    results["rollout_speedup"] = results["rollout_actions_per_s"] / results["rollout_actions_per_s_seed"]
+    results["update_speedup"] = results["update_samples_per_s"] / results["update_samples_per_s_seed"]
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    config.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConfig))
