@@ -22,4 +22,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench-cpu: $(STAMP)
-	$(PY) bench/bench_libero_env.py
+	$(PY) -m bench.bench_libero_env

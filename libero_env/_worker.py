@@ -1,0 +1,122 @@
+"""The subprocess side of LiberoVectorEnv: one LIBERO env, driven over a pipe.
+
+Messages in: ("reset", bddl_file, init_state, record), ("step", env_actions [K,7], record), ("close",).
+Answers: ("ok", payload dict) or ("error", traceback text); after an error the worker exits, since its simulator
+state can no longer be trusted, and the parent starts a fresh one.
+"""
+
+import os
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from libero_env.processing import preprocess_image, proprio_vector, upright
+from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION
+
+
+class _Simulator:
+    """One OffScreenRenderEnv, rebuilt when the task changes, reset the way the reference eval does."""
+
+    def __init__(self, wrist: bool, resolution: int):
+        self.wrist = wrist
+        self.resolution = resolution
+        self.env = None
+        self.bddl_file = ""
+
+    def reset(self, bddl_file: str, init_state: np.ndarray, record: bool) -> dict:
+        if bddl_file != self.bddl_file:
+            self.close()
+            self.env = _make_env(bddl_file, self.wrist, self.resolution)
+            self.bddl_file = bddl_file
+        self.env.reset()
+        obs = self.env.set_init_state(init_state)
+        for _ in range(NUM_WAIT_STEPS):
+            obs, _, _, _ = self.env.step(list(WAIT_ACTION))
+        return self._payload(obs, executed=0, success=False, frames=[upright(obs["agentview_image"])] if record else [])
+
+    def step(self, env_actions: np.ndarray, record: bool) -> dict:
+        frames, executed, success = [], 0, False
+        for action in env_actions:
+            obs, _, success, _ = self.env.step(action.tolist())
+            executed += 1
+            if record:
+                frames.append(upright(obs["agentview_image"]))
+            if success:  # LIBERO's done flag is the task's success predicate
+                break
+        return self._payload(obs, executed, bool(success), frames)
+
+    def _payload(self, obs: dict, executed: int, success: bool, frames: list) -> dict:
+        return {
+            "agentview": preprocess_image(obs["agentview_image"]),
+            "wrist": preprocess_image(obs["robot0_eye_in_hand_image"]) if self.wrist else None,
+            "proprio": proprio_vector(obs["robot0_eef_pos"], obs["robot0_eef_quat"], obs["robot0_gripper_qpos"]),
+            "executed": executed,
+            "success": success,
+            "frames": frames,
+        }
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+            self.bddl_file = ""
+
+
+def _make_env(bddl_file: str, wrist: bool, resolution: int):
+    # Imported here, after MUJOCO_GL is settled, and never in the parent process.
+    from libero.libero.envs import OffScreenRenderEnv
+
+    cameras = ["agentview", "robot0_eye_in_hand"] if wrist else ["agentview"]
+    env = OffScreenRenderEnv(
+        bddl_file_name=bddl_file, camera_heights=resolution, camera_widths=resolution, camera_names=cameras
+    )
+    env.seed(0)
+    return env
+
+
+def worker_main(conn: Connection, wrist: bool, resolution: int) -> None:
+    """Entry point of a worker process; returns when told to close or when the parent goes away."""
+    # Ctrl-C reaches the whole process group; the parent handles it and closes the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+    simulator = _Simulator(wrist, resolution)
+    try:
+        _serve(conn, simulator)
+    finally:
+        simulator.close()
+        conn.close()
+
+
+def _serve(conn: Connection, simulator: _Simulator) -> None:
+    while True:
+        try:
+            command, *args = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if command == "close":
+            return
+        try:
+            if command == "reset":
+                payload = simulator.reset(*args)
+            elif command == "step":
+                payload = simulator.step(*args)
+            else:
+                raise ValueError(f"unknown worker command {command!r}")
+        except Exception:
+            _answer(conn, ("error", traceback.format_exc()))
+            return
+        if not _answer(conn, ("ok", payload)):
+            return
+
+
+def _answer(conn: Connection, message: tuple) -> bool:
+    """Sends `message`; False when the parent has gone away."""
+    try:
+        conn.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True

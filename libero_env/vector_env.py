@@ -1,0 +1,339 @@
+"""LiberoVectorEnv: N LIBERO envs in subprocesses, stepped as one batch, surviving worker crashes."""
+
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.context import BaseContext
+
+import imageio.v2 as imageio
+import numpy as np
+
+from libero_env._worker import worker_main
+from libero_env.processing import POLICY_IMAGE_SIZE, to_env_actions
+from libero_env.suites import ENV_HORIZON, NUM_INIT_STATES, NUM_WAIT_STEPS, EpisodeSpec, get_suite, load_tasks
+
+logger = logging.getLogger(__name__)
+
+START_METHODS = ("spawn", "forkserver")
+"""Fork is left out: a forked child would inherit the parent's threads and GL/CUDA state."""
+
+
+@dataclass
+class Observation:
+    """A batch of N observations, processed as the policies were trained (REF 5.3, 6.3)."""
+
+    agentview: np.ndarray
+    """uint8 [N,224,224,3] third-person camera."""
+    wrist: np.ndarray | None
+    """uint8 [N,224,224,3] wrist camera (robot0_eye_in_hand); None when built with wrist=False."""
+    proprio: np.ndarray
+    """float32 [N,8] eef position, eef axis-angle, 2 gripper joint positions (not normalised)."""
+    instructions: list[str]
+    """Raw `task.language` of each env's task."""
+
+
+@dataclass
+class StepResult:
+    """The batch after one step call."""
+
+    obs: Observation
+    """Observations after the last executed action (unchanged for envs that were already done)."""
+    done: np.ndarray
+    """bool [N]: success, time limit or lost. Done envs ignore further actions until the next reset."""
+    success: np.ndarray
+    """bool [N]: the task's success predicate fired (LIBERO's `done`)."""
+    steps: np.ndarray
+    """int64 [N]: policy actions executed in this episode, wait steps not counted."""
+    lost: np.ndarray
+    """bool [N]: the worker died or hung; its episode says nothing about the policy and must be re-run."""
+
+
+class _Worker:
+    """One worker process and the parent's end of its pipe."""
+
+    def __init__(self, ctx: BaseContext, wrist: bool, resolution: int):
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=worker_main, args=(child_conn, wrist, resolution), daemon=True)
+        self.process.start()
+        child_conn.close()
+
+    def send(self, message: tuple) -> str:
+        """Sends `message`; returns "" or why it could not be sent."""
+        try:
+            self.conn.send(message)
+        except OSError as error:
+            return f"pipe to worker closed ({error})"
+        return ""
+
+    def receive(self, timeout_s: float) -> tuple[dict | None, str]:
+        """(payload, "") on success, else (None, what went wrong)."""
+        ready = wait([self.conn, self.process.sentinel], timeout_s)
+        if not ready:
+            return None, f"no answer within {timeout_s:.0f} s"
+        status, payload = "exited", ""
+        if self.conn in ready:
+            try:
+                status, payload = self.conn.recv()
+            except (EOFError, OSError):  # the worker died before or while answering
+                status, payload = "exited", ""
+        if status == "ok":
+            return payload, ""
+        if status == "error":
+            return None, payload
+        self.process.join(timeout=5)
+        return None, f"worker process exited with code {self.process.exitcode}"
+
+    def ask_to_close(self) -> None:
+        if self.process.is_alive():
+            self.send(("close",))
+
+    def join_or_kill(self, timeout_s: float = 5.0) -> None:
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout_s)
+        self.conn.close()
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    """Closes every worker; runs from close(), garbage collection or interpreter exit (weakref.finalize)."""
+    for worker in workers:
+        worker.ask_to_close()
+    for worker in workers:
+        worker.join_or_kill()
+
+
+class LiberoVectorEnv:
+    """`num_envs` LIBERO envs of one suite, one subprocess each.
+
+    reset() puts every env at a given (task, init state) and runs the 10 wait steps; step() takes dataset-convention
+    actions [N,7] or chunks [N,K,7] (executed open-loop, stopping at success or the time limit) and moves only the
+    envs that are not done. A worker that dies or hangs is replaced and its episode reported as lost.
+    Use as a context manager or call close(); leftover workers are also stopped at garbage collection and exit.
+    The spawn start method (the default, and macOS's) imports the caller's main module in each worker, so scripts
+    that create the env need the usual `if __name__ == "__main__":` guard.
+    """
+
+    def __init__(
+        self,
+        suite: str,
+        num_envs: int,
+        wrist: bool = True,
+        resolution: int = 256,
+        max_steps: int | None = None,
+        start_method: str = "spawn",
+        timeout_s: float = 300.0,
+    ):
+        """
+        suite: one of SUITES. num_envs: worker processes. wrist: also render and return the wrist camera.
+        resolution: render side in pixels (reference 256). max_steps: policy steps per episode, default the suite's
+        reference limit. start_method: "spawn" or "forkserver". timeout_s: longest wait for one worker answer
+        (a reset includes building the scene on a task change) before the worker counts as hung.
+        """
+        self.suite = get_suite(suite)
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1 pixel (reference: 256), got {resolution}")
+        self.max_steps = self.suite.max_steps if max_steps is None else max_steps
+        longest = ENV_HORIZON - NUM_WAIT_STEPS
+        if not 1 <= self.max_steps <= longest:
+            raise ValueError(f"max_steps must be in [1, {longest}] (LIBERO's horizon is {ENV_HORIZON} steps, "
+                             f"{NUM_WAIT_STEPS} of them wait steps), got {self.max_steps}")
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.num_envs = num_envs
+        self.wrist = wrist
+        self.resolution = resolution
+        self.timeout_s = timeout_s
+        self._tasks = load_tasks(suite)
+        self._ctx = mp.get_context(start_method)
+        self._workers = [_Worker(self._ctx, wrist, resolution) for _ in range(num_envs)]
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+
+        size = POLICY_IMAGE_SIZE
+        self._agentview = np.zeros((num_envs, size, size, 3), np.uint8)
+        self._wrist = np.zeros((num_envs, size, size, 3), np.uint8) if wrist else None
+        self._proprio = np.zeros((num_envs, 8), np.float32)
+        self._specs: list[EpisodeSpec] = []
+        self._done = np.ones(num_envs, bool)
+        self._success = np.zeros(num_envs, bool)
+        self._lost = np.zeros(num_envs, bool)
+        self._steps = np.zeros(num_envs, np.int64)
+        self._frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process id of each env's current worker (a lost worker's replacement gets a new one)."""
+        return [worker.process.pid for worker in self._workers]
+
+    def instruction(self, task_id: int) -> str:
+        """The task's raw language instruction (`task.language`)."""
+        self._check_task(task_id)
+        return self._tasks[task_id].language
+
+    def frames(self, env_index: int) -> list[np.ndarray]:
+        """Upright raw agentview frames (uint8 [res,res,3]) of env `env_index`'s current episode, the observation
+        after reset first; empty unless its EpisodeSpec had record_video=True."""
+        if not 0 <= env_index < self.num_envs:
+            raise ValueError(f"env_index must be in [0, {self.num_envs - 1}], got {env_index}")
+        return list(self._frames[env_index])
+
+    def reset(self, specs: Sequence[EpisodeSpec]) -> Observation:
+        """Starts one episode per env; `specs[i]` is env i's (task, init state)."""
+        self._check_open()
+        specs = list(specs)
+        if len(specs) != self.num_envs:
+            raise ValueError(f"reset needs one EpisodeSpec per env: expected {self.num_envs}, got {len(specs)}")
+        for spec in specs:
+            self._check_task(spec.task_id)
+            if not 0 <= spec.init_index < NUM_INIT_STATES:
+                raise ValueError(f"init_index must be in [0, {NUM_INIT_STATES - 1}], got {spec.init_index}")
+
+        def reset_message(i: int) -> tuple:
+            task = self._tasks[specs[i].task_id]
+            return ("reset", task.bddl_file, task.init_states[specs[i].init_index], specs[i].record_video)
+
+        self._specs = []  # until every env has reset, step() must refuse
+        self._done[:] = True
+        replies, failures = self._exchange({i: reset_message(i) for i in range(self.num_envs)})
+        if failures:
+            for i in failures:
+                self._restart(i, failures[i])
+            retried, failures = self._exchange({i: reset_message(i) for i in failures})
+            replies.update(retried)
+        if failures:
+            for i in failures:
+                self._restart(i, failures[i])
+            first = min(failures)
+            raise RuntimeError(f"env(s) {sorted(failures)} failed to reset twice on fresh workers; "
+                               f"env {first}'s last error:\n{failures[first]}")
+
+        self._specs = specs
+        self._done[:] = self._success[:] = self._lost[:] = False
+        self._steps[:] = 0
+        for i, payload in replies.items():
+            self._store(i, payload)
+            self._frames[i] = payload["frames"]
+        return self._observation()
+
+    def step(self, actions) -> StepResult:
+        """Executes dataset-convention actions [N,7] or chunks [N,K,7] on the envs that are not done."""
+        self._check_open()
+        chunks = self._check_actions(actions)
+        if not self._specs:
+            raise RuntimeError("call reset() before step()")
+        env_actions = to_env_actions(chunks)
+        messages = {
+            i: ("step", env_actions[i, : self.max_steps - self._steps[i]], self._specs[i].record_video)
+            for i in np.flatnonzero(~self._done).tolist()
+        }
+        replies, failures = self._exchange(messages)
+        for i, payload in replies.items():
+            self._store(i, payload)
+            self._frames[i].extend(payload["frames"])
+            self._steps[i] += payload["executed"]
+            self._success[i] = payload["success"]
+            self._done[i] = payload["success"] or self._steps[i] >= self.max_steps
+        for i, reason in failures.items():
+            self._lost[i] = self._done[i] = True
+            self._restart(i, reason)
+        return StepResult(self._observation(), self._done.copy(), self._success.copy(), self._steps.copy(),
+                          self._lost.copy())
+
+    def close(self) -> None:
+        """Stops all workers; safe to call twice."""
+        self._finalizer()
+
+    def __enter__(self) -> "LiberoVectorEnv":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _exchange(self, messages: dict[int, tuple]) -> tuple[dict[int, dict], dict[int, str]]:
+        """Sends every message before waiting for any answer, so the workers run in parallel."""
+        try:
+            failures = {i: reason for i, message in messages.items() if (reason := self._workers[i].send(message))}
+            replies = {}
+            for i in messages:
+                if i in failures:
+                    continue
+                payload, reason = self._workers[i].receive(self.timeout_s)
+                if payload is None:
+                    failures[i] = reason
+                else:
+                    replies[i] = payload
+        except BaseException:
+            # Interrupted (Ctrl-C) with answers still in flight: they would be read as answers to the next command.
+            self.close()
+            raise
+        return replies, failures
+
+    def _restart(self, env_index: int, reason: str) -> None:
+        logger.warning("LIBERO env %d lost its worker (%s); starting a new one", env_index, reason)
+        self._workers[env_index].join_or_kill(timeout_s=1.0)  # it failed: no goodbye, kill it if it lingers
+        self._workers[env_index] = _Worker(self._ctx, self.wrist, self.resolution)
+
+    def _store(self, env_index: int, payload: dict) -> None:
+        self._agentview[env_index] = payload["agentview"]
+        if self._wrist is not None:
+            self._wrist[env_index] = payload["wrist"]
+        self._proprio[env_index] = payload["proprio"]
+
+    def _observation(self) -> Observation:
+        return Observation(
+            agentview=self._agentview.copy(),
+            wrist=None if self._wrist is None else self._wrist.copy(),
+            proprio=self._proprio.copy(),
+            instructions=[self._tasks[spec.task_id].language for spec in self._specs],
+        )
+
+    def _check_actions(self, actions) -> np.ndarray:
+        """[N,7] or [N,K,7] -> float64 [N,K,7]; raises before anything reaches a worker."""
+        chunks = np.asarray(actions, dtype=np.float64)
+        if chunks.ndim == 2:
+            chunks = chunks[:, None, :]
+        if chunks.ndim != 3 or chunks.shape[0] != self.num_envs or chunks.shape[1] < 1 or chunks.shape[2] != 7:
+            raise ValueError(f"actions must have shape [{self.num_envs}, 7] or [{self.num_envs}, K, 7] with K >= 1, "
+                             f"got {list(np.shape(actions))}")
+        bad_envs = np.flatnonzero(~np.isfinite(chunks).all(axis=(1, 2)))
+        if bad_envs.size:
+            raise ValueError(f"non-finite actions (NaN or inf) for env(s) {bad_envs.tolist()}; nothing was sent "
+                             "to the simulator")
+        return chunks
+
+    def _check_task(self, task_id: int) -> None:
+        if not 0 <= task_id < self.num_tasks:
+            raise ValueError(f"task_id must be in [0, {self.num_tasks - 1}] for {self.suite.name}, got {task_id}")
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("this LiberoVectorEnv is closed")
+
+
+def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: int = 30) -> None:
+    """Writes uint8 [H,W,3] frames as an mp4 (imageio-ffmpeg, H.264), atomically; 30 fps as the reference."""
+    if len(frames) == 0:
+        raise ValueError("no frames to write; record the episode with EpisodeSpec(..., record_video=True)")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(suffix=".mp4", dir=directory)
+    os.close(fd)
+    try:
+        imageio.mimwrite(temporary, list(frames), format="FFMPEG", fps=fps)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,153 @@
+"""libero_env against the real LIBERO simulator (MUJOCO_GL=egl). About 5 env steps/s on 2 CPU cores, and a few
+seconds per scene build and reset, so step counts stay tiny; max_steps is lowered to reach time limits quickly."""
+
+import gc
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from libero_env import SUITES, EpisodeSpec, LiberoVectorEnv, center_crop, jpeg_round_trip, lanczos_resize
+
+pytestmark = pytest.mark.libero
+
+
+def open_gripper_actions(num_envs: int, chunk: int) -> np.ndarray:
+    """Zero motion, gripper open (dataset convention: 1 = open)."""
+    actions = np.zeros((num_envs, chunk, 7))
+    actions[..., 6] = 1.0
+    return actions
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_every_suite_resets_and_steps(suite):
+    wrist = suite != "libero_90"  # one suite without the wrist camera covers that path
+    last_task = SUITES[suite].num_tasks - 1
+    with LiberoVectorEnv(suite, num_envs=1, wrist=wrist, max_steps=2) as env:
+        obs = env.reset([EpisodeSpec(task_id=last_task, init_index=49)])
+        assert obs.agentview.shape == (1, 224, 224, 3) and obs.agentview.dtype == np.uint8
+        assert obs.agentview.std() > 5  # a rendered scene, not a blank frame
+        if wrist:
+            assert obs.wrist.shape == (1, 224, 224, 3) and obs.wrist.dtype == np.uint8
+        else:
+            assert obs.wrist is None
+        assert obs.instructions == [env.instruction(last_task)]
+        assert obs.proprio.shape == (1, 8) and obs.proprio.dtype == np.float32
+        left_finger, right_finger = obs.proprio[0, 6:]
+        assert 0 < left_finger < 0.05 and abs(left_finger + right_finger) < 1e-2
+
+        result = env.step(open_gripper_actions(1, 1)[:, 0])
+        assert result.steps.tolist() == [1] and not result.done[0] and not result.lost[0]
+        result = env.step(open_gripper_actions(1, 3))  # chunk of 3 with 1 step left: stops at the time limit
+        assert result.steps.tolist() == [2] and result.done[0] and not result.success[0] and not result.lost[0]
+
+
+@pytest.fixture(scope="module")
+def env():
+    with LiberoVectorEnv("libero_spatial", num_envs=2, max_steps=5, start_method="forkserver") as vector_env:
+        yield vector_env
+
+
+def test_same_spec_gives_same_observation_and_video_frames_match_pipeline(env):
+    obs = env.reset([EpisodeSpec(0, 7, record_video=True), EpisodeSpec(0, 7)])
+    np.testing.assert_array_equal(obs.agentview[0], obs.agentview[1])
+    np.testing.assert_array_equal(obs.wrist[0], obs.wrist[1])
+    np.testing.assert_array_equal(obs.proprio[0], obs.proprio[1])
+    frames = env.frames(0)
+    assert len(frames) == 1 and frames[0].shape == (256, 256, 3) and frames[0].dtype == np.uint8
+    assert env.frames(1) == []
+    # the recorded frame is the upright raw render the policy image was made from
+    np.testing.assert_array_equal(center_crop(lanczos_resize(jpeg_round_trip(frames[0]))), obs.agentview[0])
+
+
+def test_chunks_time_limit_and_finished_envs_stay_put(env):
+    env.reset([EpisodeSpec(0, 1, record_video=True), EpisodeSpec(0, 2)])
+    result = env.step(open_gripper_actions(2, 3))
+    assert result.steps.tolist() == [3, 3] and not result.done.any()
+    assert len(env.frames(0)) == 4
+    result = env.step(open_gripper_actions(2, 3))
+    assert result.steps.tolist() == [5, 5] and result.done.all() and not result.success.any()
+    assert len(env.frames(0)) == 6
+    again = env.step(open_gripper_actions(2, 3))
+    assert again.steps.tolist() == [5, 5] and len(env.frames(0)) == 6
+    np.testing.assert_array_equal(again.obs.agentview, result.obs.agentview)
+
+
+def test_bad_inputs_raise_and_never_reach_the_simulator(env):
+    with pytest.raises(ValueError, match=r"task_id must be in \[0, 9\] for libero_spatial, got 10"):
+        env.reset([EpisodeSpec(10, 0), EpisodeSpec(0, 0)])
+    with pytest.raises(ValueError, match=r"init_index must be in \[0, 49\], got 50"):
+        env.reset([EpisodeSpec(0, 50), EpisodeSpec(0, 0)])
+    with pytest.raises(ValueError, match="expected 2, got 1"):
+        env.reset([EpisodeSpec(0, 0)])
+    with pytest.raises(ValueError, match=r"task_id must be in \[0, 9\]"):
+        env.instruction(-1)
+
+    env.reset([EpisodeSpec(0, 3), EpisodeSpec(0, 4)])
+    for shape in [(2, 6), (3, 7), (2, 0, 7), (2, 1, 1, 7)]:
+        with pytest.raises(ValueError, match=r"actions must have shape \[2, 7\] or \[2, K, 7\]"):
+            env.step(np.zeros(shape))
+    for bad in [np.nan, np.inf]:
+        actions = open_gripper_actions(2, 2)
+        actions[1, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"non-finite actions \(NaN or inf\) for env\(s\) \[1\]"):
+            env.step(actions)
+    result = env.step(open_gripper_actions(2, 1)[:, 0])
+    assert result.steps.tolist() == [1, 1]  # the rejected calls moved nothing
+
+
+def test_killed_or_hung_worker_is_replaced_and_its_episode_lost(env):
+    env.reset([EpisodeSpec(0, 5), EpisodeSpec(0, 6)])
+    env.step(open_gripper_actions(2, 1))
+    victim = env.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    result = env.step(open_gripper_actions(2, 1))
+    assert result.lost.tolist() == [True, False]
+    assert result.done.tolist() == [True, False] and not result.success.any()
+    assert result.steps.tolist() == [1, 2]
+    assert env.worker_pids[0] != victim and not is_running(victim)
+    result = env.step(open_gripper_actions(2, 1))
+    assert result.steps.tolist() == [1, 3] and result.lost.tolist() == [True, False]
+
+    idle_victim = env.worker_pids[1]
+    os.kill(idle_victim, signal.SIGKILL)  # dies between episodes: reset retries it on a fresh worker
+    obs = env.reset([EpisodeSpec(0, 5), EpisodeSpec(0, 6)])  # env 0's re-run, on its new worker
+    assert obs.agentview.std() > 5 and env.worker_pids[1] != idle_victim
+    result = env.step(open_gripper_actions(2, 1))
+    assert result.steps.tolist() == [1, 1] and not result.lost.any() and not result.done.any()
+
+    frozen = env.worker_pids[0]
+    os.kill(frozen, signal.SIGSTOP)  # a hung worker: no answer within timeout_s
+    patience = env.timeout_s
+    env.timeout_s = 3.0
+    try:
+        result = env.step(open_gripper_actions(2, 1))
+    finally:
+        env.timeout_s = patience
+    assert result.lost.tolist() == [True, False] and result.steps.tolist() == [1, 2]
+    assert not is_running(frozen)
+
+
+def test_close_and_garbage_collection_leave_no_processes():
+    env = LiberoVectorEnv("libero_goal", num_envs=2)
+    pids = env.worker_pids
+    env.close()
+    env.close()
+    assert not any(is_running(pid) for pid in pids)
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset([EpisodeSpec(0, 0), EpisodeSpec(0, 1)])
+
+    forgotten = LiberoVectorEnv("libero_goal", num_envs=1)
+    pids = forgotten.worker_pids
+    del forgotten
+    gc.collect()
+    assert not any(is_running(pid) for pid in pids)
