@@ -38,6 +38,11 @@ INSTRUCTIONS = (
     "pick up the black bowl on the cookie box and place it on the plate",
 )
 GIB = 2**30
+# OFT inputs measured: name -> (images per observation, proprio token, description)
+OFT_SETUPS = {
+    "2img_proprio": (2, True, "agentview + wrist images + proprio token (the OpenVLA-OFT LIBERO recipe)"),
+    "1img": (1, False, "agentview image only, no proprio (SimpleVLA-RL's LIBERO setting)"),
+}
 
 
 @dataclass
@@ -48,10 +53,12 @@ class BenchConfig:
     """"7b": random-weight OpenVLA-7B shape on CUDA; "tiny": look-alike checkpoint on the CPU (smoke test)."""
     mem_cap_gib: float = 24.0
     """Per-process GPU memory cap emulating the 24 GB card."""
-    rollout_batches: tuple[int, ...] = (8, 16, 32, 64)
+    rollout_batches: tuple[int, ...] = (8, 16, 32, 48, 64)
     """Batch sizes tried for batched sampling; the largest that fits and is fastest is reported."""
     oft_batches: tuple[int, ...] = (8, 16, 32)
     """Batch sizes tried for the OFT chunk mode (one forward per 8 actions)."""
+    oft_setups: tuple[Literal["2img_proprio", "1img"], ...] = ("2img_proprio", "1img")
+    """OFT inputs measured (see OFT_SETUPS); the fastest is reported as oft_actions_per_s."""
     micro_batches: tuple[int, ...] = (4, 8, 16)
     """Micro-batch sizes tried for the update with gradient checkpointing."""
     mini_batch: int = 64
@@ -113,17 +120,18 @@ def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float
     return float(np.median(times))
 
 
-def build_policy(config: BenchConfig, variant: str, workdir: Path) -> VLAPolicy:
-    """The policy under test with LoRA applied; OFT uses two images and proprio (the LIBERO OFT recipe)."""
+def build_policy(config: BenchConfig, variant: str, workdir: Path, num_images: int = 1,
+                 use_proprio: bool = False) -> VLAPolicy:
+    """The policy under test with LoRA applied; num_images / use_proprio are OFT's inputs."""
     device = device_of(config)
     if config.model == "tiny":
-        path = make_tiny_checkpoint(workdir / variant, variant=variant, seed=config.seed)
+        path = make_tiny_checkpoint(workdir / f"{variant}_{num_images}_{use_proprio}", variant=variant,
+                                    seed=config.seed, num_images=num_images, use_proprio=use_proprio)
         policy = load_policy(path, unnorm_key="libero_spatial", device=device, dtype=torch.float32)
     else:
         torch.manual_seed(config.seed)
-        oft = variant == "oft"
-        policy = random_7b_policy(device, torch.bfloat16, variant=variant, num_images=2 if oft else 1,
-                                  use_proprio=oft)
+        policy = random_7b_policy(device, torch.bfloat16, variant=variant, num_images=num_images,
+                                  use_proprio=use_proprio)
     policy.apply_lora(LoraSettings(rank=config.lora_rank, alpha=config.lora_rank))
     return policy
 
@@ -249,7 +257,9 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
 
     # Seed style, eager: 1. one observation per call; 4. micro-batch 1 with an optimizer step per sample.
+    policy.graph_decode = False
     results["rollout_actions_per_s_seed"] = actions_per_second(config, policy, 1, rng)
+    policy.graph_decode = True
     seed_data = sampled(policy, config.seed_samples, 8, rng, config.temperature)
     reset_peak(device)
     results["update_samples_per_s_seed"] = samples_per_second(policy, optimizer, seed_data, 1, 1, config.temperature)
@@ -266,6 +276,13 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     best_batch = best_of(curve, "actions_per_s", "rollout batch")
     results.update(rollout_curve=curve, rollout_batch=best_batch,
                    rollout_actions_per_s=curve[str(best_batch)]["actions_per_s"])
+    # The same batch with eager decode steps: what the CUDA-graph decode (vla_actor.fast_decode) gains.
+    policy.graph_decode = False
+    reset_peak(device)
+    results["rollout_actions_per_s_eager_decode"] = try_measure(
+        device, lambda: actions_per_second(config, policy, best_batch, rng))
+    policy.graph_decode = True
+    print(f"rollout batch {best_batch}, eager decode: {results['rollout_actions_per_s_eager_decode']}", flush=True)
 
     # 7. Rollout (no grad, KV cache) vs update (teacher-forced, checkpointed) log-probs, same dtype.
     policy.gradient_checkpointing(True)
@@ -308,20 +325,26 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
 
 
 def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> dict:
-    """3. OFT chunk mode: one bidirectional forward gives 8 actions per observation."""
-    policy = build_policy(config, "oft", workdir)
-    device = policy.device
-    curve = {}
-    for size in config.oft_batches:
+    """3. OFT chunk mode: one bidirectional forward gives 8 actions per observation, for each input setup."""
+    setups = {}
+    for name in config.oft_setups:
+        num_images, use_proprio, description = OFT_SETUPS[name]
+        policy = build_policy(config, "oft", workdir, num_images, use_proprio)
+        device = policy.device
+        curve = {}
+        for size in config.oft_batches:
+            reset_peak(device)
+            rate = try_measure(device, lambda: actions_per_second(config, policy, size, rng))
+            curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(device)}
+            print(f"oft {name} batch {size}: {curve[str(size)]}", flush=True)
+        del policy
         reset_peak(device)
-        rate = try_measure(device, lambda: actions_per_second(config, policy, size, rng))
-        curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(device)}
-        print(f"oft batch {size}: {curve[str(size)]}", flush=True)
-    del policy
-    reset_peak(device)
-    best = best_of(curve, "actions_per_s", "OFT batch")
-    return {"oft_curve": curve, "oft_batch": best, "oft_actions_per_s": curve[str(best)]["actions_per_s"],
-            "oft_setup": "2 images (agentview + wrist) + proprio token, 8x7 tokens per forward"}
+        best = best_of(curve, "actions_per_s", f"OFT {name} batch")
+        setups[name] = {"description": description, "curve": curve, "batch": best,
+                        "actions_per_s": curve[str(best)]["actions_per_s"]}
+    fastest = max(setups, key=lambda name: setups[name]["actions_per_s"])
+    return {"oft_setups": setups, "oft_setup": fastest, "oft_batch": setups[fastest]["batch"],
+            "oft_actions_per_s": setups[fastest]["actions_per_s"]}
 
 
 def main(config: BenchConfig) -> dict:

@@ -21,4 +21,5 @@ def test_bench_gpu_code_paths_run_on_cpu(tmp_path):
     assert all(key in saved for key in keys)
     assert saved == json.loads(json.dumps(results))
     assert results["rollout_batch"] in (2, 4) and results["update_micro_batch"] in (2, 4)
+    assert set(saved["oft_setups"]) == {"2img_proprio", "1img"} and saved["oft_setup"] in saved["oft_setups"]
     assert results["logprob_mismatch"] < 1e-4  # float32 on the CPU: rollout and update agree

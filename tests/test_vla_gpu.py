@@ -1,10 +1,11 @@
-"""The 7B shape on a GPU in bf16 with random weights: rollout, teacher forcing, a LoRA update within 24 GB."""
+"""On a GPU: the CUDA-graph decode equals eager decoding (tiny checkpoint, fp32 and bf16); the 7B shape in bf16 with
+random weights: rollout, teacher forcing, a LoRA update within 24 GB."""
 
 import numpy as np
 import pytest
 import torch
 
-from vla_actor import LoraSettings
+from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.openvla_7b import random_7b_policy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -17,6 +18,47 @@ INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and pl
 def observations(batch, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8), INSTRUCTIONS[:batch]
+
+
+def tiny_policy_with_lora(directory, dtype):
+    policy = load_policy(make_tiny_checkpoint(directory / "openvla"), device="cuda", dtype=dtype)
+    policy.apply_lora(LoraSettings(rank=4, alpha=8))
+    with torch.no_grad():
+        for parameter in policy.trainable_parameters():  # B starts at zero: make the adapters change the outputs
+            parameter.normal_(0.0, 0.1)
+    return policy
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_graph_decode_equals_eager_decode(tmp_path, dtype, atol):
+    policy = tiny_policy_with_lora(tmp_path, dtype)
+    images, instructions = observations(8)  # prompts of different lengths: right padding is exercised
+    outputs = {}
+    for graph in (False, True):
+        policy.graph_decode = graph
+        generator = torch.Generator("cuda").manual_seed(0)
+        outputs[graph] = (policy.sample(images, instructions, temperature=1.6, generator=generator),
+                          policy.sample(images, instructions, temperature=1.6, greedy=True))
+    for eager, fast in zip(outputs[False], outputs[True]):
+        assert torch.equal(eager.token_ids, fast.token_ids)
+        assert torch.allclose(eager.log_probs, fast.log_probs, atol=atol)
+        assert np.array_equal(eager.actions, fast.actions)
+
+
+def test_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, monkeypatch):
+    # float32 without TF32, so different batch sizes (other convolution / GEMM kernels) agree to rounding
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = tiny_policy_with_lora(tmp_path, torch.float32)
+    images, instructions = observations(8)
+    batched = policy.sample(images, instructions, temperature=1.6, greedy=True)
+    for i in (0, 5):
+        single = policy.sample(images[i:i + 1], instructions[i:i + 1], temperature=1.6, greedy=True)
+        assert torch.equal(single.token_ids[0], batched.token_ids[i])
+        assert torch.allclose(single.log_probs[0], batched.log_probs[i], atol=1e-5)
+    with torch.no_grad():
+        log_probs, _ = policy.log_probs(images, instructions, batched.token_ids, temperature=1.6)
+    assert torch.allclose(log_probs.cpu(), batched.log_probs, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["openvla", "oft"])

@@ -33,6 +33,7 @@ def proprio(batch=2):
 def with_trained_adapter(directory, settings=LoraSettings(rank=4, alpha=8), seed=0):
     """A policy whose adapters are non-zero, as after some training."""
     policy = load_policy(directory)
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator: fix it so greedy near-ties cannot flip
     policy.apply_lora(settings)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

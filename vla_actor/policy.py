@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoTokenizer, DynamicCache, LlamaModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA_VOCAB_SIZE, N_BINS, OFT_CHUNK,
                                      detokenize, find_stats, tokenize_normalized)
@@ -33,6 +35,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   PROPRIO_PATTERN, atomic_directory, check_keys, dtype_name, find_one, load_weights,
                                   read_json, read_norm_stats, read_proprio_projector, resolve_directory,
                                   write_checkpoint)
+from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
 
 BOS_ID = 1
@@ -123,7 +126,11 @@ class _Inputs:
 
 
 class VLAPolicy:
-    """An OpenVLA or OpenVLA-OFT policy. Build it with `load_policy`."""
+    """An OpenVLA or OpenVLA-OFT policy. Build it with `load_policy`.
+
+    `graph_decode` (default True): on CUDA, OpenVLA's decode steps are replayed from a CUDA graph
+    (`fast_decode.GraphDecoder`, same results); set it to False for eager steps.
+    """
 
     def __init__(self, model: OpenVLAModel, tokenizer: PreTrainedTokenizerBase, *, config: dict, norm_stats: dict,
                  unnorm_key: str, is_oft: bool, num_images: int, uses_proprio: bool, preprocessor_config: dict):
@@ -140,6 +147,7 @@ class VLAPolicy:
         self.action_dim = self.stats.action_dim
         self.tokens_per_query = OFT_CHUNK * self.action_dim if is_oft else self.action_dim
         self._peft: PeftModel | None = None
+        self.graph_decode = True
         if uses_proprio and self.stats.proprio_q01 is None:
             raise ValueError(f"the checkpoint uses proprio but statistics {self.unnorm_key!r} have no proprio q01/q99")
 
@@ -219,7 +227,7 @@ class VLAPolicy:
                            text_valid[:, 1:]], dim=1)
         return _Inputs(embeddings, valid.to(device), (lengths + prefix.shape[1]).to(device))
 
-    def _hidden(self, inputs: _Inputs, cache: DynamicCache | None = None) -> torch.Tensor:
+    def _hidden(self, inputs: _Inputs) -> torch.Tensor:
         """Last hidden states of the whole padded batch: causal (OpenVLA) or bidirectional (OFT) over valid tokens."""
         batch, length = inputs.valid.shape
         positions = torch.arange(length, device=inputs.valid.device).expand(batch, length)
@@ -229,12 +237,13 @@ class VLAPolicy:
             mask = mask.masked_fill(~inputs.valid[:, None, None, :], blocked)
         else:
             mask = inputs.valid.long()
-        out = self.model.language_model.model(inputs_embeds=inputs.embeddings, attention_mask=mask,
-                                              position_ids=positions, use_cache=cache is not None,
-                                              **{CACHE_ARGUMENT: cache})
-        if cache is not None and cache.get_seq_length() != length:
-            raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after a prefill of {length}: "
-                               f"this transformers version ignored the {CACHE_ARGUMENT!r} argument")
+        return self._llama(inputs.embeddings, mask, positions, None)
+
+    def _llama(self, embeddings: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               cache: Cache | None) -> torch.Tensor:
+        """The Llama decoder stack (no LM head) -> last hidden states; fills `cache` when one is given."""
+        out = self.model.language_model.model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions,
+                                              use_cache=cache is not None, **{CACHE_ARGUMENT: cache})
         return out.last_hidden_state
 
     def _action_log_softmax(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -275,6 +284,11 @@ class VLAPolicy:
             if isinstance(module, LoraLayer):
                 module.cast_input_dtype_enabled = self.dtype == torch.float32
 
+    @cached_property
+    def _capture_stream(self) -> torch.cuda.Stream:
+        """The side stream of every decode-step capture of this policy (`GraphDecoder`)."""
+        return torch.cuda.Stream(self.device)
+
     # --------------------------------------------------------------------------------------- rollout and loss
 
     @torch.no_grad()
@@ -296,8 +310,11 @@ class VLAPolicy:
             def choose(log_probs: torch.Tensor) -> torch.Tensor:
                 if greedy:
                     return log_probs.argmax(dim=-1)
-                flat = log_probs.exp().reshape(-1, N_BINS)
-                return torch.multinomial(flat, 1, generator=generator).reshape(log_probs.shape[:-1])
+                # torch.multinomial's one-draw path (argmax of p / q, q ~ Exp(1)), same draws from `generator`,
+                # without its validity checks: they read the probabilities back to the host, which stalled the
+                # launch queue once per token (non-finite values are caught below instead).
+                probs = log_probs.exp()
+                return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
 
             if self.is_oft:
                 log_probs = self._oft_log_probs(prefix, prompts, temperature)
@@ -305,27 +322,32 @@ class VLAPolicy:
                 chosen = log_probs.gather(-1, columns.unsqueeze(-1)).squeeze(-1)
             else:
                 columns, chosen = self._decode_autoregressive(prefix, prompts, temperature, choose)
-        token_ids = (columns + ACTION_TOKEN_BEGIN).cpu()
-        return SampleOutput(token_ids=token_ids, log_probs=chosen.cpu(), actions=self.decode(token_ids))
+        token_ids, log_probs = (columns + ACTION_TOKEN_BEGIN).cpu(), chosen.cpu()
+        if not torch.isfinite(log_probs).all():
+            raise RuntimeError("the policy produced non-finite action log-probs (NaN or inf in the model's outputs); "
+                               "check the weights, the adapter and the inputs")
+        return SampleOutput(token_ids=token_ids, log_probs=log_probs, actions=self.decode(token_ids))
 
     def _decode_autoregressive(self, prefix, prompts, temperature, choose) -> tuple[torch.Tensor, torch.Tensor]:
         """7 tokens with a KV cache; every step feeds each sample's token at its own next position."""
         inputs = self._inputs(prefix, prompts, None)
-        cache = DynamicCache(config=self.model.language_model.config)
-        log_probs = self._readout(inputs, self._hidden(inputs, cache), 1, temperature)[:, 0]
-        mask = inputs.valid.long()
+        config = self.model.language_model.config
+        if self.graph_decode and self.device.type == "cuda":
+            decoder = GraphDecoder(self._llama, config, inputs.valid, inputs.prompt_end, self.tokens_per_query - 1,
+                                   self._capture_stream)
+        else:
+            decoder = DynamicDecoder(self._llama, config, inputs.valid, inputs.prompt_end)
         columns, chosen = [], []
-        for step in range(self.tokens_per_query):
-            column = choose(log_probs)
-            columns.append(column)
-            chosen.append(log_probs.gather(-1, column[:, None]).squeeze(-1))
-            if step + 1 == self.tokens_per_query:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model.language_model.model(
-                inputs_embeds=self.model.embed_tokens(column[:, None] + ACTION_TOKEN_BEGIN), attention_mask=mask,
-                position_ids=(inputs.prompt_end + step)[:, None], use_cache=True, **{CACHE_ARGUMENT: cache})
-            log_probs = self._action_log_softmax(out.last_hidden_state[:, 0], temperature)
+        with decoder:
+            log_probs = self._readout(inputs, decoder.prefill(inputs.embeddings), 1, temperature)[:, 0]
+            for step in range(self.tokens_per_query):
+                column = choose(log_probs)
+                columns.append(column)
+                chosen.append(log_probs.gather(-1, column[:, None]).squeeze(-1))
+                if step + 1 == self.tokens_per_query:
+                    break
+                hidden = decoder.step(self.model.embed_tokens(column[:, None] + ACTION_TOKEN_BEGIN))
+                log_probs = self._action_log_softmax(hidden[:, 0], temperature)
         return torch.stack(columns, dim=1), torch.stack(chosen, dim=1)
 
     def _oft_log_probs(self, prefix, prompts, temperature) -> torch.Tensor:
