@@ -1,0 +1,137 @@
+"""Demo files and statistics: no-op filtering and statistics by hand, the on-disk format round trip."""
+
+import json
+
+import numpy as np
+import pytest
+
+from libero_env.demos import (
+    EPISODES_DIR,
+    STATISTICS_FILE,
+    Episode,
+    dataset_statistics,
+    episode_key,
+    episode_paths,
+    load_episode,
+    noop_mask,
+    save_episode,
+    write_dataset_statistics,
+)
+
+
+def test_noop_mask_by_hand():
+    actions = np.zeros((6, 7), np.float32)
+    actions[:3, 6] = 1.0          # open, open, open, then closed
+    actions[1, 0] = 0.5           # a real move
+    actions[4, 0] = 5e-5          # below the 1e-4 threshold
+    actions[5, 1] = 2e-4          # above it
+    # 0: still, first action -> dropped. 1: moves -> kept. 2: still, gripper as kept 1 -> dropped.
+    # 3: still but the gripper closes -> kept. 4: still, gripper as kept 3 -> dropped. 5: moves -> kept.
+    assert noop_mask(actions).tolist() == [True, False, True, False, True, False]
+
+
+def test_noop_mask_compares_with_the_last_kept_action():
+    actions = np.zeros((3, 7), np.float32)
+    actions[0, 0], actions[0, 6] = 1.0, 1.0   # kept, open
+    actions[1, 6] = 0.0                        # still, gripper closes -> kept
+    actions[2, 6] = 0.0                        # still, same as kept 1 -> dropped
+    assert noop_mask(actions).tolist() == [False, False, True]
+    with pytest.raises(ValueError, match=r"\[T, 7\]"):
+        noop_mask(np.zeros((3, 6)))
+
+
+def test_dataset_statistics_by_hand():
+    ramp = np.arange(101) / 100.0                          # 0, 0.01, ..., 1
+    actions = np.zeros((101, 7))
+    actions[:, 0] = ramp
+    actions[:, 1] = -0.5
+    actions[:, 6] = ramp >= 0.5                            # 50 closed (0), then 51 open (1)
+    proprio = np.tile(np.arange(8.0), (101, 1))
+    proprio[:, 0] = 2 * ramp
+    stats = dataset_statistics([actions[:60], actions[60:]], [proprio[:60], proprio[60:]])
+
+    action = stats["action"]
+    # Ramp 0..1 in 101 steps: mean 0.5; population variance sum((i-50)^2)/101 / 100^2 = 85850/101/1e4 = 0.085;
+    # linear quantiles at (101-1)*0.01 = index 1 and index 99.
+    np.testing.assert_allclose(action["mean"][:2], [0.5, -0.5])
+    np.testing.assert_allclose(action["std"][:2], [np.sqrt(0.085), 0.0])
+    np.testing.assert_allclose(action["q01"][0], 0.01)
+    np.testing.assert_allclose(action["q99"][0], 0.99)
+    assert action["min"][0] == 0.0 and action["max"][0] == 1.0
+    np.testing.assert_allclose(action["mean"][6], 51 / 101)
+    assert action["q01"][6] == 0.0 and action["q99"][6] == 1.0
+    assert action["mask"] == [True, True, True, True, True, True, False]
+    np.testing.assert_allclose(stats["proprio"]["mean"], [1.0, 1, 2, 3, 4, 5, 6, 7])
+    np.testing.assert_allclose(stats["proprio"]["q99"][0], 1.98)
+    assert "mask" not in stats["proprio"]
+    assert stats["num_transitions"] == 101 and stats["num_trajectories"] == 2
+    assert set(action) == {"mean", "std", "max", "min", "q01", "q99", "mask"}
+
+
+def make_episode(task_id: int, steps: int, seed: int) -> Episode:
+    rng = np.random.default_rng(seed)
+    # Smooth images (gradients plus an offset) so that JPEG's error stays small and bounded.
+    ys, xs = np.mgrid[0:224, 0:224]
+    base = np.stack([xs, ys, (xs + ys) // 2], axis=-1)
+    images = np.stack([(base + 10 * t + seed) % 200 for t in range(steps)]).astype(np.uint8)
+    return Episode(
+        suite="libero_spatial", task_id=task_id, init_index=7 + seed, instruction="pick up the black bowl",
+        agentview=images, wrist=images[:, ::-1].copy(),
+        proprio=rng.normal(size=(steps, 8)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (steps, 7)).astype(np.float32),
+    )
+
+
+def test_episode_round_trip_png_is_exact(tmp_path):
+    episode = make_episode(task_id=3, steps=4, seed=0)
+    path = tmp_path / "episode.npz"
+    save_episode(path, episode, image_format="png")
+    loaded = load_episode(path)
+    assert (loaded.suite, loaded.task_id, loaded.init_index, loaded.instruction) == (
+        "libero_spatial", 3, 7, "pick up the black bowl")
+    for name in ("agentview", "wrist", "proprio", "actions"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(episode, name))
+    assert loaded.agentview.dtype == np.uint8 and loaded.actions.dtype == np.float32
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    with np.load(path, allow_pickle=False) as data:  # readable without pickle
+        assert str(data["image_format"]) == "png" and data["agentview_offsets"].shape == (5,)
+
+
+def test_episode_round_trip_jpeg_is_close(tmp_path):
+    episode = make_episode(task_id=1, steps=3, seed=1)
+    path = tmp_path / "episode.npz"
+    save_episode(path, episode, image_format="jpeg")
+    loaded = load_episode(path)
+    np.testing.assert_array_equal(loaded.actions, episode.actions)
+    np.testing.assert_array_equal(loaded.proprio, episode.proprio)
+    assert loaded.agentview.shape == (3, 224, 224, 3)
+    error = np.abs(loaded.agentview.astype(int) - episode.agentview.astype(int))
+    assert error.mean() < 2.0
+    assert load_episode(path, images=False).agentview.shape == (0, 224, 224, 3)
+
+
+def test_save_episode_rejects_mismatched_arrays(tmp_path):
+    episode = make_episode(task_id=0, steps=2, seed=0)
+    episode.proprio = episode.proprio[:1]
+    with pytest.raises(ValueError, match="proprio"):
+        save_episode(tmp_path / "bad.npz", episode)
+    with pytest.raises(ValueError, match="image_format"):
+        save_episode(tmp_path / "bad.npz", make_episode(0, 2, 0), image_format="gif")
+
+
+def test_statistics_file_in_openvla_layout(tmp_path):
+    episodes = [make_episode(task_id=t, steps=2 + t, seed=t) for t in range(3)]
+    for e in episodes:
+        save_episode(tmp_path / EPISODES_DIR / f"{episode_key(e.task_id, e.init_index)}.npz", e, image_format="png")
+    names = [p.name for p in episode_paths(tmp_path)]
+    assert names == ["task00_init007.npz", "task01_init008.npz", "task02_init009.npz"]
+    written = write_dataset_statistics(tmp_path)
+    on_disk = json.loads((tmp_path / STATISTICS_FILE).read_text())
+    assert on_disk == written
+    assert list(on_disk) == ["libero_spatial"]
+    expected = dataset_statistics([e.actions for e in episodes], [e.proprio for e in episodes])
+    suite = on_disk["libero_spatial"]
+    assert suite["num_transitions"] == 2 + 3 + 4 and suite["num_trajectories"] == 3
+    np.testing.assert_allclose(suite["action"]["q99"], expected["action"]["q99"])
+    with pytest.raises(FileNotFoundError, match="collect demos first"):
+        write_dataset_statistics(tmp_path / "empty")
