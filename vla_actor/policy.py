@@ -255,9 +255,13 @@ class VLAPolicy:
     def _readout(self, inputs: _Inputs, hidden: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
         """Action log-probs [B, count, 256] from the `count` positions starting at each sample's last prompt
         token (29871), whose output scores the first action token."""
+        return self._action_log_softmax(self._from_prompt_end(inputs, hidden, count), temperature)
+
+    @staticmethod
+    def _from_prompt_end(inputs: _Inputs, hidden: torch.Tensor, count: int) -> torch.Tensor:
+        """hidden [B, count, D] of the `count` positions starting at each sample's last prompt token (29871)."""
         positions = inputs.prompt_end[:, None] - 1 + torch.arange(count, device=hidden.device)
-        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self._action_log_softmax(picked, temperature)
+        return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
     @staticmethod
     def _check_temperature(temperature: float) -> None:
@@ -377,6 +381,31 @@ class VLAPolicy:
         columns = (token_ids - ACTION_TOKEN_BEGIN).unsqueeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return log_probs.gather(-1, columns).squeeze(-1), entropy
+
+    def token_cross_entropy(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
+                            token_ids: torch.Tensor, wrist=None, proprio=None) -> torch.Tensor:
+        """OpenVLA's training loss (REF 3.1, 6.2): teacher-forced cross-entropy over the full vocabulary on the
+        T action tokens and the stop token </s>, averaged over these T + 1 targets and over the batch (every
+        sample has the same number of targets, so this is the mean over all targets, as the HF LM loss).
+
+        OpenVLA reads the targets causally from the positions of 29871 and of the 7 action tokens (the </s>
+        that training appends as input is never attended to by an earlier position, so it is left out). OFT
+        feeds its 56 action tokens with zeroed embeddings and STOP, bidirectionally, as its training does.
+        Differentiable w.r.t. the trainable parameters; training mode (dropout, checkpointing) with gradients."""
+        batch = self._check_batch(images, instructions, wrist, proprio)
+        token_ids = self._check_tokens(token_ids, batch)
+        targets = torch.cat([token_ids, torch.full_like(token_ids[:, :1], STOP_ID)], dim=1)
+        with self._mode(torch.is_grad_enabled()):
+            prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
+                                                  self._proprio(proprio, batch))
+            prompts = self.prompt_ids(instructions)
+            if self.is_oft:
+                inputs = self._inputs(prefix, prompts, targets, zeroed_suffix=self.tokens_per_query)
+            else:
+                inputs = self._inputs(prefix, prompts, token_ids)
+            hidden = self._from_prompt_end(inputs, self._hidden(inputs), targets.shape[1])
+            logits = self.model.language_model.get_output_embeddings()(hidden).float()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def _check_tokens(self, token_ids, batch: int) -> torch.Tensor:
         token_ids = torch.as_tensor(token_ids)

@@ -1,0 +1,388 @@
+"""GRPO + LoRA fine-tuning of OpenVLA / OpenVLA-OFT policies in the LIBERO simulator.
+
+    python OpenVLA_GRPO.py train --checkpoint openvla/openvla-7b-finetuned-libero-spatial --task-suite libero_spatial
+    python OpenVLA_GRPO.py eval --checkpoint ... --adapter runs/<run>      # published protocol: 50 trials, seed 7
+    python OpenVLA_GRPO.py demo                                            # `make train`: tiny model, CPU, minutes
+    python OpenVLA_GRPO.py plot runs/<run>
+    python OpenVLA_GRPO.py sft --demos demos/ --output-dir runs/sft --checkpoint ...  # supervised warm start
+    torchrun --nproc-per-node 4 OpenVLA_GRPO.py train ...                  # data parallel, one process per GPU
+
+The GRPO loop is `GRPOTrainer.train` (with `update`); the only module that knows libero_env (the simulator),
+vla_actor (the model) and grpo (the math) together. DESIGN.md shows how they meet.
+"""
+
+import dataclasses
+import random
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import tyro
+from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+
+import grpo
+from libero_env import EpisodeSpec, init_state_split
+from trainer import distributed
+from trainer.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_checkpoints,
+                                resolve_adapter, rng_state, save_checkpoint, write_json)
+from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
+                            config_to_dict, defaults_from_files, demo_defaults)
+from trainer.envs import TOY, make_env, suite_shape
+from trainer.evaluation import evaluate, write_results
+from trainer.metrics import MetricsLogger, UpdateStats
+from trainer.plot import plot_run
+from trainer.rollout import PolicyInputs, Rollouts, collect_groups
+from trainer.sampler import GroupSampler
+from trainer.sft import SftConfig, check_sft, run_sft
+from trainer.validation import check_eval, check_env, check_train
+from vla_actor import LoraSettings, VLAPolicy, load_policy, make_tiny_checkpoint
+
+UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
+                         "approx_kl_k3", "kl_to_base", "grad_norm"),
+                "min": ("ratio_min",), "max": ("ratio_max", "grad_norm_max")}
+
+
+class GRPOTrainer:
+    """Turns an SFT checkpoint and a LIBERO suite into a better policy with GRPO + LoRA."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.run_dir = check_train(config, distributed.launched_rank())
+        self.config, self.ctx = config, distributed.setup(config.model.device)
+        self.task_ids = check_env(config.env)
+        train_inits, self.heldout_inits = init_state_split(suite_shape(config.env.task_suite).num_init_states,
+                                                           config.env.num_heldout, seed=0)
+        resume_from = latest_checkpoint(config.resume) if config.resume is not None else None
+        if self.ctx.is_main and resume_from is None:
+            self.run_dir.mkdir(parents=True)
+        if self.ctx.is_main:
+            remove_partial_checkpoints(self.run_dir)
+            write_json(self.run_dir / "config.json", config_to_dict(_as_saved(config)))
+        seed_everything(config.seed)  # the same fresh adapter on every rank
+        self.policy = build_policy(config.model, config.lora, config.env.task_suite, self.ctx.device)
+        self.params = list(self.policy.trainable_parameters())
+        distributed.broadcast_parameters(self.params, self.ctx)
+        seed_everything(config.seed + self.ctx.rank)  # each rank samples its own actions
+        self.inputs = policy_inputs(self.policy)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(warmup_factor, warmup=config.optim.warmup_iterations))
+        self.sampler = GroupSampler(self.task_ids, train_inits, seed=[config.seed, self.ctx.rank])
+        self.iteration = self.env_steps = self.skipped_steps = 0
+        self.env = make_env(config.env, wrist=self.inputs.wrist)
+        self.logger = MetricsLogger(self.run_dir, config_to_dict(config), config.logging, self.ctx.is_main,
+                                    resume_iteration=None if resume_from is None else _iteration_of(resume_from))
+        if resume_from is not None:  # last, so that nothing above moves the restored random generators
+            state = load_checkpoint(resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
+                                    self.ctx.world_size)
+            self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+            self.skipped_steps = state["skipped_steps"]
+            self.sampler.load_state_dict(state["samplers"][self.ctx.rank])
+
+    def train(self) -> Path:
+        """The GRPO loop (DESIGN.md "One GRPO iteration"); returns the run directory."""
+        cfg, ctx = self.config, self.ctx
+        if cfg.evaluation.eval_every > 0 and cfg.evaluation.eval_at_start and self.iteration == 0:
+            self.logger.log({"iteration": 0, "env_steps": 0, **self.evaluate()})
+        while not self.finished():
+            started = time.perf_counter()
+            # G rollouts of each (task, init state) group from the training split; binary success rewards;
+            # groups with all-equal rewards dropped and refilled (dynamic sampling, REF 9.1.6).
+            batch, counts = collect_groups(
+                self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
+                cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
+                cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main)
+            rollout_seconds = time.perf_counter() - started
+            advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
+                                                scale_by_std=cfg.grpo.scale_by_std)
+                          if batch.num_episodes else torch.zeros(0))
+            metrics = self.update(batch, advantages)
+            self.scheduler.step()
+            counts = distributed.reduce_values({**counts, **advantage_sums(advantages)}, ctx)
+            self.iteration += 1
+            self.env_steps += int(counts["episode_length_sum"])
+            trained = metrics["train/steps"] * cfg.optim.ppo_epochs
+            metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics, **rollout_metrics(counts),
+                       **perf_metrics(counts["episode_length_sum"], trained, rollout_seconds, started, ctx)}
+            if cfg.evaluation.eval_every > 0 and (self.iteration % cfg.evaluation.eval_every == 0 or self.finished()):
+                metrics.update(self.evaluate())
+            self.logger.log(metrics)
+            if self.iteration % cfg.checkpointing.save_every == 0 or self.finished():
+                self.save()
+        return self.run_dir
+
+    def update(self, batch: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        """PPO epochs over shuffled mini-batches of steps, one clipped optimizer step per mini-batch, skipped
+        (and counted) when the gradient norm is not finite or above --skip-grad-norm."""
+        cfg, ctx = self.config, self.ctx
+        total_steps = int(distributed.reduce_values({"steps": batch.num_steps}, ctx)["steps"])
+        if total_steps == 0:  # every group was dropped on every rank: nothing to learn from
+            return {"train/steps": 0, "train/optimizer_steps": 0, "train/skipped_steps": 0,
+                    "train/skipped_steps_total": self.skipped_steps}
+        num_minibatches = max(1, total_steps // (cfg.optim.mini_batch_size * ctx.world_size))
+        stats, loss, optimizer_steps, skipped = UpdateStats(), 0.0, 0, 0
+        bar = tqdm(total=cfg.optim.ppo_epochs * num_minibatches, desc="update", unit="step", leave=False,
+                   disable=None if cfg.logging.progress and ctx.is_main else True)
+        for _ in range(cfg.optim.ppo_epochs):
+            for rows in torch.randperm(batch.num_steps).tensor_split(num_minibatches):
+                bar.update()
+                loss += self.accumulate_gradients(batch, advantages, rows, stats)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
+                if np.isfinite(grad_norm) and grad_norm <= cfg.optim.skip_grad_norm:
+                    self.optimizer.step()
+                    optimizer_steps += 1
+                    stats.mean("grad_norm", grad_norm, 1.0)
+                    stats.maximum("grad_norm_max", grad_norm)
+                else:
+                    skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+        bar.close()
+        self.skipped_steps += skipped
+        loss = distributed.reduce_values({"loss": loss}, ctx)["loss"] / (num_minibatches * cfg.optim.ppo_epochs)
+        return {"train/loss": loss, **stats.reduce(ctx, UPDATE_STATS), "train/steps": total_steps,
+                "train/optimizer_steps": optimizer_steps,
+                "train/skipped_steps": skipped, "train/skipped_steps_total": self.skipped_steps,
+                "train/lr": self.scheduler.get_last_lr()[0], "train/minibatches": num_minibatches}
+
+    def accumulate_gradients(self, batch: Rollouts, advantages: torch.Tensor, rows: torch.Tensor,
+                             stats: UpdateStats) -> float:
+        """Gradients of one mini-batch (`rows` of this rank's steps; together with the other ranks' rows it is
+        the global mini-batch) summed over ranks, through micro-batches whose losses add up to the mini-batch
+        loss; returns this rank's share of that loss."""
+        traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
+        mask = torch.ones((len(rows), batch.token_ids.shape[1]), dtype=torch.bool)  # stored steps are all real
+        weights = distributed.token_weights(mask, traj_ids, self.config.grpo.aggregation, self.ctx)
+        step_advantages = advantages[traj_ids]  # A_i on every step of episode i (REF 9.1.5)
+        loss = 0.0
+        for part in torch.arange(len(rows)).split(self.config.optim.micro_batch_size):
+            micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats)
+            micro_loss.backward()
+            loss += float(micro_loss.detach())
+        distributed.sum_gradients(self.params, self.ctx)
+        return loss
+
+    def micro_batch_loss(self, batch: Rollouts, rows: torch.Tensor, advantages: torch.Tensor,
+                         weights: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
+        """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights)."""
+        cfg = self.config.grpo
+        index = rows.numpy()
+        inputs = dict(wrist=batch.wrist[index] if self.inputs.wrist else None,
+                      proprio=batch.proprio[index] if self.inputs.proprio else None, temperature=cfg.temperature)
+        instructions = [batch.instructions[i] for i in index]
+        logp, entropy = self.policy.log_probs(batch.agentview[index], instructions, batch.token_ids[rows], **inputs)
+        device = logp.device
+        mask, weights = torch.ones_like(logp, dtype=torch.bool), weights.to(device)
+        loss, loss_stats = grpo.policy_loss(
+            logp, batch.log_probs[rows].to(device), advantages.to(device), weights, mask,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, log_ratio_clamp=cfg.log_ratio_clamp,
+            advantage_clamp=cfg.advantage_clamp)
+        tokens = float(mask.sum())
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), self.policy.adapter_disabled():
+                base_logp, _ = self.policy.log_probs(batch.agentview[index], instructions, batch.token_ids[rows],
+                                                     **inputs)
+            kl = grpo.kl_k3(logp, base_logp)
+            loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights, mask)
+            stats.mean("kl_to_base", grpo.masked_mean(kl.detach(), mask), tokens)
+        stats.mean("entropy", grpo.masked_mean(entropy.detach(), mask), tokens)
+        for name in ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1", "approx_kl_k3"):
+            stats.mean(name, loss_stats[name], tokens)
+        stats.minimum("ratio_min", loss_stats["ratio_min"])
+        stats.maximum("ratio_max", loss_stats["ratio_max"])
+        return loss
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy success on the held-out init states of the training tasks, with videos."""
+        per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
+        episodes = [EpisodeSpec(t, i) for t in self.task_ids for i in self.heldout_inits[:per_task]]
+        results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
+                           f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
+                           progress=self.config.logging.progress)
+        return {"eval/success_rate": results.success_rate,
+                **{f"eval/task_{t}/success_rate": results.task_rate(t) for t in self.task_ids}}
+
+    def save(self) -> None:
+        """Rank 0 writes one checkpoint holding every rank's random generators and group sampler."""
+        rank_rng = distributed.gather_objects(rng_state(), self.ctx)
+        samplers = distributed.gather_objects(self.sampler.state_dict(), self.ctx)
+        if self.ctx.is_main:
+            state = {"iteration": self.iteration, "env_steps": self.env_steps, "skipped_steps": self.skipped_steps,
+                     "world_size": self.ctx.world_size, "samplers": samplers}
+            save_checkpoint(self.run_dir, self.iteration, self.policy, self.optimizer, self.scheduler, state,
+                            rank_rng, config_to_dict(_as_saved(self.config)), self.config.checkpointing.keep_last)
+        distributed.barrier(self.ctx)
+
+    def finished(self) -> bool:
+        limit = self.config.iterations
+        return self.env_steps >= self.config.timesteps or (limit is not None and self.iteration >= limit)
+
+    def close(self) -> None:
+        """Stops the env workers and the logger; the process group stays up for the rest of the process."""
+        self.env.close()
+        self.logger.close()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_factor(iteration: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up over `warmup` iterations, then 1."""
+    return min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
+
+
+def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device: torch.device) -> VLAPolicy:
+    """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`); lora=None with no adapter gives
+    the plain SFT policy for eval."""
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[model.dtype]
+    unnorm_key = model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
+    policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device), dtype=dtype,
+                         attn_implementation=model.attn_implementation)
+    if lora is not None:
+        target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
+        policy.apply_lora(LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+                                       target=target, include_projector=lora.lora_projector,
+                                       include_vision=lora.lora_vision))
+    if model.adapter is not None:
+        policy.load_adapter(resolve_adapter(model.adapter))
+    if model.gradient_checkpointing and lora is not None:
+        policy.gradient_checkpointing(True)
+    return policy
+
+
+def policy_inputs(policy: VLAPolicy) -> PolicyInputs:
+    """OpenVLA sees the agentview only; OFT checkpoints may add the wrist camera and proprio (REF 6)."""
+    return PolicyInputs(wrist=policy.num_images == 2, proprio=policy.uses_proprio)
+
+
+def advantage_sums(advantages: torch.Tensor) -> dict[str, float]:
+    return {"advantage_abs_sum": float(advantages.abs().sum()), "advantage_count": float(advantages.numel())}
+
+
+def rollout_metrics(counts: dict[str, float]) -> dict[str, float]:
+    episodes, groups = max(1.0, counts["episodes"]), max(1.0, counts["groups_played"])
+    return {
+        "rollout/success_rate": counts["successes"] / episodes,
+        "rollout/episode_length": counts["episode_length_sum"] / episodes,
+        "rollout/episodes": counts["episodes"], "rollout/lost_episodes": counts["lost_episodes"],
+        "rollout/groups_played": counts["groups_played"], "rollout/groups_kept": counts["groups_kept"],
+        "rollout/groups_dropped_fraction": counts["groups_uninformative"] / groups,
+        "rollout/groups_lost": counts["groups_lost"], "rollout/refill_rounds": counts["refill_rounds"],
+        "rollout/advantage_abs_mean": counts["advantage_abs_sum"] / max(1.0, counts["advantage_count"]),
+    }
+
+
+def perf_metrics(env_steps: float, trained_steps: float, rollout_seconds: float, started: float,
+                 ctx: distributed.DistContext) -> dict[str, float]:
+    """Throughput over all ranks: env actions per second of rollout, policy steps per second of update."""
+    seconds = time.perf_counter() - started
+    metrics = {"perf/iteration_seconds": seconds, "perf/rollout_seconds": rollout_seconds,
+               "perf/actions_per_second": env_steps / rollout_seconds,
+               "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds)}
+    if ctx.device.type == "cuda":
+        memory = {"gpu": torch.cuda.max_memory_allocated(ctx.device) / 2**30}
+        metrics["perf/gpu_memory_gib"] = distributed.reduce_values(memory, ctx, "max")["gpu"]
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    return metrics
+
+
+def _iteration_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("iter_"))
+
+
+def _as_saved(config: TrainConfig) -> TrainConfig:
+    """The config as a run directory records it: what to resume with, not how this process was started."""
+    return dataclasses.replace(config, resume=None, dry_run=False)
+
+
+def run_evaluation(config: EvaluateConfig) -> Path:
+    """The eval subcommand: greedy episodes, per-task success table (JSON + markdown) and videos."""
+    results_dir = check_eval(config, distributed.launched_rank())
+    task_ids = check_env(config.env)
+    ctx = distributed.setup(config.model.device)
+    seed_everything(config.seed)
+    if ctx.is_main:
+        results_dir.mkdir(parents=True)
+    policy = build_policy(config.model, None, config.env.task_suite, ctx.device)
+    if config.protocol == "reference":
+        inits = list(range(config.trials_per_task))
+    else:
+        inits = init_state_split(suite_shape(config.env.task_suite).num_init_states, config.env.num_heldout, 0)[1]
+    inputs = policy_inputs(policy)
+    env = make_env(config.env, wrist=inputs.wrist)
+    try:
+        results = evaluate(env, policy, [EpisodeSpec(t, i) for t in task_ids for i in inits], inputs, ctx,
+                           results_dir / "videos", "eval", config.num_videos, progress=config.progress)
+        instructions = {t: env.instruction(t) for t in task_ids}
+    finally:
+        env.close()
+        distributed.cleanup(ctx)
+    if ctx.is_main:
+        write_results(results_dir, results, instructions, config_to_dict(config))
+        print(f"success rate {results.success_rate:.3f} over {sum(results.episodes.values())} episodes; "
+              f"table and videos in {results_dir}")
+    return results_dir
+
+
+def parse_command(argv: Sequence[str]) -> TrainConfig | EvaluateConfig | PlotConfig | SftConfig:
+    """The subcommand's config: dataclass defaults, then --resume's saved config and --config's file, then flags."""
+    defaults = {"train": TrainConfig(), "demo": demo_defaults(), "eval": EvaluateConfig()}
+    if argv and argv[0] in defaults:
+        defaults[argv[0]] = defaults_from_files(defaults[argv[0]], argv[1:])
+    command = (Annotated[TrainConfig, tyro.conf.subcommand("train", default=defaults["train"])]
+               | Annotated[EvaluateConfig, tyro.conf.subcommand("eval", default=defaults["eval"])]
+               | Annotated[DemoConfig, tyro.conf.subcommand("demo", default=defaults["demo"])]
+               | Annotated[PlotConfig, tyro.conf.subcommand("plot")]
+               | Annotated[SftConfig, tyro.conf.subcommand("sft")])
+    return tyro.cli(command, args=list(argv), description=__doc__.split("\n\n")[0])
+
+
+@record
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        command = parse_command(sys.argv[1:] if argv is None else argv)
+        if isinstance(command, DemoConfig) and not Path(command.model.checkpoint).exists():
+            print(f"building a tiny look-alike OpenVLA checkpoint in {command.model.checkpoint}")
+            make_tiny_checkpoint(command.model.checkpoint, variant="openvla", unnorm_key="libero_spatial", seed=0)
+        # The default run name holds the time: fix it once, so that every later use names the same directory.
+        if isinstance(command, TrainConfig):
+            run_dir = check_train(command, distributed.launched_rank())
+            if command.resume is None:
+                command = dataclasses.replace(command, logging=dataclasses.replace(command.logging,
+                                                                                   run_name=run_dir.name))
+        elif isinstance(command, EvaluateConfig):
+            command = dataclasses.replace(command, run_name=check_eval(command, distributed.launched_rank()).name)
+        elif isinstance(command, SftConfig):
+            check_sft(command)
+        else:
+            print(plot_run(command.run_dir, command.output))
+            return
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # a config that cannot work: no traceback
+        sys.exit(f"OpenVLA_GRPO.py: error: {error}")
+    if isinstance(command, EvaluateConfig):
+        run_evaluation(command)
+    elif isinstance(command, SftConfig):
+        print(run_sft(command))
+    elif command.dry_run:
+        print(run_dir)
+    else:
+        trainer = GRPOTrainer(command)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+            distributed.cleanup(trainer.ctx)
+        if trainer.ctx.is_main:
+            print(f"run finished: {run_dir} (metrics.jsonl, checkpoints/, videos/); curves: {plot_run(run_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The command line: flags and their aliases, config files, the errors a config that cannot work gives before any
+work starts, the eval and plot subcommands, and start_training.sh (tiny checkpoint, toy env, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from OpenVLA_GRPO import parse_command
+from trainer.checkpoint import CHECKPOINTS
+from trainer.config import EvaluateConfig, PlotConfig, TrainConfig
+from trainer.validation import check_train
+from vla_actor import make_tiny_checkpoint
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openvla")
+
+
+def toy_args(checkpoint: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A toy run of two small iterations."""
+    return ["--checkpoint", str(checkpoint), "--task-suite", "toy", "--num-envs", "4", "--group-size", "2",
+            "--groups-per-iteration", "2", "--mini-batch-size", "8", "--micro-batch-size", "4", "--lora-rank", "4",
+            "--lora-alpha", "4", "--eval-every", "2", "--eval-episodes-per-task", "1", "--num-videos", "1",
+            "--iterations", "2", "--no-gradient-checkpointing", "--output-dir", str(output_dir), *extra]
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, str(REPO / "OpenVLA_GRPO.py"), *args], capture_output=True, text=True,
+                          env=ENV, cwd=REPO, timeout=timeout)
+
+
+def test_original_flags_and_aliases():
+    config = parse_command(["train", "--task-suite", "toy", "--task-id", "2", "--num-envs", "4", "--timesteps", "99",
+                            "--no-wandb"])
+    assert isinstance(config, TrainConfig)
+    assert config.env.task_suite == "toy" and config.env.task_ids == (2,) and config.env.num_envs == 4
+    assert config.timesteps == 99 and config.logging.use_wandb is False
+    config = parse_command(["train", "--task-ids", "0", "3", "--use-wandb", "--wandb-mode", "offline"])
+    assert config.env.task_ids == (0, 3) and config.logging.use_wandb and config.logging.wandb_mode == "offline"
+    assert parse_command(["train", "--wandb"]).logging.use_wandb
+
+
+def test_documented_defaults():
+    config = parse_command(["train"])
+    assert (config.lora.lora_rank, config.lora.lora_alpha, config.lora.lora_dropout) == (16, 16, 0.0)
+    assert (config.grpo.clip_low, config.grpo.clip_high, config.grpo.log_ratio_clamp) == (0.2, 0.28, 5.0)
+    assert (config.grpo.advantage_clamp, config.grpo.group_size, config.grpo.temperature) == (10.0, 8, 1.6)
+    assert config.optim.max_grad_norm == 1.0 and config.grpo.kl_coef == 0.0
+    assert isinstance(parse_command(["eval"]), EvaluateConfig)
+    assert parse_command(["eval"]).trials_per_task == 50 and parse_command(["eval"]).seed == 7
+    assert parse_command(["plot", "runs/x"]) == PlotConfig(run_dir=Path("runs/x"))
+
+
+def test_bad_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_command(["train", "--no-such-flag", "3"])
+    assert exit_info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_command(["train", "--aggregation", "mean-of-everything"])
+
+
+def test_config_files_nested_or_flat_and_flags_override(tmp_path):
+    (tmp_path / "run.yaml").write_text("env:\n  task_suite: toy\n  task_ids: [1, 2]\nlr: 0.003\ngroup_size: 4\n")
+    config = parse_command(["train", "--config", str(tmp_path / "run.yaml"), "--group-size", "6"])
+    assert config.env.task_suite == "toy" and config.env.task_ids == (1, 2)
+    assert config.optim.lr == 0.003 and config.grpo.group_size == 6
+    (tmp_path / "eval.json").write_text(json.dumps({"protocol": "heldout", "env": {"num_envs": 5}}))
+    config = parse_command(["eval", "--config", str(tmp_path / "eval.json")])
+    assert config.protocol == "heldout" and config.env.num_envs == 5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr_rate: 0.1\n", "unknown key 'lr_rate'"),
+    ("env:\n  num_envs: four\n", "num_envs: expected int, got 'four'"),
+    ("aggregation: mean\n", "'mean' is not one of"),
+])
+def test_config_file_errors_name_the_key(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_command(["train", "--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--task-suite", "libero_moon"], ValueError, "unknown --task-suite 'libero_moon'; valid suites: libero_spatial"),
+    (["--task-id", "4"], ValueError, r"unknown task id\(s\) \[4\] for toy: valid task ids are 0..3"),
+    (["--mini-batch-size", "10", "--micro-batch-size", "4"], ValueError,
+     r"--mini-batch-size 10 is not divisible by --micro-batch-size 4; valid micro-batch sizes: \[1, 2, 5, 10\]"),
+    (["--num-envs", "3"], ValueError, r"do not fill whole waves of --num-envs 3; valid --num-envs: \[1, 2, 4\]"),
+    (["--group-size", "1", "--groups-per-iteration", "4"], ValueError, "--group-size must be >= 2"),
+    (["--eval-episodes-per-task", "11"], ValueError, "--eval-episodes-per-task must be in 1..--num-heldout"),
+])
+def test_configs_that_cannot_work(checkpoint, tmp_path, flags, error, message):
+    config = parse_command(["train", *toy_args(checkpoint, tmp_path), *flags])
+    with pytest.raises(error, match=message):
+        check_train(config)
+
+
+def test_missing_checkpoint_existing_run_and_resume_without_checkpoint(checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*missing-model not found"):
+        check_train(parse_command(["train", *toy_args(tmp_path / "missing-model", tmp_path)]))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match=f"continue it with --resume {tmp_path / 'taken'}"):
+        check_train(parse_command(["train", *toy_args(checkpoint, tmp_path), "--run-name", "taken"]))
+    (tmp_path / "taken" / "config.json").write_text(json.dumps({"env": {"task_suite": "toy"}}))
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        check_train(parse_command(["train", *toy_args(checkpoint, tmp_path), "--resume", str(tmp_path / "taken")]))
+
+
+def test_error_before_any_work_in_one_line(checkpoint, tmp_path):
+    result = run_cli("train", *toy_args(checkpoint, tmp_path), "--task-suite", "toy", "--task-ids", "0", "9")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "OpenVLA_GRPO.py: error: unknown task id(s) [9] for toy: valid task ids are 0..3"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_subcommand_writes_table_and_videos(checkpoint, tmp_path):
+    result = run_cli("eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--task-ids", "0", "1",
+                     "--protocol", "reference", "--trials-per-task", "3", "--num-envs", "4", "--num-videos", "2",
+                     "--output-dir", str(tmp_path), "--run-name", "toy-eval")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "toy-eval" / "results.json").read_text())
+    assert [row["task_id"] for row in results["tasks"]] == [0, 1]
+    assert [row["episodes"] for row in results["tasks"]] == [3, 3] and results["overall"]["episodes"] == 6
+    assert results["overall"]["successes"] == sum(row["successes"] for row in results["tasks"])
+    table = (tmp_path / "toy-eval" / "results.md").read_text()
+    assert "| 0 | push toward the red marker | " in table and "| all | |" in table
+    videos = sorted(p.name for p in (tmp_path / "toy-eval" / "videos").iterdir())
+    assert len(videos) == 2 and videos[0].startswith("eval_task00_init00_")
+    again = run_cli("eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--output-dir", str(tmp_path),
+                    "--run-name", "toy-eval")
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [  # never overwrites results
+        f"OpenVLA_GRPO.py: error: results directory {tmp_path / 'toy-eval'} already exists; choose another --run-name"]
+
+
+def start_training(*args: str, log_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "start_training.sh"), *args], capture_output=True, text=True,
+                          env={**ENV, "LOG_DIR": str(log_dir)}, cwd=REPO, timeout=300)
+
+
+def wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"run {pid} did not finish in {timeout} s")
+
+
+@pytest.mark.slow
+def test_start_training_detaches_logs_and_refuses_a_second_start(checkpoint, tmp_path):
+    logs, runs = tmp_path / "logs", tmp_path / "runs"
+    args = [*toy_args(checkpoint, runs), "--iterations", "100000", "--save-every", "1"]  # runs until stopped
+    started = start_training(*args, "--run-name", "toy-bg", log_dir=logs)
+    assert started.returncode == 0, started.stderr
+    pid = int((logs / "toy-bg.pid").read_text())
+    assert f"tail -f {logs / 'toy-bg.log'}" in started.stdout and f"kill {pid}" in started.stdout
+    try:
+        again = start_training(*args, "--run-name", "toy-bg", log_dir=logs)
+        # refused by the PID file, or by the run directory once the first run has created it
+        assert again.returncode != 0
+        assert f"already running as PID {pid}" in again.stderr or "already exists" in again.stderr
+        while not list((runs / "toy-bg" / CHECKPOINTS).glob("iter_*")):
+            os.kill(pid, 0)  # raises if the run died before its first checkpoint
+            time.sleep(1)
+        resumed_twice = start_training("--resume", str(runs / "toy-bg"), log_dir=logs)
+        assert resumed_twice.returncode != 0 and f"already running as PID {pid}" in resumed_twice.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)  # what the printed `kill <pid>` does
+    wait_for_exit(pid, timeout=60)
+    assert "iter 1 | env steps" in (logs / "toy-bg.log").read_text()
+
+    plotted = run_cli("plot", str(runs / "toy-bg"), "--output", str(tmp_path / "curves.png"))
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_start_training_reports_bad_flags_at_once(tmp_path):
+    result = start_training("--task-suite", "libero_moon", log_dir=tmp_path / "logs")
+    assert result.returncode != 0 and "unknown --task-suite 'libero_moon'" in result.stderr
+    assert not (tmp_path / "logs").exists()

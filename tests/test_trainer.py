@@ -1,0 +1,236 @@
+"""The trainer on the toy env with a tiny look-alike OpenVLA (CPU): group collection with dynamic sampling,
+gradient accumulation, non-finite steps, checkpoints and an exact resume after SIGKILL."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import grpo
+from OpenVLA_GRPO import GRPOTrainer, parse_command
+from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
+from trainer.metrics import UpdateStats, read_metrics
+from trainer.rollout import Rollouts, collect_groups
+from trainer.sampler import GroupSampler
+from vla_actor import make_tiny_checkpoint
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+VOLATILE = ("time", "perf/")  # wall-clock values differ between two identical runs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openvla")
+
+
+def toy_args(checkpoint: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--task-suite", "toy", "--num-envs", "4", "--group-size", "4",
+            "--groups-per-iteration", "2", "--mini-batch-size", "16", "--micro-batch-size", "8", "--lora-rank", "4",
+            "--lora-alpha", "4", "--lr", "3e-3", "--eval-every", "2", "--eval-episodes-per-task", "1",
+            "--num-videos", "1", "--no-gradient-checkpointing", "--no-progress", "--output-dir", str(output_dir),
+            *extra]
+
+
+def toy_trainer(checkpoint: Path, output_dir: Path, *extra: str) -> GRPOTrainer:
+    return GRPOTrainer(parse_command(["train", *toy_args(checkpoint, output_dir, *extra)]))
+
+
+def stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def test_group_sampler_visits_every_pair_once_per_pass_and_resumes():
+    sampler = GroupSampler([0, 2], [5, 6, 7], seed=[3, 0])
+    first_pass = sampler.next(6)
+    assert sorted(first_pass) == [(0, 5), (0, 6), (0, 7), (2, 5), (2, 6), (2, 7)]
+    state = json.loads(json.dumps(sampler.state_dict()))  # checkpoints keep it as JSON
+    expected = sampler.next(8)
+    restored = GroupSampler([0, 2], [5, 6, 7], seed=[99, 0])
+    restored.load_state_dict(state)
+    assert restored.next(8) == expected
+    assert GroupSampler([0, 2], [5, 6, 7], seed=[3, 1]).next(6) != first_pass  # another rank, another order
+
+
+def test_rollouts_select_and_concat_keep_steps_with_their_episodes():
+    def part(episodes: list[int], group_ids: list[int], tag: int) -> Rollouts:
+        steps = len(episodes)
+        return Rollouts(
+            agentview=np.full((steps, 224, 224, 3), tag, np.uint8), wrist=None, proprio=None,
+            instructions=[f"{tag}-{e}" for e in episodes], token_ids=torch.full((steps, 7), 31744 + tag),
+            log_probs=torch.arange(steps, dtype=torch.float32)[:, None].expand(steps, 7) + 10 * tag,
+            step_episode=np.array(episodes), group_ids=np.array(group_ids), task_ids=np.zeros(len(group_ids), int),
+            success=np.array([True, False][: len(group_ids)]), lengths=np.array([2, 1][: len(group_ids)]),
+            lost=np.zeros(len(group_ids), bool))
+
+    batch = Rollouts.concat([part([0, 0, 1], [0, 0], tag=1), part([0, 1, 1], [1, 1], tag=2)])
+    assert batch.step_episode.tolist() == [0, 0, 1, 2, 3, 3]
+    assert batch.instructions == ["1-0", "1-0", "1-1", "2-0", "2-1", "2-1"]
+    kept = batch.select(np.array([False, True, True, False]))
+    assert kept.step_episode.tolist() == [0, 1] and kept.instructions == ["1-1", "2-0"]
+    assert kept.token_ids[:, 0].tolist() == [31745, 31746] and kept.log_probs[:, 0].tolist() == [12.0, 20.0]
+    assert kept.group_ids.tolist() == [0, 1] and kept.agentview[:, 0, 0, 0].tolist() == [1, 2]
+
+
+def test_dynamic_sampling_keeps_only_informative_whole_groups(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--groups-per-iteration", "4", "--max-refill-rounds", "2")
+    batch, counts = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, group_size=4,
+                                   groups_per_iteration=4, temperature=1.6, dynamic_sampling=True,
+                                   max_refill_rounds=2)
+    trainer.close()
+    # each refill round plays as many new groups as are still missing (4 envs = 1 group of 4 per wave)
+    assert counts["groups_played"] >= 4 + counts["refill_rounds"]
+    assert counts["groups_kept"] == len(np.unique(batch.group_ids)) <= 4
+    assert counts["groups_kept"] == 4 or counts["refill_rounds"] == 2
+    assert counts["groups_lost"] == 0  # the toy env never loses an episode
+    informative = counts["groups_played"] - counts["groups_uninformative"]
+    assert counts["groups_kept"] == min(4, informative)  # informative groups beyond the cap are not used
+    assert counts["episodes"] == 4 * counts["groups_played"]
+    for group in np.unique(batch.group_ids):
+        rewards = batch.success[batch.group_ids == group]
+        assert len(rewards) == 4 and rewards.any() and not rewards.all()
+    # every stored step belongs to a kept episode and each episode has one step per env step it took
+    assert np.array_equal(np.bincount(batch.step_episode, minlength=batch.num_episodes), batch.lengths)
+
+
+def test_micro_batches_add_up_to_the_mini_batch_gradient(checkpoint, tmp_path):
+    """micro-batch 1 (the guide's per-sample backward) == micro-batch 8 == the whole mini-batch at once."""
+    grads = []
+    batch = None
+    for micro in ("1", "8", "32"):
+        trainer = toy_trainer(checkpoint, tmp_path, "--run-name", f"micro{micro}", "--micro-batch-size", micro,
+                              "--mini-batch-size", "32", "--aggregation", "seq-mean-token-mean")
+        if batch is None:
+            batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                                      dynamic_sampling=True, max_refill_rounds=8)
+            assert batch.num_episodes == 8
+        advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+        trainer.accumulate_gradients(batch, advantages, torch.arange(batch.num_steps), UpdateStats())
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]))
+        trainer.close()
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-7)
+
+
+def poison_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(grad, float("nan"))
+
+
+def poison_hidden_states(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    return output * float("nan") if torch.is_grad_enabled() else None  # the update's forward only, not rollouts
+
+
+@pytest.mark.parametrize("where", ["gradient", "loss"])
+def test_non_finite_step_is_skipped_counted_logged_and_training_continues(checkpoint, tmp_path, where):
+    trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "3", "--mini-batch-size", "256",
+                          "--micro-batch-size", "256", "--eval-every", "0")
+    initial = [p.detach().clone() for p in trainer.params]
+    if where == "gradient":
+        handle = trainer.params[0].register_hook(poison_gradient)
+    else:
+        handle = trainer.policy.model.language_model.model.norm.register_forward_hook(poison_hidden_states)
+    batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                              dynamic_sampling=False, max_refill_rounds=0)
+    advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+    poisoned = trainer.update(batch, advantages)
+    handle.remove()
+    assert poisoned["train/skipped_steps"] == 1 and poisoned["train/optimizer_steps"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, initial))  # the step never happened
+    assert all(p.grad is None for p in trainer.params)
+    trainer.train()
+    trainer.close()
+    rows = read_metrics(trainer.run_dir)
+    assert [row["iteration"] for row in rows] == [1, 2, 3]
+    assert all(row["train/skipped_steps"] == 0 and row["train/optimizer_steps"] == 1 for row in rows)
+    assert rows[-1]["train/skipped_steps_total"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.params, initial))
+
+
+def test_logged_non_finite_values_are_json_null(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "1", "--eval-every", "0",
+                          "--mini-batch-size", "256", "--micro-batch-size", "256")
+    handle = trainer.policy.model.language_model.model.norm.register_forward_hook(poison_hidden_states)
+    trainer.train()
+    handle.remove()
+    trainer.close()
+    line = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()[0]
+    row = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written into metrics.jsonl"))
+    assert row["train/skipped_steps"] == 1 and row["train/loss"] is None
+
+
+def test_checkpoint_restores_optimizer_and_random_generators(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "1", "--eval-every", "0", "--keep-last", "2")
+    trainer.train()
+    for iteration in (2, 3):
+        save_checkpoint(trainer.run_dir, iteration, trainer.policy, trainer.optimizer, trainer.scheduler,
+                        {"iteration": iteration, "world_size": 1}, [rng_state()], {}, keep_last=2)
+    assert [p.name for p in checkpoint_dirs(trainer.run_dir)] == ["iter_000002", "iter_000003"]
+    assert not list((trainer.run_dir / CHECKPOINTS).glob(".tmp-*"))
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    saved_params = [p.detach().clone() for p in trainer.params]
+    saved_moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.params]
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(1.0)
+    set_rng_state(rng_state())  # any state; the load below must replace it
+    torch.rand(5)
+    with pytest.raises(ValueError, match="written by 1 ranks, this job has 2"):
+        load_checkpoint(trainer.run_dir / CHECKPOINTS / "iter_000003", trainer.policy, trainer.optimizer,
+                        trainer.scheduler, rank=0, world_size=2)
+    state = load_checkpoint(trainer.run_dir / CHECKPOINTS / "iter_000003", trainer.policy, trainer.optimizer,
+                            trainer.scheduler, rank=0, world_size=1)
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    trainer.close()
+    assert state["iteration"] == 3
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, saved_params))
+    assert all(torch.equal(trainer.optimizer.state[p]["exp_avg"], m) for p, m in zip(trainer.params, saved_moments))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_exactly(checkpoint, tmp_path):
+    args = ["train", *toy_args(checkpoint, tmp_path), "--iterations", "4", "--save-every", "1", "--seed", "3"]
+    script = [sys.executable, str(REPO / "OpenVLA_GRPO.py")]
+    straight = subprocess.run([*script, *args, "--run-name", "straight"], env=ENV, capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr
+
+    killed = subprocess.Popen([*script, *args, "--run-name", "killed"], env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    second = tmp_path / "killed" / CHECKPOINTS / "iter_000002"
+    while not second.is_dir():
+        assert killed.poll() is None, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)  # in iteration 3, after checkpoint 2
+    killed.wait()
+    resumed = subprocess.run([*script, "train", "--resume", str(tmp_path / "killed")], env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected, got = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [row["iteration"] for row in got] == [0, 1, 2, 3, 4]  # lines the killed run wrote after step 2 replaced
+    assert [stable(row) for row in got] == [stable(row) for row in expected]
+    assert expected[3]["train/loss"] != expected[4]["train/loss"]
+
+
+def test_kl_to_the_base_model_is_logged_and_starts_at_zero(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "2", "--eval-every", "0", "--kl-coef", "0.1",
+                          "--mini-batch-size", "8", "--lr", "1e-2")
+    trainer.train()
+    trainer.close()
+    rows = read_metrics(trainer.run_dir)
+    # LoRA B starts at zero, so the first mini-batch sees the base model exactly; k3 >= 0 afterwards
+    assert all(row["train/kl_to_base"] >= 0 for row in rows)
+    assert rows[-1]["train/kl_to_base"] > rows[0]["train/kl_to_base"] >= 0
+

@@ -1,0 +1,135 @@
+"""Run directories and checkpoints that a run can be resumed from exactly.
+
+A checkpoint is checkpoints/iter_NNNNNN/ in the run directory, holding adapter/ (the LoRA weights, safetensors),
+optimizer.pt, scheduler.pt, rng_rank<r>.pt (python, numpy and torch generator states of every rank),
+trainer_state.json (iteration, counters, every rank's group-sampler state) and config.json. It is written
+into a temporary directory first and renamed into place, so a crash leaves either the whole checkpoint or none.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_DIR = re.compile(r"^iter_(\d{6,})$")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically (temp file + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def default_run_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint of a run directory, or a FileNotFoundError saying what is there instead."""
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({run_dir / CHECKPOINTS}/iter_NNNNNN/); it was stopped "
+                                f"before its first save, so start it again under a new --run-name")
+    return found[-1]
+
+
+def resolve_adapter(path: Path) -> Path:
+    """An adapter directory from an adapter, checkpoint or run directory."""
+    if (path / "adapter").is_dir():
+        return path / "adapter"
+    if (path / CHECKPOINTS).is_dir():
+        return latest_checkpoint(path) / "adapter"
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(f"adapter {path} does not exist; pass an adapter directory, a checkpoint directory "
+                            f"(runs/<run>/checkpoints/iter_NNNNNN) or a run directory (runs/<run>)")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator this process samples from, in a form torch.load(weights_only=True) reads back."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, iteration: int, policy: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict[str, Any],
+                    rank_rng: list[dict[str, Any]], config: dict[str, Any], keep_last: int) -> Path:
+    """Writes checkpoints/iter_<iteration> atomically and prunes all but the newest `keep_last` (0: keep all)."""
+    root = run_dir / CHECKPOINTS
+    final = root / f"iter_{iteration:06d}"
+    tmp = root / f".tmp-iter_{iteration:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    policy.save_adapter(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    for rank, state in enumerate(rank_rng):
+        torch.save(state, tmp / f"rng_rank{rank}.pt")
+    write_json(tmp / "trainer_state.json", trainer_state)
+    write_json(tmp / "config.json", config)
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, policy: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, world_size: int) -> dict[str, Any]:
+    """Restores adapter, optimizer, scheduler and this rank's RNG from `path`; returns trainer_state.json."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["world_size"] != world_size:
+        raise ValueError(f"{path} was written by {state['world_size']} ranks, this job has {world_size}; resume "
+                         f"with the same number of processes (torchrun --nproc-per-node)")
+    policy.load_adapter(path / "adapter")
+    device = next(iter(policy.trainable_parameters())).device
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
+    return state
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Deletes temporary directories a killed run left behind."""
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for tmp in root.glob(".tmp-iter_*"):
+            shutil.rmtree(tmp)

@@ -1,0 +1,363 @@
+"""Config dataclasses (a docstring per field: that is the CLI help), config files, and their merging.
+
+Every field becomes a flat flag (`--task-suite`, `--lr`, ...): the nested classes only group the help. Where a
+default comes from is said in its docstring: "guide" is the original OpenVLA_GRPO guide this trainer replaces,
+REF x.y is ../shared/REFERENCE.md. Precedence: dataclass defaults < a resumed run's config.json < `--config`
+file < command-line flags.
+"""
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import tyro
+import yaml
+
+from grpo import Aggregation
+
+DataclassT = TypeVar("DataclassT")
+OmitPrefix = tyro.conf.OmitArgPrefixes
+
+
+@dataclass
+class ModelConfig:
+    """The SFT policy to improve."""
+
+    checkpoint: str = "openvla/openvla-7b-finetuned-libero-spatial"
+    """Local directory or hub id of the SFT checkpoint (REF 1.1). For OFT use the token-head checkpoint, not the
+    L1-regression one (REF 9.6)."""
+    adapter: Path | None = None
+    """Start from a saved LoRA adapter: an adapter directory, a checkpoint directory, or a run directory (its
+    latest checkpoint). None: a fresh adapter."""
+    unnorm_key: str | None = None
+    """Action statistics to un-normalise with (REF 1.3); None: the task suite's name (libero_spatial for toy)."""
+    device: str = "auto"
+    """Torch device; auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Weight dtype; auto: bfloat16 on CUDA (7B weights 15.1 GB fit a 24 GB card, DESIGN.md), float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Llama attention kernel; flash_attention_2 needs flash-attn installed and OpenVLA (OFT's bidirectional mask
+    needs sdpa or eager)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B)."""
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter (PEFT); only its parameters train."""
+
+    lora_rank: int = 16
+    """LoRA rank r (guide: 16; the released LIBERO SFT adapters used 32, REF 5.4)."""
+    lora_alpha: int = 16
+    """LoRA alpha (guide: 16, so the scale alpha/r is 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input; 0 keeps rollout and update log-probs identical (ratio 1 on the first step)."""
+    lora_target: tuple[str, ...] = ("all-linear",)
+    """LLM layers to adapt: all-linear (every Linear of the Llama decoder, REF 5.4) or names among q_proj k_proj
+    v_proj o_proj gate_proj up_proj down_proj."""
+    lora_projector: bool = False
+    """Also adapt the vision-to-LLM projector."""
+    lora_vision: bool = False
+    """Also adapt the two ViTs (the blocks whose output is used)."""
+
+
+@dataclass
+class EnvConfig:
+    """Which episodes to play."""
+
+    task_suite: str = "libero_spatial"
+    """libero_spatial, libero_object, libero_goal, libero_10, libero_90, or toy (a cheap CPU task that proves
+    learning, libero_env/toy.py)."""
+    task_ids: Annotated[tuple[int, ...], tyro.conf.arg(aliases=("--task-id",))] = ()
+    """Tasks to use (--task-id 3 or --task-ids 0 1 2); empty: every task of the suite."""
+    num_envs: int = 8
+    """Episodes stepped together by the vector env (per rank under torchrun)."""
+    max_steps: int | None = None
+    """Override the policy-step horizon; None keeps the suite's (REF 5.4: libero_spatial 220, ..., toy 4)."""
+    num_heldout: int = 10
+    """Init states per task held out of training for the periodic eval (libero_env.init_state_split, seed 0)."""
+
+
+@dataclass
+class GrpoConfig:
+    """The algorithm (REF 9). The reward is binary task success, one per episode (REF 9.1.2)."""
+
+    group_size: int = 8
+    """G: rollouts from the same (task, init state) that form one advantage group (G=8 in SVR and RLinf)."""
+    groups_per_iteration: int = 8
+    """Groups in one iteration's update (per rank); with dynamic sampling, informative groups."""
+    temperature: float = 1.6
+    """Sampling temperature of the rollouts and of the update's log-probs (1.6 in the LIBERO anchors)."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal (they have zero advantage, REF 9.1.6) and refill with new groups."""
+    max_refill_rounds: int = 4
+    """Extra rollout rounds per iteration to refill dropped groups; past it the update uses the groups it has."""
+    scale_by_std: bool = True
+    """Divide by the group's unbiased std (GRPO); False: the Dr. GRPO advantage R - mean (REF 9.1.7)."""
+    aggregation: Aggregation = "token-mean"
+    """Loss aggregation over a mini-batch (REF 9.2.4): token-mean (DAPO), seq-mean-token-mean (GRPO), constant
+    (Dr. GRPO)."""
+    clip_low: float = 0.2
+    """PPO ratio clip eps_low (guide; REF 9.3)."""
+    clip_high: float = 0.28
+    """Clip-higher eps_high (guide, DAPO; REF 9.3)."""
+    log_ratio_clamp: float = 5.0
+    """Clamp of log(pi / pi_old) before exp (guide)."""
+    advantage_clamp: float = 10.0
+    """Clamp of |advantage| (guide)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the base model (the same model with the adapter disabled, REF 9.4); 0 as in every
+    surveyed VLA recipe."""
+
+
+@dataclass
+class OptimConfig:
+    """The update."""
+
+    lr: float = 1e-5
+    """AdamW learning rate of the LoRA parameters (guide: AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_iterations: int = 0
+    """Linear learning-rate warm-up over this many iterations, constant afterwards."""
+    ppo_epochs: int = 1
+    """Passes over an iteration's rollouts (1: on-policy, the ratio is 1 on the first mini-batch, REF 9.5)."""
+    mini_batch_size: int = 512
+    """Policy steps per optimizer step (per rank). An iteration's steps are shuffled and split into
+    max(1, steps // mini_batch_size) mini-batches."""
+    micro_batch_size: int = 16
+    """Steps per forward/backward, gradients accumulate over the mini-batch; 1 reproduces the guide's per-sample
+    backward. Must divide mini_batch_size."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (guide)."""
+    skip_grad_norm: float = 100.0
+    """Skip the optimizer step (and count it) when the gradient norm before clipping is above this or not finite
+    (guide's skip threshold)."""
+
+
+@dataclass
+class EvalConfig:
+    """The periodic greedy eval on held-out init states."""
+
+    eval_every: int = 10
+    """Iterations between evals (0: never)."""
+    eval_at_start: bool = True
+    """Also evaluate before the first update, the baseline to compare with."""
+    eval_episodes_per_task: int | None = None
+    """Held-out episodes per task in each eval; None: every held-out init state (num_heldout)."""
+    num_videos: int = 2
+    """Eval episodes per eval written as MP4 to videos/ in the run directory."""
+
+
+@dataclass
+class LogConfig:
+    """Where outputs go."""
+
+    output_dir: Path = Path("runs")
+    """Parent directory of run directories."""
+    run_name: str | None = None
+    """Run directory name under output_dir; None: <suite>-<date>-<time> (demo-<date>-<time> for the demo). An
+    existing run directory is only reused by --resume."""
+    use_wandb: Annotated[bool, tyro.conf.arg(aliases=("--wandb",))] = False
+    """Also log to Weights & Biases (metrics.jsonl is always written)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """wandb mode when --use-wandb is on (offline: sync later with `wandb sync`)."""
+    wandb_project: str = "openvla-grpo"
+    """wandb project."""
+    progress: bool = True
+    """Progress bars for rollouts and updates (shown on a terminal only)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints (adapter, optimizer, scheduler, RNG, sampler, step, config), written atomically."""
+
+    save_every: int = 10
+    """Iterations between checkpoints; the last iteration is always saved."""
+    keep_last: int = 3
+    """Newest checkpoints kept on disk; 0 keeps all."""
+
+
+@dataclass
+class TrainConfig:
+    """GRPO + LoRA fine-tuning of an OpenVLA / OpenVLA-OFT checkpoint on a LIBERO suite."""
+
+    model: OmitPrefix[ModelConfig] = field(default_factory=ModelConfig)
+    lora: OmitPrefix[LoraConfig] = field(default_factory=LoraConfig)
+    env: OmitPrefix[EnvConfig] = field(default_factory=EnvConfig)
+    grpo: OmitPrefix[GrpoConfig] = field(default_factory=GrpoConfig)
+    optim: OmitPrefix[OptimConfig] = field(default_factory=OptimConfig)
+    evaluation: OmitPrefix[EvalConfig] = field(default_factory=EvalConfig)
+    logging: OmitPrefix[LogConfig] = field(default_factory=LogConfig)
+    checkpointing: OmitPrefix[CheckpointConfig] = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    """Seed of model init, group sampling and action sampling (rank r samples with seed + r)."""
+    timesteps: int = 2_000_000
+    """Budget of policy steps collected over all ranks; the run stops once it is spent."""
+    iterations: int | None = None
+    """Stop after this many iterations (updates) even if timesteps remain; None: timesteps alone decide."""
+    config: Path | None = None
+    """YAML or JSON file of defaults, nested like a run's config.json or flat like the flags; flags override it."""
+    resume: Path | None = None
+    """Continue the run in this directory from its latest checkpoint, with its saved config (flags override)."""
+    dry_run: bool = False
+    """Check the config, print the run directory and exit without starting anything."""
+
+
+@dataclass
+class DemoConfig(TrainConfig):
+    """`make train`: a tiny look-alike OpenVLA (built into runs/ on first use) trained for a few iterations on
+    real LIBERO libero_spatial on the CPU with 2 envs and a short horizon; writes logs, a checkpoint, a plot and
+    a video in a few minutes. Any train flag can be added."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Greedy evaluation of a checkpoint (+ adapter): a per-task success table (JSON and markdown) and videos."""
+
+    model: OmitPrefix[ModelConfig] = field(default_factory=ModelConfig)
+    env: OmitPrefix[EnvConfig] = field(default_factory=EnvConfig)
+    protocol: Literal["reference", "heldout"] = "reference"
+    """reference: init states 0..trials_per_task-1 of every task, as the published numbers (REF 5.4); heldout:
+    the num_heldout init states that training never sees."""
+    trials_per_task: int = 50
+    """Episodes per task under the reference protocol (REF 5.4: 50)."""
+    seed: int = 7
+    """Seed of everything (REF 5.4: 7)."""
+    num_videos: int = 10
+    """Episodes written as MP4: the first episode of each task, up to this many."""
+    output_dir: Path = Path("runs")
+    """Parent directory of the results directory."""
+    run_name: str | None = None
+    """Results directory name under output_dir; None: eval-<suite>-<date>-<time>. Never overwritten."""
+    progress: bool = True
+    """Progress bar over episodes (shown on a terminal only)."""
+    config: Path | None = None
+    """YAML or JSON file of defaults; flags override it."""
+
+
+@dataclass
+class PlotConfig:
+    """Draw success-rate and loss curves of a run from its metrics.jsonl to a PNG."""
+
+    run_dir: tyro.conf.Positional[Path]
+    """The run directory (holding metrics.jsonl)."""
+    output: Path | None = None
+    """PNG to write; None: <run_dir>/curves.png."""
+
+
+def demo_defaults() -> DemoConfig:
+    """What `make train` runs: small enough for a 2-core CPU, and every output of a real run."""
+    return DemoConfig(
+        model=ModelConfig(checkpoint="runs/tiny-openvla", gradient_checkpointing=False),
+        lora=LoraConfig(lora_rank=8, lora_alpha=8),
+        env=EnvConfig(task_suite="libero_spatial", task_ids=(0,), num_envs=2, max_steps=12, num_heldout=10),
+        grpo=GrpoConfig(group_size=2, groups_per_iteration=1, dynamic_sampling=False),
+        optim=OptimConfig(lr=1e-4, mini_batch_size=8, micro_batch_size=4),
+        evaluation=EvalConfig(eval_every=3, eval_at_start=False, eval_episodes_per_task=2, num_videos=1),
+        logging=LogConfig(progress=True),
+        checkpointing=CheckpointConfig(save_every=3, keep_last=1),
+        iterations=3,
+    )
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config (Paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a .yaml/.yml/.json config file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config file {path} must hold a mapping of field names to values, got {type(data).__name__}")
+    return dict(data)
+
+
+def apply_overrides(base: DataclassT, data: Mapping[str, Any], where: str) -> DataclassT:
+    """A copy of the dataclass `base` with the values in `data`: nested mappings for nested configs, or flat keys
+    (as the flags are) that name a field of exactly one nested config. Unknown keys and wrong types raise."""
+    hints = typing.get_type_hints(type(base), include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    nested = {name for name in fields if dataclasses.is_dataclass(getattr(base, name))}
+    changes: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key in nested:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}: {key} must be a mapping of its fields, got {value!r}")
+            changes[key] = apply_overrides(changes.get(key, getattr(base, key)), value, f"{where}.{key}")
+        elif key in fields:
+            changes[key] = _coerce(value, hints[key], f"{where}.{key}")
+        else:
+            owners = [n for n in nested if key in {f.name for f in dataclasses.fields(getattr(base, n))}]
+            if len(owners) != 1:
+                valid = sorted(set(fields) - nested | {f"{n}.{f.name}" for n in nested
+                                                       for f in dataclasses.fields(getattr(base, n))})
+                raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            owner = owners[0]
+            changes[owner] = apply_overrides(changes.get(owner, getattr(base, owner)), {key: value}, f"{where}")
+    return dataclasses.replace(base, **changes)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` from a JSON/YAML file as the type `hint`, or a ValueError naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _coerce(value, args[0], where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a path string, got {value!r}")
+        return Path(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def defaults_from_files(base: DataclassT, args: Sequence[str]) -> DataclassT:
+    """`base` updated with the run config named by --resume (if the dataclass has that field) and then the file
+    named by --config, both read from `args` before the full parse so that flags override them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--resume", type=Path)
+    known, _ = parser.parse_known_args(args)
+    if known.resume is not None and hasattr(base, "resume"):
+        saved = known.resume / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {known.resume}: no config.json there; pass a run directory that "
+                                    f"this trainer created (it holds config.json and checkpoints/)")
+        base = apply_overrides(base, load_config_file(saved), str(saved))
+    if known.config is not None:
+        base = apply_overrides(base, load_config_file(known.config), str(known.config))
+    return base

@@ -1,0 +1,89 @@
+"""Greedy evaluation: per-task success over a list of episodes, shared among ranks, with videos from rank 0."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from libero_env import EpisodeSpec, write_video
+from trainer.checkpoint import write_json
+from trainer.distributed import DistContext, reduce_values
+from trainer.rollout import PolicyInputs, VectorEnv, play_episodes
+
+MAX_REPLAYS = 3
+"""Times an eval episode whose env worker died is played again before the eval gives up."""
+
+
+@dataclass
+class TaskResults:
+    """Successes and episodes per task id, summed over ranks."""
+
+    successes: dict[int, int]
+    episodes: dict[int, int]
+
+    @property
+    def success_rate(self) -> float:
+        return sum(self.successes.values()) / max(1, sum(self.episodes.values()))
+
+    def task_rate(self, task_id: int) -> float:
+        return self.successes[task_id] / self.episodes[task_id]
+
+
+def evaluate(env: VectorEnv, policy: Any, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
+             video_dir: Path | None, video_prefix: str, num_videos: int, progress: bool = False) -> TaskResults:
+    """Plays `episodes` greedily, rank r taking every world_size-th one. Rank 0 records its first episode of each
+    task (up to `num_videos`) to <video_dir>/<prefix>_task<t>_init<i>_<success|failure>.mp4. Lost episodes are
+    replayed until they finish."""
+    mine = episodes[ctx.rank::ctx.world_size]
+    recorded: set[int] = set()
+    filmed_tasks: set[int] = set()
+    for index, spec in enumerate(mine):
+        if ctx.is_main and video_dir is not None and len(recorded) < num_videos and spec.task_id not in filmed_tasks:
+            recorded.add(index)
+            filmed_tasks.add(spec.task_id)
+    specs = [EpisodeSpec(s.task_id, s.init_index, record_video=i in recorded) for i, s in enumerate(mine)]
+    success = np.zeros(len(specs), dtype=bool)
+    pending = np.arange(len(specs))
+    for _ in range(MAX_REPLAYS + 1):
+        if not len(pending):
+            break
+        result = play_episodes(env, policy, [specs[i] for i in pending], np.zeros(len(pending), dtype=np.int64),
+                               inputs, temperature=1.0, greedy=True, keep_steps=False, progress=progress)
+        success[pending] = result.success
+        for row, frames in result.videos.items():
+            spec = specs[pending[row]]
+            if not result.lost[row] and video_dir is not None:
+                outcome = "success" if result.success[row] else "failure"
+                write_video(video_dir / f"{video_prefix}_task{spec.task_id:02d}_init{spec.init_index:02d}_{outcome}.mp4",
+                            frames)
+        pending = pending[result.lost]
+    if len(pending):
+        raise RuntimeError(f"{len(pending)} eval episodes were lost {MAX_REPLAYS + 1} times in a row (env workers "
+                           f"keep dying); see the libero_env worker errors above")
+    task_ids = sorted({s.task_id for s in episodes})
+    successes = {f"{t}": float(sum(success[i] for i, s in enumerate(specs) if s.task_id == t)) for t in task_ids}
+    counts = {f"{t}": float(sum(1 for s in specs if s.task_id == t)) for t in task_ids}
+    successes, counts = reduce_values(successes, ctx), reduce_values(counts, ctx)
+    return TaskResults(successes={t: int(successes[f"{t}"]) for t in task_ids},
+                       episodes={t: int(counts[f"{t}"]) for t in task_ids})
+
+
+def write_results(results_dir: Path, results: TaskResults, instructions: dict[int, str],
+                  config: dict[str, Any]) -> None:
+    """results.json and results.md: success per task and overall, with the config that produced them."""
+    rows = [{"task_id": t, "instruction": instructions[t], "successes": results.successes[t],
+             "episodes": results.episodes[t], "success_rate": results.task_rate(t)} for t in sorted(results.episodes)]
+    total = {"successes": sum(results.successes.values()), "episodes": sum(results.episodes.values()),
+             "success_rate": results.success_rate}
+    write_json(results_dir / "results.json", {"config": config, "tasks": rows, "overall": total})
+    lines = [f"# {config['env']['task_suite']}: greedy success ({config['protocol']} protocol)", "",
+             f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`", "",
+             "| task | instruction | successes | episodes | success rate |", "|---:|---|---:|---:|---:|"]
+    lines += [f"| {r['task_id']} | {r['instruction']} | {r['successes']} | {r['episodes']} | "
+              f"{100 * r['success_rate']:.1f} % |" for r in rows]
+    lines.append(f"| all | | {total['successes']} | {total['episodes']} | {100 * total['success_rate']:.1f} % |")
+    tmp = results_dir / ".results.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, results_dir / "results.md")

@@ -1,0 +1,106 @@
+"""Metrics: one JSON line per iteration in <run>/metrics.jsonl (always), optionally wandb, and a console line.
+
+Keys are namespaced rollout/, train/, eval/ and perf/; every line has "iteration" and "env_steps".
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import LogConfig
+from trainer.distributed import DistContext, reduce_values
+
+METRICS_FILE = "metrics.jsonl"
+CONSOLE_KEYS = {
+    "rollout/success_rate": "success", "eval/success_rate": "eval", "train/loss": "loss",
+    "train/grad_norm": "grad", "rollout/groups_dropped_fraction": "dropped", "train/entropy": "entropy",
+    "perf/iteration_seconds": "s",
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a run directory written by `OpenVLA_GRPO.py train`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends metrics of rank 0 to metrics.jsonl (and wandb); other ranks' loggers do nothing."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], settings: LogConfig, enabled: bool,
+                 resume_iteration: int | None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / METRICS_FILE
+        self.run = None
+        if not enabled:
+            return
+        if resume_iteration is not None and self.path.exists():
+            # Lines logged after the checkpoint are replayed by the resumed run; drop them so each iteration
+            # appears once.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= resume_iteration]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        if settings.use_wandb:
+            import wandb
+
+            id_file = run_dir / "wandb_id.txt"
+            if not id_file.exists():
+                id_file.write_text(wandb.util.generate_id())
+            self.run = wandb.init(project=settings.wandb_project, name=run_dir.name, id=id_file.read_text(),
+                                  resume="allow", dir=run_dir, config=config, mode=settings.wandb_mode)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        # A skipped non-finite step logs null, not NaN, so that every JSON reader accepts the line.
+        metrics = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=int(metrics["iteration"]))
+        shown = " | ".join(f"{short} {metrics[key]:.3g}" for key, short in CONSOLE_KEYS.items()
+                           if metrics.get(key) is not None)
+        print(f"iter {metrics['iteration']} | env steps {metrics['env_steps']} | {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class UpdateStats:
+    """Token-weighted means, minima and maxima of per-micro-batch statistics, reduced over ranks."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.minima: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+
+    def mean(self, name: str, value: torch.Tensor | float, weight: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+        self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def minimum(self, name: str, value: torch.Tensor | float) -> None:
+        self.minima[name] = min(self.minima.get(name, math.inf), float(value))
+
+    def maximum(self, name: str, value: torch.Tensor | float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
+
+    def reduce(self, ctx: DistContext, names: dict[str, tuple[str, ...]]) -> dict[str, float]:
+        """train/<name> for the declared `names` ({"mean": ..., "min": ..., "max": ...}), the same on every rank;
+        a rank that saw no data contributes nothing."""
+        sums = reduce_values({n: self.sums.get(n, 0.0) for n in names["mean"]}, ctx)
+        weights = reduce_values({n: self.weights.get(n, 0.0) for n in names["mean"]}, ctx)
+        minima = reduce_values({n: self.minima.get(n, math.inf) for n in names["min"]}, ctx, "min")
+        maxima = reduce_values({n: self.maxima.get(n, -math.inf) for n in names["max"]}, ctx, "max")
+        out = {f"train/{n}": sums[n] / weights[n] for n in names["mean"] if weights[n] > 0}
+        out.update({f"train/{n}": v for n, v in {**minima, **maxima}.items() if math.isfinite(v)})
+        return out

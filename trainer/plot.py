@@ -1,0 +1,41 @@
+"""Success-rate and loss curves of a run, drawn from its metrics.jsonl."""
+
+import os
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from trainer.metrics import read_metrics
+
+PANELS = (
+    ("success rate", ("rollout/success_rate", "eval/success_rate")),
+    ("loss", ("train/loss",)),
+    ("gradient norm (before clipping)", ("train/grad_norm",)),
+    ("entropy and KL", ("train/entropy", "train/approx_kl_k3", "train/kl_to_base")),
+)
+
+
+def plot_run(run_dir: Path, output: Path | None = None) -> Path:
+    """Writes the curves PNG (default <run_dir>/curves.png) and returns its path."""
+    rows = read_metrics(run_dir)
+    output = output or run_dir / "curves.png"
+    figure = Figure(figsize=(5 * len(PANELS), 3.6))
+    axes = figure.subplots(1, len(PANELS))
+    for axis, (title, keys) in zip(axes, PANELS):
+        for key in keys:
+            points = [(row["iteration"], row[key]) for row in rows if row.get(key) is not None]
+            if points:
+                x, y = zip(*points)
+                axis.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        axis.set_title(title)
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        if axis.has_data():
+            axis.legend(fontsize=7)
+    axes[0].set_ylim(-0.05, 1.05)
+    figure.suptitle(run_dir.name)
+    figure.tight_layout()
+    tmp = output.with_name(f".{output.stem}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    os.replace(tmp, output)
+    return output

@@ -1,0 +1,221 @@
+"""Playing episodes with the vector env and batched sampling, and GRPO's group collection with dynamic sampling.
+
+Only steps of still-running envs are sampled and stored. Images stay uint8 numpy on the CPU; the policy
+normalises them on its device per call (DESIGN.md).
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import grpo
+from libero_env import EpisodeSpec
+from trainer.sampler import GroupSampler
+
+
+class VectorEnv(Protocol):
+    """What the trainer uses of LiberoVectorEnv and ToyVectorEnv (DESIGN.md)."""
+
+    num_envs: int
+
+    def reset(self, specs: list[EpisodeSpec]) -> Any: ...
+    def step(self, actions: np.ndarray) -> Any: ...
+    def frames(self, i: int) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """Which observation parts the policy consumes (OpenVLA: the agentview only; OFT: + wrist and proprio)."""
+
+    wrist: bool
+    proprio: bool
+
+
+@dataclass
+class Rollouts:
+    """Policy steps of whole episodes (one row per policy query) and one row per episode."""
+
+    agentview: np.ndarray
+    """uint8 [S, 224, 224, 3]: the image each step's action was sampled from."""
+    wrist: np.ndarray | None
+    """uint8 [S, 224, 224, 3], when the policy uses the wrist camera."""
+    proprio: np.ndarray | None
+    """float32 [S, 8], when the policy uses proprio."""
+    instructions: list[str]
+    """[S] task language."""
+    token_ids: torch.Tensor
+    """long [S, T] sampled action tokens (T = 7, or 56 for an OFT chunk), CPU."""
+    log_probs: torch.Tensor
+    """float32 [S, T] their log-probs under the rollout policy at the rollout temperature, CPU."""
+    step_episode: np.ndarray
+    """int [S]: the episode (row of the per-episode arrays) each step belongs to."""
+    group_ids: np.ndarray
+    """int [E]: the advantage group of each episode."""
+    task_ids: np.ndarray
+    """int [E]."""
+    success: np.ndarray
+    """bool [E]: the reward."""
+    lengths: np.ndarray
+    """int [E]: env steps the episode took (the env's `steps`)."""
+    lost: np.ndarray
+    """bool [E]: the env worker died during the episode; its group cannot be used."""
+    videos: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    """Recorded agentview frames by episode."""
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_episode)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.group_ids)
+
+    def select(self, keep: np.ndarray) -> "Rollouts":
+        """The episodes where `keep` (bool [E]) is True, with their steps."""
+        steps = keep[self.step_episode]
+        renumber = np.cumsum(keep) - 1
+        return Rollouts(
+            agentview=self.agentview[steps],
+            wrist=None if self.wrist is None else self.wrist[steps],
+            proprio=None if self.proprio is None else self.proprio[steps],
+            instructions=[s for s, k in zip(self.instructions, steps) if k],
+            token_ids=self.token_ids[torch.from_numpy(steps)],
+            log_probs=self.log_probs[torch.from_numpy(steps)],
+            step_episode=renumber[self.step_episode[steps]],
+            group_ids=self.group_ids[keep], task_ids=self.task_ids[keep], success=self.success[keep],
+            lengths=self.lengths[keep], lost=self.lost[keep],
+            videos={int(renumber[e]): v for e, v in self.videos.items() if keep[e]},
+        )
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        """One batch of several; episode rows are renumbered, group ids must already be distinct."""
+        offsets = np.cumsum([0] + [p.num_episodes for p in parts])
+        return Rollouts(
+            agentview=np.concatenate([p.agentview for p in parts]),
+            wrist=None if parts[0].wrist is None else np.concatenate([p.wrist for p in parts]),
+            proprio=None if parts[0].proprio is None else np.concatenate([p.proprio for p in parts]),
+            instructions=[s for p in parts for s in p.instructions],
+            token_ids=torch.cat([p.token_ids for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            step_episode=np.concatenate([p.step_episode + o for p, o in zip(parts, offsets)]),
+            group_ids=np.concatenate([p.group_ids for p in parts]),
+            task_ids=np.concatenate([p.task_ids for p in parts]),
+            success=np.concatenate([p.success for p in parts]),
+            lengths=np.concatenate([p.lengths for p in parts]),
+            lost=np.concatenate([p.lost for p in parts]),
+            videos={e + int(o): v for p, o in zip(parts, offsets) for e, v in p.videos.items()},
+        )
+
+
+def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_ids: np.ndarray,
+                  inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
+                  progress: bool = False) -> Rollouts:
+    """Plays `specs` in waves of env.num_envs episodes (the last wave padded with repeats whose results are
+    discarded) and returns their outcomes, plus every policy step when `keep_steps`."""
+    n, total = env.num_envs, len(specs)
+    steps: dict[str, list] = {k: [] for k in ("agentview", "wrist", "proprio", "instructions", "token_ids",
+                                              "log_probs", "step_episode")}
+    success, lost = np.zeros(total, dtype=bool), np.zeros(total, dtype=bool)
+    lengths = np.zeros(total, dtype=np.int64)
+    videos: dict[int, list[np.ndarray]] = {}
+    bar = tqdm(total=total, desc="eval" if greedy else "rollout", unit="ep", leave=False,
+               disable=None if progress else True)
+    for start in range(0, total, n):
+        wave = specs[start:start + n]
+        real = len(wave)
+        wave = wave + [EpisodeSpec(wave[-1].task_id, wave[-1].init_index)] * (n - real)
+        obs = env.reset(wave)
+        done = np.zeros(n, dtype=bool)
+        done[real:] = True  # padding: its actions are never sampled (finished envs ignore them)
+        while not done.all():
+            alive = np.flatnonzero(~done)
+            instructions = [obs.instructions[i] for i in alive]
+            out = policy.sample(obs.agentview[alive], instructions,
+                                wrist=obs.wrist[alive] if inputs.wrist else None,
+                                proprio=obs.proprio[alive] if inputs.proprio else None,
+                                temperature=temperature, greedy=greedy)
+            actions = np.zeros((n, *out.actions.shape[1:]), dtype=np.float32)
+            actions[alive] = out.actions
+            if keep_steps:
+                steps["agentview"].append(obs.agentview[alive])
+                if inputs.wrist:
+                    steps["wrist"].append(obs.wrist[alive])
+                if inputs.proprio:
+                    steps["proprio"].append(obs.proprio[alive])
+                steps["instructions"].extend(instructions)
+                steps["token_ids"].append(out.token_ids.cpu())
+                steps["log_probs"].append(out.log_probs.float().cpu())
+                steps["step_episode"].append(start + alive)
+            result = env.step(actions)
+            finished = alive[result.done[alive]]
+            episode = start + finished
+            success[episode] = result.success[finished]
+            lost[episode] = result.lost[finished]
+            lengths[episode] = result.steps[finished]
+            done[finished] = True
+            bar.update(len(finished))
+            obs = result.obs
+        for i in range(real):
+            if wave[i].record_video:
+                videos[start + i] = env.frames(i)
+    bar.close()
+    return Rollouts(
+        agentview=_stack(steps["agentview"], np.uint8, (0, 224, 224, 3)),
+        wrist=_stack(steps["wrist"], np.uint8, (0, 224, 224, 3)) if inputs.wrist else None,
+        proprio=_stack(steps["proprio"], np.float32, (0, 8)) if inputs.proprio else None,
+        instructions=steps["instructions"],
+        token_ids=torch.cat(steps["token_ids"]) if keep_steps else torch.zeros(0, 0, dtype=torch.long),
+        log_probs=torch.cat(steps["log_probs"]) if keep_steps else torch.zeros(0, 0),
+        step_episode=_stack(steps["step_episode"], np.int64, (0,)),
+        group_ids=np.asarray(group_ids, dtype=np.int64), task_ids=np.array([s.task_id for s in specs]),
+        success=success, lengths=lengths, lost=lost, videos=videos,
+    )
+
+
+def _stack(arrays: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(empty_shape, dtype=dtype)
+
+
+def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
+                   groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
+                   progress: bool = False) -> tuple[Rollouts, dict[str, float]]:
+    """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
+    equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
+    A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
+    refill_unit = math.lcm(group_size, env.num_envs) // group_size  # groups that fill whole env waves
+    rounds: list[Rollouts] = []
+    wanted, next_group = groups_per_iteration, 0
+    for _ in range(1 + (max_refill_rounds if dynamic_sampling else 0)):
+        groups = sampler.next(wanted)
+        specs = [EpisodeSpec(task, init) for task, init in groups for _ in range(group_size)]
+        group_ids = np.repeat(np.arange(next_group, next_group + len(groups)), group_size)
+        next_group += len(groups)
+        rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
+                                    keep_steps=True, progress=progress))
+        group_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
+                                    for k in ("group_ids", "success", "lost"))
+        usable = ~np.isin(group_ids, group_ids[lost])
+        informative = usable & grpo.informative_groups(torch.from_numpy(success),
+                                                       torch.from_numpy(group_ids)).numpy()
+        missing = groups_per_iteration - len(np.unique(group_ids[informative]))
+        if not dynamic_sampling or missing <= 0:
+            break
+        wanted = math.ceil(missing / refill_unit) * refill_unit
+    keep = informative if dynamic_sampling else usable
+    if keep.any():
+        keep = grpo.select_groups(torch.from_numpy(keep), torch.from_numpy(group_ids), groups_per_iteration).numpy()
+    counts = {
+        "episodes": len(group_ids), "successes": int(success.sum()), "lost_episodes": int(lost.sum()),
+        "episode_length_sum": int(sum(r.lengths.sum() for r in rounds)),
+        "policy_queries": sum(r.num_steps for r in rounds), "groups_played": next_group,
+        "groups_uninformative": len(np.unique(group_ids[usable & ~informative])),
+        "groups_lost": len(np.unique(group_ids[~usable])), "groups_kept": len(np.unique(group_ids[keep])),
+        "refill_rounds": len(rounds) - 1,
+    }
+    per_round = np.split(keep, np.cumsum([r.num_episodes for r in rounds])[:-1])
+    return Rollouts.concat([r.select(k) for r, k in zip(rounds, per_round)]), counts

@@ -1,0 +1,38 @@
+"""Which (task, init state) groups each iteration trains on."""
+
+from typing import Any
+
+import numpy as np
+
+
+class GroupSampler:
+    """Cycles through every (task_id, init_index) pair of the training split, reshuffled on each pass, so all
+    pairs are visited equally often. Its state is part of a checkpoint, so a resumed run draws the same groups."""
+
+    def __init__(self, task_ids: list[int], init_indices: list[int], seed: int) -> None:
+        if not task_ids or not init_indices:
+            raise ValueError(f"need at least one task and one init state, got tasks {task_ids} and init states "
+                             f"{init_indices}")
+        self.pairs = [(t, i) for t in task_ids for i in init_indices]
+        self.rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.position = 0
+
+    def next(self, n: int) -> list[tuple[int, int]]:
+        """The next n (task_id, init_index) pairs."""
+        groups = []
+        while len(groups) < n:
+            if self.position == len(self.order):
+                self.order = self.rng.permutation(len(self.pairs)).tolist()
+                self.position = 0
+            groups.append(self.pairs[self.order[self.position]])
+            self.position += 1
+        return groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = list(state["order"])
+        self.position = int(state["position"])
