@@ -243,6 +243,18 @@ def sampled(policy: VLAPolicy, rows: int, batch_size: int, rng: np.random.Genera
                         for _ in range(-(-rows // batch_size))])
 
 
+def rollout_curve(config: BenchConfig, policy: VLAPolicy, sizes: tuple[int, ...], rng: np.random.Generator,
+                  label: str) -> dict:
+    """Batch size -> actions/s and peak GiB (None where the batch does not fit under the cap)."""
+    curve = {}
+    for size in sizes:
+        reset_peak(policy.device)
+        rate = try_measure(policy.device, lambda: actions_per_second(config, policy, size, rng))
+        curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(policy.device)}
+        print(f"{label} batch {size}: {curve[str(size)]}", flush=True)
+    return curve
+
+
 def best_of(curve: dict, key: str, what: str) -> int:
     fitting = {int(size): point[key] for size, point in curve.items() if point is not None}
     if not fitting:
@@ -267,12 +279,7 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     print({k: v for k, v in results.items()}, flush=True)
 
     # 2. Ours: batched sampling, the curve over batch sizes.
-    curve = {}
-    for size in config.rollout_batches:
-        reset_peak(device)
-        rate = try_measure(device, lambda: actions_per_second(config, policy, size, rng))
-        curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(device)}
-        print(f"rollout batch {size}: {curve[str(size)]}", flush=True)
+    curve = rollout_curve(config, policy, config.rollout_batches, rng, "rollout")
     best_batch = best_of(curve, "actions_per_s", "rollout batch")
     results.update(rollout_curve=curve, rollout_batch=best_batch,
                    rollout_actions_per_s=curve[str(best_batch)]["actions_per_s"])
@@ -331,12 +338,7 @@ def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> d
         num_images, use_proprio, description = OFT_SETUPS[name]
         policy = build_policy(config, "oft", workdir, num_images, use_proprio)
         device = policy.device
-        curve = {}
-        for size in config.oft_batches:
-            reset_peak(device)
-            rate = try_measure(device, lambda: actions_per_second(config, policy, size, rng))
-            curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(device)}
-            print(f"oft {name} batch {size}: {curve[str(size)]}", flush=True)
+        curve = rollout_curve(config, policy, config.oft_batches, rng, f"oft {name}")
         del policy
         reset_peak(device)
         best = best_of(curve, "actions_per_s", f"OFT {name} batch")
