@@ -16,17 +16,11 @@ from OpenVLA_GRPO import parse_command
 from trainer.checkpoint import CHECKPOINTS
 from trainer.config import EvaluateConfig, PlotConfig, TrainConfig
 from trainer.validation import check_train
-from vla_actor import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openvla")
 
 
 def toy_args(checkpoint: Path, output_dir: Path, *extra: str) -> list[str]:

@@ -19,7 +19,6 @@ from OpenVLA_GRPO import GRPOTrainer, parse_command
 from trainer.checkpoint import CHECKPOINTS
 from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import Rollouts, collect_groups
-from vla_actor import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +61,6 @@ def mini_batch_gradient(trainer: GRPOTrainer, batch: Rollouts) -> torch.Tensor:
     advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
     trainer.accumulate_gradients(batch, advantages, torch.arange(batch.num_steps), UpdateStats())
     return torch.cat([p.grad.flatten() for p in trainer.params])
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openvla")
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,11 @@ from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, r
 from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import Rollouts, collect_groups
 from trainer.sampler import GroupSampler
-from vla_actor import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 VOLATILE = ("time", "perf/")  # wall-clock values differ between two identical runs
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openvla")
 
 
 def toy_args(checkpoint: Path, output_dir: Path, *extra: str) -> list[str]:

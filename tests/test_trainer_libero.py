@@ -15,17 +15,11 @@ import torch
 from OpenVLA_GRPO import GRPOTrainer, parse_command
 from trainer.checkpoint import CHECKPOINTS
 from trainer.rollout import collect_groups
-from vla_actor import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
 pytestmark = [pytest.mark.slow, pytest.mark.libero]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openvla")
 
 
 def test_demo_writes_logs_checkpoint_plot_and_video(checkpoint, tmp_path):
