@@ -22,11 +22,16 @@ CHECKPOINTS = "checkpoints"
 _CHECKPOINT_DIR = re.compile(r"^iter_(\d{6,})$")
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Writes JSON atomically (temp file + os.replace)."""
+def write_text(path: Path, text: str) -> None:
+    """Writes a text file atomically (temp file + os.replace): readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def default_run_name(prefix: str) -> str:

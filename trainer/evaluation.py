@@ -1,6 +1,5 @@
 """Greedy evaluation: per-task success over a list of episodes, shared among ranks, with videos from rank 0."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -8,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from libero_env import EpisodeSpec, write_video
-from trainer.checkpoint import write_json
+from trainer.checkpoint import write_json, write_text
 from trainer.distributed import DistContext, reduce_values
 from trainer.rollout import PolicyInputs, VectorEnv, play_episodes
 
@@ -84,6 +83,4 @@ def write_results(results_dir: Path, results: TaskResults, instructions: dict[in
     lines += [f"| {r['task_id']} | {r['instruction']} | {r['successes']} | {r['episodes']} | "
               f"{100 * r['success_rate']:.1f} % |" for r in rows]
     lines.append(f"| all | | {total['successes']} | {total['episodes']} | {100 * total['success_rate']:.1f} % |")
-    tmp = results_dir / ".results.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, results_dir / "results.md")
+    write_text(results_dir / "results.md", "\n".join(lines) + "\n")

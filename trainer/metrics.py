@@ -5,13 +5,13 @@ Keys are namespaced rollout/, train/, eval/ and perf/; every line has "iteration
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer.checkpoint import write_text
 from trainer.config import LogConfig
 from trainer.distributed import DistContext, reduce_values
 
@@ -45,9 +45,7 @@ class MetricsLogger:
             # appears once.
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["iteration"] <= resume_iteration]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(line + "\n" for line in kept))
         if settings.use_wandb:
             import wandb
 
