@@ -1,21 +1,32 @@
 """SFT: the token cross-entropy against a hand-written OpenVLA training forward, and the SFT loop on toy demos."""
 
 import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from libero_env import EpisodeSpec
 from libero_env.demos import (Episode, episode_key, episode_paths, load_episode, save_episode,
                               write_dataset_statistics)
 from libero_env.toy import ToyVectorEnv
-from trainer.sft import SftConfig, action_chunks, run_sft
+from scripts.make_small_vla import SmallVla, make_small_vla
+from trainer.sft import (CROP_SHIFT, DemoBatches, SftConfig, action_chunks, augment, config_dict,
+                         image_augmentation, latest_checkpoint, lr_factor, read_demo_steps, run_sft)
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.action_tokens import detokenize
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
                 "Open the drawer", "put the bowl on the stove"]
 
@@ -190,9 +201,195 @@ def test_bad_inputs_raise_one_clear_error(tmp_path):
         run_sft(SftConfig(demos=tmp_path / "empty", output_dir=tmp_path / "out", checkpoint=base))
     write_toy_demos(tmp_path / "demos", task_ids=[0], init_indices=[0])
     (tmp_path / "taken").mkdir()
-    with pytest.raises(FileExistsError, match="already exists"):
+    (tmp_path / "taken" / "notes.txt").write_text("not a run")
+    with pytest.raises(FileExistsError, match="already exists; pass --resume"):
         run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "taken", checkpoint=base))
+    with pytest.raises(FileExistsError, match="is not an SFT output directory"):
+        run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "taken", checkpoint=base, resume=True))
     with pytest.raises(ValueError, match="unnorm_key 'libero_spatial' is not in"):
         run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base,
                           unnorm_key="libero_spatial"))
+    with pytest.raises(ValueError, match="warmup_steps must be a finite number >= 0, got -1"):
+        run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base, warmup_steps=-1))
     assert not (tmp_path / "out").exists()
+
+    # A run directory continues only with its own settings, and not from a checkpoint past `steps`.
+    run = SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "run", checkpoint=base, lr=1e-3, steps=20)
+    (tmp_path / "run" / "checkpoint" / "step_000010").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config_dict(run)))
+    (tmp_path / "run" / "checkpoint" / "step_000010" / "state.json").write_text('{"step": 10, "window_losses": []}')
+    with pytest.raises(ValueError, match=r"these differ: lr \(saved 0.001, now 0.002\)"):
+        run_sft(SftConfig(**{**asdict(run), "lr": 2e-3, "resume": True}))
+    with pytest.raises(ValueError, match="step_000010 is past steps=5; pass --steps 10 or more"):
+        run_sft(SftConfig(**{**asdict(run), "steps": 5, "resume": True}))
+
+
+def test_lr_factor_by_hand():
+    assert [lr_factor(k, 0, 10, "constant") for k in range(3)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(k, 3, 10, "constant") for k in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    # cosine over the 7 steps after a warmup of 3: 0.5 (1 + cos(pi (k - 3) / 7))
+    cosine = [lr_factor(k, 3, 10, "cosine") for k in range(10)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(cosine[5], 0.5 * (1 + math.cos(2 * math.pi / 7)))
+    assert math.isclose(cosine[9], 0.5 * (1 + math.cos(6 * math.pi / 7)))
+    assert all(a > b for a, b in zip(cosine[3:], cosine[4:]))
+    assert lr_factor(10, 3, 10, "cosine") == 0.0
+
+
+def test_batches_are_a_function_of_seed_and_step(tmp_path):
+    write_toy_demos(tmp_path / "demos", task_ids=range(2), init_indices=range(2), pushes_to_goal=3)  # 12 samples
+    samples = read_demo_steps(tmp_path / "demos", 1)
+    targets = torch.arange(len(samples))
+    batches = DemoBatches(samples, targets, 5, seed=3, wrist=True, proprio=True, image_aug=True)
+    epoch = [batches.rows(step) for step in (1, 2)]  # 12 // 5 = 2 batches an epoch, the last 2 samples dropped
+    assert len(set(np.concatenate(epoch).tolist())) == 10
+    assert not np.array_equal(batches.rows(3), epoch[0])  # a new shuffle for the next epoch
+
+    rng_before = torch.get_rng_state()
+    first = batches[2]
+    again = DemoBatches(samples, targets, 5, seed=3, wrist=True, proprio=True, image_aug=True)[2]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the augmentation leaves the global generator alone
+    assert torch.equal(first["targets"], torch.from_numpy(epoch[1]))
+    assert torch.equal(first["proprio"], torch.from_numpy(samples.proprio[epoch[1]]))
+    assert first["images"].dtype == torch.uint8 and first["images"].shape == (5, 224, 224, 3)
+    for name in ("images", "wrist"):
+        assert torch.equal(first[name], again[name])
+        plain = torch.from_numpy(samples.images(epoch[1], wrist=name == "wrist"))
+        assert not torch.equal(first[name], plain)
+    unaugmented = DemoBatches(samples, targets, 5, seed=3, wrist=False, proprio=False, image_aug=False)[2]
+    assert torch.equal(unaugmented["images"], torch.from_numpy(samples.images(epoch[1])))
+    assert "wrist" not in unaugmented and "proprio" not in unaugmented
+
+    same = np.repeat(samples.images(np.array([0])), 4, axis=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        varied = augment(same, image_augmentation())
+    assert len({varied[i].numpy().tobytes() for i in range(4)}) == 4  # every image its own draw
+
+
+def test_augmentation_crop_is_a_shift_at_the_evaluation_scale():
+    assert CROP_SHIFT == 6  # (1 - sqrt(0.9)) / 2 of the frame, in the centre crop's 224 / sqrt(0.9) pixels: 6.06
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8))
+    crop = image_augmentation().transforms[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(5):
+            out = crop(image)
+            inner = out[:, 6:-6, 6:-6]
+            shifts = [(dy, dx) for dy in range(-6, 7) for dx in range(-6, 7)
+                      if torch.equal(inner, image[:, 6 + dy:218 + dy, 6 + dx:218 + dx])]
+            assert len(shifts) == 1
+
+
+def sft_settings(tmp_path, base, **overrides):
+    return dict(demos=tmp_path / "demos", checkpoint=str(base), gradient_checkpointing=False, device="cpu",
+                **overrides)
+
+
+def read_tensors(directory):
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def without_time(metrics):
+    return [{k: v for k, v in m.items() if k not in ("time", "sft/samples_per_second", "sft/data_wait")}
+            for m in metrics]
+
+
+def test_stopped_oft_run_with_augmentation_and_cosine_resumes_exactly(tmp_path):
+    """The whole SFT path: full fine-tuning of OFT (2 images, proprio) with image augmentation, warmup, cosine and
+    weight decay, stopped by max_seconds after its first step, then resumed; it ends as an uninterrupted run."""
+    base = make_tiny_checkpoint(tmp_path / "base", variant="oft")
+    write_toy_demos(tmp_path / "demos", task_ids=range(2), init_indices=range(2), pushes_to_goal=9)
+    settings = sft_settings(tmp_path, base, finetune="full", lr=1e-3, lr_schedule="cosine", warmup_steps=2,
+                            weight_decay=0.1, image_aug=True, batch_size=4, steps=6, log_every=2, save_every=4)
+    stopped = run_sft(SftConfig(**settings, output_dir=tmp_path / "sft", max_seconds=1e-9))
+    assert stopped == tmp_path / "sft" / "checkpoint" / "step_000001"
+    assert not (tmp_path / "sft" / "model").exists() and not (tmp_path / "sft" / "metrics.jsonl").exists()
+    resumed = run_sft(SftConfig(**settings, output_dir=tmp_path / "sft", resume=True))
+    reference = run_sft(SftConfig(**settings, output_dir=tmp_path / "reference"))
+
+    assert_same_tensors(read_tensors(resumed), read_tensors(reference))
+    metrics = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    assert without_time(metrics) == without_time(read_jsonl(tmp_path / "reference" / "metrics.jsonl"))
+    expected_lr = [1e-3 * f for f in (2 / 3, 0.5 * (1 + math.cos(math.pi / 4)), 0.5 * (1 + math.cos(3 * math.pi / 4)))]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert np.allclose([m["sft/lr"] for m in metrics], expected_lr, rtol=1e-12)
+    assert sorted(p.name for p in (tmp_path / "sft" / "checkpoint").iterdir()) == ["step_000006"]
+    reloaded = load_policy(resumed, unnorm_key="toy")
+    assert reloaded.is_oft and reloaded.num_images == 2 and reloaded.uses_proprio
+
+    again = run_sft(SftConfig(**settings, output_dir=tmp_path / "sft", resume=True))  # finished: exports only
+    assert again == resumed and len(read_jsonl(tmp_path / "sft" / "metrics.jsonl")) == 3
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from trainer.sft import SftConfig, run_sft
+settings = json.loads(sys.argv[1])
+run_sft(SftConfig(**{**settings, "demos": Path(settings["demos"]), "output_dir": Path(settings["output_dir"])}))
+"""
+
+
+def logged_past_checkpoint(output_dir):
+    """True once the run has a checkpoint and a metrics line after it (that a kill now leaves to be dropped)."""
+    last, metrics = latest_checkpoint(output_dir), output_dir / "metrics.jsonl"
+    if last is None or not metrics.is_file():
+        return False
+    complete_lines = metrics.read_text().split("\n")[:-1]
+    return bool(complete_lines) and json.loads(complete_lines[-1])["step"] > int(last.name.removeprefix("step_"))
+
+
+def test_killed_lora_run_resumes_exactly(tmp_path):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    write_toy_demos(tmp_path / "demos", task_ids=range(4), init_indices=range(2))
+    settings = sft_settings(tmp_path, base, lora_rank=4, lora_alpha=8, lr=3e-3, batch_size=4, steps=30, log_every=3,
+                            save_every=4)
+    output_dir = tmp_path / "sft"
+    with open(tmp_path / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({**settings, "demos": str(tmp_path / "demos"),
+                                                                            "output_dir": str(output_dir)})],
+                                 cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while not logged_past_checkpoint(output_dir) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.kill()
+        child.wait()
+    killed_at = latest_checkpoint(output_dir)
+    assert killed_at is not None, (tmp_path / "child.log").read_text()
+    assert json.loads((killed_at / "state.json").read_text())["step"] < 30  # killed mid-run
+
+    # A loader worker process makes the same batches as the main process does.
+    resumed = run_sft(SftConfig(**settings, output_dir=output_dir, resume=True, loader_workers=1))
+    reference = run_sft(SftConfig(**settings, output_dir=tmp_path / "reference"))
+    assert_same_tensors(read_tensors(output_dir / "adapter"), read_tensors(tmp_path / "reference" / "adapter"))
+    assert_same_tensors(read_tensors(resumed), read_tensors(reference))
+    metrics = read_jsonl(output_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(3, 31, 3))  # each line once, the killed run's included
+    assert without_time(metrics) == without_time(read_jsonl(tmp_path / "reference" / "metrics.jsonl"))
+
+
+def test_make_small_vla_writes_the_preset_with_the_demos_statistics(tmp_path, capsys):
+    statistics = write_toy_demos(tmp_path / "demos", task_ids=[0], init_indices=[0])
+    directory = make_small_vla(SmallVla(output_dir=tmp_path / "small", demos=tmp_path / "demos"))
+    policy = load_policy(directory, unnorm_key="toy")
+    assert policy.is_oft and policy.num_images == 2 and policy.uses_proprio
+    assert np.array_equal(policy.stats.q99, statistics["action"]["q99"])
+    text_config = json.loads((directory / "config.json").read_text())["text_config"]
+    assert (text_config["hidden_size"], text_config["num_hidden_layers"], text_config["initializer_range"]) == \
+        (128, 4, 0.02)
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    assert f"{parameters:,} parameters" in capsys.readouterr().out
+    assert sum(path.stat().st_size for path in directory.iterdir()) < 50e6  # the fp32 preset stays under 50 MB
+    with pytest.raises(FileExistsError, match="already exists"):
+        make_small_vla(SmallVla(output_dir=directory))
+    with pytest.raises(ValueError, match=r"llm_dim \(100\) must be a positive multiple of llm_heads \(8\)"):
+        make_small_vla(SmallVla(output_dir=tmp_path / "odd", llm_dim=100, llm_heads=8))

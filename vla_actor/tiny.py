@@ -102,6 +102,11 @@ def tiny_config(norm_stats: dict, *, variant: str = "openvla", llm_dim: int = 64
     "timm_model_kwargs" (the one added field) shrinks the two timm towers."""
     if variant not in ("openvla", "oft"):
         raise ValueError(f"variant must be 'openvla' or 'oft', got {variant!r}")
+    for dim_name, dim, heads_name, heads in (("llm_dim", llm_dim, "llm_heads", llm_heads),
+                                             ("dino_dim", dino_dim, "vit_heads", vit_heads),
+                                             ("siglip_dim", siglip_dim, "vit_heads", vit_heads)):
+        if dim < 1 or heads < 1 or dim % heads:
+            raise ValueError(f"{dim_name} ({dim}) must be a positive multiple of {heads_name} ({heads})")
     config = released_config(norm_stats, dtype_name(dtype))
     config["text_config"].update(hidden_size=llm_dim, intermediate_size=llm_dim * 11 // 4,
                                  num_hidden_layers=llm_layers, num_attention_heads=llm_heads,
@@ -123,9 +128,11 @@ def make_tiny_checkpoint(directory: str | os.PathLike, variant: str = "openvla",
     variant: "openvla" (7 autoregressive action tokens) or "oft" (parallel 8x7 tokens; `num_images` 1 or 2,
       a proprio projector file when `use_proprio`).
     norm_stats: statistics stored under `unnorm_key` (structure of REF 1.3); default libero_spatial's.
-    llm_dim / llm_layers / llm_heads / dino_dim / siglip_dim / vit_depth / vit_heads: the size knobs.
-    init_std: Llama initializer_range; 0.2 (not Llama's 0.02) so the random policy's action distribution
-      depends on its inputs and is not uniform.
+    llm_dim / llm_layers / llm_heads / dino_dim / siglip_dim / vit_depth / vit_heads: the size knobs; the rest of
+      the network follows the released layout (Llama MLP 11/4 llm_dim, ViT MLP ratios, projector 4x vision width).
+    init_std: Llama initializer_range only; 0.2 (not Llama's 0.02) so the random policy's action distribution
+      depends on its inputs and is not uniform. The ViTs keep timm's initialisation (truncated normal 0.02,
+      DINOv2 LayerScale 1e-5) and the projectors PyTorch's nn.Linear default, whatever init_std is.
     max_shard_bytes: shard size limit; the default splits the tiny weights into several shards.
     """
     if num_images not in (1, 2):
