@@ -1,4 +1,4 @@
-"""GRPO + LoRA fine-tuning of OpenVLA / OpenVLA-OFT policies in the LIBERO simulator.
+"""GRPO + LoRA (or full) fine-tuning of OpenVLA / OpenVLA-OFT policies in the LIBERO simulator.
 
     python OpenVLA_GRPO.py train --checkpoint openvla/openvla-7b-finetuned-libero-spatial --task-suite libero_spatial
     python OpenVLA_GRPO.py eval --checkpoint ... --adapter runs/<run>      # published protocol: 50 trials, seed 7
@@ -6,6 +6,7 @@
     python OpenVLA_GRPO.py plot runs/<run>
     python OpenVLA_GRPO.py sft --demos demos/ --output-dir runs/sft --checkpoint ...  # supervised warm start
     torchrun --nproc-per-node 4 OpenVLA_GRPO.py train ...                  # data parallel, one process per GPU
+    torchrun --nproc-per-node 8 OpenVLA_GRPO.py train ... --finetune full  # every weight, sharded with FSDP
 
 The GRPO loop is `GRPOTrainer.train` (with `update`); the only module that knows libero_env (the simulator),
 vla_actor (the model) and grpo (the math) together. DESIGN.md shows how they meet.
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import grpo
 from libero_env import EpisodeSpec, init_state_split
-from trainer import distributed
+from trainer import distributed, fsdp
 from trainer.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_checkpoints,
                                 resolve_adapter, rng_state, save_checkpoint, write_json)
 from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
@@ -49,7 +50,7 @@ UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_hig
 
 
 class GRPOTrainer:
-    """Turns an SFT checkpoint and a LIBERO suite into a better policy with GRPO + LoRA."""
+    """Turns an SFT checkpoint and a LIBERO suite into a better policy with GRPO + LoRA (or full fine-tuning)."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.run_dir = check_train(config, distributed.launched_rank())
@@ -64,9 +65,14 @@ class GRPOTrainer:
             remove_partial_checkpoints(self.run_dir)
             write_json(self.run_dir / "config.json", config_to_dict(_as_saved(config)))
         seed_everything(config.seed)  # the same fresh adapter on every rank
-        self.policy = build_policy(config.model, config.lora, config.env.task_suite, self.ctx.device)
+        full = config.finetune == "full"
+        self.policy = build_policy(config.model, None if full else config.lora, config.env.task_suite,
+                                   self.ctx.device, full=full)
+        # FSDP units of a sharded model (full fine-tuning on several ranks); none otherwise
+        self.units = fsdp.shard(self.policy) if full and self.ctx.enabled else []
         self.params = list(self.policy.trainable_parameters())
-        distributed.broadcast_parameters(self.params, self.ctx)
+        if not full:  # every rank loaded the same checkpoint; only a fresh adapter differs
+            distributed.broadcast_parameters(self.params, self.ctx)
         seed_everything(config.seed + self.ctx.rank)  # each rank samples its own actions
         self.inputs = policy_inputs(self.policy)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
@@ -93,10 +99,11 @@ class GRPOTrainer:
             started = time.perf_counter()
             # G rollouts of each (task, init state) group from the training split; binary success rewards;
             # groups with all-equal rewards dropped and refilled (dynamic sampling, REF 9.1.6).
-            batch, counts = collect_groups(
-                self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
-                cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
-                cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main)
+            with fsdp.gathered(self.units):
+                batch, counts = collect_groups(
+                    self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
+                    cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
+                    cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main)
             rollout_seconds = time.perf_counter() - started
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
@@ -132,6 +139,7 @@ class GRPOTrainer:
             for rows in torch.randperm(batch.num_steps).tensor_split(num_minibatches):
                 bar.update()
                 loss += self.accumulate_gradients(batch, advantages, rows, stats)
+                # sharded (DTensor) gradients give the norm of the whole gradient, the same on every rank
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
                 if np.isfinite(grad_norm) and grad_norm <= cfg.optim.skip_grad_norm:
                     self.optimizer.step()
@@ -153,17 +161,24 @@ class GRPOTrainer:
                              stats: UpdateStats) -> float:
         """Gradients of one mini-batch (`rows` of this rank's steps; together with the other ranks' rows it is
         the global mini-batch) summed over ranks, through micro-batches whose losses add up to the mini-batch
-        loss; returns this rank's share of that loss."""
+        loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes."""
         traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
         mask = torch.ones((len(rows), batch.token_ids.shape[1]), dtype=torch.bool)  # stored steps are all real
         weights = distributed.token_weights(mask, traj_ids, self.config.grpo.aggregation, self.ctx)
         step_advantages = advantages[traj_ids]  # A_i on every step of episode i (REF 9.1.5)
         loss = 0.0
-        for part in torch.arange(len(rows)).split(self.config.optim.micro_batch_size):
+        parts = torch.arange(len(rows)).split(self.config.optim.micro_batch_size) if len(rows) else ()
+        passes = len(parts)
+        if self.units:  # a sharded model's passes are collectives: every rank makes as many as the busiest one
+            passes = int(distributed.reduce_values({"passes": passes}, self.ctx, "max")["passes"])
+        for part in parts:
             micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats)
             micro_loss.backward()
             loss += float(micro_loss.detach())
-        distributed.sum_gradients(self.params, self.ctx)
+        for _ in range(passes - len(parts)):
+            fsdp.padding_pass(self.policy, self.inputs, self.config.grpo.temperature)
+        if not self.units:
+            distributed.sum_gradients(self.params, self.ctx)
         return loss
 
     def micro_batch_loss(self, batch: Rollouts, rows: torch.Tensor, advantages: torch.Tensor,
@@ -200,21 +215,25 @@ class GRPOTrainer:
         """Greedy success on the held-out init states of the training tasks, with videos."""
         per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
         episodes = [EpisodeSpec(t, i) for t in self.task_ids for i in self.heldout_inits[:per_task]]
-        results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
-                           f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
-                           progress=self.config.logging.progress)
+        with fsdp.gathered(self.units):
+            results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
+                               f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
+                               progress=self.config.logging.progress)
         return {"eval/success_rate": results.success_rate,
                 **{f"eval/task_{t}/success_rate": results.task_rate(t) for t in self.task_ids}}
 
     def save(self) -> None:
-        """Rank 0 writes one checkpoint holding every rank's random generators and group sampler."""
+        """Rank 0 writes one checkpoint holding every rank's random generators and group sampler (and, with full
+        fine-tuning, the model and optimizer state gathered from every rank)."""
         rank_rng = distributed.gather_objects(rng_state(), self.ctx)
         samplers = distributed.gather_objects(self.sampler.state_dict(), self.ctx)
+        full_state = fsdp.full_state(self.policy.model, self.optimizer) if self.config.finetune == "full" else None
         if self.ctx.is_main:
             state = {"iteration": self.iteration, "env_steps": self.env_steps, "skipped_steps": self.skipped_steps,
                      "world_size": self.ctx.world_size, "samplers": samplers}
             save_checkpoint(self.run_dir, self.iteration, self.policy, self.optimizer, self.scheduler, state,
-                            rank_rng, config_to_dict(_as_saved(self.config)), self.config.checkpointing.keep_last)
+                            rank_rng, config_to_dict(_as_saved(self.config)), self.config.checkpointing.keep_last,
+                            full_state)
         distributed.barrier(self.ctx)
 
     def finished(self) -> bool:
@@ -238,9 +257,10 @@ def warmup_factor(iteration: int, warmup: int) -> float:
     return min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
 
 
-def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device: torch.device) -> VLAPolicy:
-    """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`); lora=None with no adapter gives
-    the plain SFT policy for eval."""
+def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device: torch.device,
+                 full: bool = False) -> VLAPolicy:
+    """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
+    trainable; lora=None with no adapter and not full gives the plain SFT policy for eval."""
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[model.dtype]
     unnorm_key = model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
@@ -253,7 +273,9 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device
                                        include_vision=lora.lora_vision))
     if model.adapter is not None:
         policy.load_adapter(resolve_adapter(model.adapter))
-    if model.gradient_checkpointing and lora is not None:
+    if full:
+        fsdp.make_trainable(policy)
+    if model.gradient_checkpointing and (lora is not None or full):
         policy.gradient_checkpointing(True)
     return policy
 

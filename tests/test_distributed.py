@@ -16,6 +16,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import grpo
 from OpenVLA_GRPO import GRPOTrainer, parse_command
+from saved_rollouts import load_rollouts, save_rollouts
 from trainer.checkpoint import CHECKPOINTS
 from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import Rollouts, collect_groups
@@ -41,24 +42,10 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 900) -> subprocess.Com
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def save_rollouts(batch: Rollouts, path: Path) -> None:
-    torch.save({"agentview": torch.from_numpy(batch.agentview), "instructions": batch.instructions,
-                "token_ids": batch.token_ids, "log_probs": batch.log_probs,
-                **{k: torch.from_numpy(getattr(batch, k)) for k in ("step_episode", "group_ids", "task_ids",
-                                                                     "success", "lengths", "lost")}}, path)
-
-
-def load_rollouts(path: Path) -> Rollouts:
-    saved = torch.load(path, weights_only=True)
-    arrays = {k: saved[k].numpy() for k in ("step_episode", "group_ids", "task_ids", "success", "lengths", "lost")}
-    return Rollouts(agentview=saved["agentview"].numpy(), wrist=None, proprio=None,
-                    instructions=saved["instructions"], token_ids=saved["token_ids"], log_probs=saved["log_probs"],
-                    **arrays)
-
-
 def mini_batch_gradient(trainer: GRPOTrainer, batch: Rollouts) -> torch.Tensor:
     """The summed-over-ranks gradient of one mini-batch made of all of `batch`'s steps."""
-    advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+    advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+                  if batch.num_episodes else torch.zeros(0))
     trainer.accumulate_gradients(batch, advantages, torch.arange(batch.num_steps), UpdateStats())
     return torch.cat([p.grad.flatten() for p in trainer.params])
 
@@ -123,6 +110,8 @@ def test_two_ranks_with_half_the_groups_equal_one_rank_with_all(checkpoint, tmp_
         summed = torch.load(tmp_path / f"grad-{aggregation}.pt", weights_only=True)
         assert reference[aggregation].abs().max() > 0
         torch.testing.assert_close(summed, reference[aggregation], rtol=1e-4, atol=1e-7)
+    lopsided = torch.load(tmp_path / "grad-lopsided.pt", weights_only=True)  # rank 1 kept no group at all
+    torch.testing.assert_close(lopsided, reference[AGGREGATIONS[0]], rtol=1e-4, atol=1e-7)
 
 
 def test_a_failing_rank_stops_the_job_with_its_error(checkpoint, tmp_path):
@@ -152,6 +141,11 @@ def worker(mode: str, *args: str) -> None:
             gradient = mini_batch_gradient(trainer, mine)
             if rank == 0:
                 torch.save(gradient, output / f"grad-{aggregation}.pt")
+            if aggregation == AGGREGATIONS[0]:
+                trainer.optimizer.zero_grad(set_to_none=True)
+                lopsided = mini_batch_gradient(trainer, batch.select(np.full(batch.num_episodes, rank == 0)))
+                if rank == 0:
+                    torch.save(lopsided, output / "grad-lopsided.pt")
             trainer.close()
     elif mode == "fail":
         checkpoint, output = Path(args[0]), Path(args[1])

@@ -1,9 +1,11 @@
 """Run directories and checkpoints that a run can be resumed from exactly.
 
-A checkpoint is checkpoints/iter_NNNNNN/ in the run directory, holding adapter/ (the LoRA weights, safetensors),
-optimizer.pt, scheduler.pt, rng_rank<r>.pt (python, numpy and torch generator states of every rank),
-trainer_state.json (iteration, counters, every rank's group-sampler state) and config.json. It is written
-into a temporary directory first and renamed into place, so a crash leaves either the whole checkpoint or none.
+A checkpoint is checkpoints/iter_NNNNNN/ in the run directory, holding adapter/ (the LoRA weights, safetensors) or,
+with full fine-tuning, model/ (every weight, in the released layout that `eval --checkpoint` and `load_policy` read),
+optimizer.pt (with full fine-tuning keyed by parameter name, absent before the first optimizer step), scheduler.pt,
+rng_rank<r>.pt (python, numpy and torch generator states of every rank), trainer_state.json (iteration, counters,
+every rank's group-sampler state) and config.json. It is written into a temporary directory first and renamed into
+place, so a crash leaves either the whole checkpoint or none.
 """
 
 import json
@@ -18,7 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import fsdp
+
 CHECKPOINTS = "checkpoints"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+OPTIMIZER_FILE = "optimizer.pt"
 _CHECKPOINT_DIR = re.compile(r"^iter_(\d{6,})$")
 
 
@@ -58,10 +65,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def resolve_adapter(path: Path) -> Path:
     """An adapter directory from an adapter, checkpoint or run directory."""
-    if (path / "adapter").is_dir():
-        return path / "adapter"
-    if (path / CHECKPOINTS).is_dir():
-        return latest_checkpoint(path) / "adapter"
+    checkpoint = latest_checkpoint(path) if (path / CHECKPOINTS).is_dir() else path
+    if (checkpoint / ADAPTER_DIR).is_dir():
+        return checkpoint / ADAPTER_DIR
+    if (checkpoint / MODEL_DIR).is_dir():
+        raise ValueError(f"{checkpoint} holds a fully fine-tuned model, not a LoRA adapter: pass --checkpoint "
+                         f"{checkpoint / MODEL_DIR} and no --adapter")
     if path.is_dir():
         return path
     raise FileNotFoundError(f"adapter {path} does not exist; pass an adapter directory, a checkpoint directory "
@@ -95,16 +104,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, iteration: int, policy: Any, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict[str, Any],
-                    rank_rng: list[dict[str, Any]], config: dict[str, Any], keep_last: int) -> Path:
-    """Writes checkpoints/iter_<iteration> atomically and prunes all but the newest `keep_last` (0: keep all)."""
+                    rank_rng: list[dict[str, Any]], config: dict[str, Any], keep_last: int,
+                    full_state: tuple[dict[str, torch.Tensor], dict | None] | None = None) -> Path:
+    """Writes checkpoints/iter_<iteration> atomically and prunes all but the newest `keep_last` (0: keep all).
+    With full fine-tuning, `full_state` holds the (model, optimizer) state dicts of `fsdp.full_state`."""
     root = run_dir / CHECKPOINTS
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".tmp-iter_{iteration:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    policy.save_adapter(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if full_state is None:
+        policy.save_adapter(tmp / ADAPTER_DIR)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    else:
+        model_state, optimizer_state = full_state
+        fsdp.write_model(policy, model_state, tmp / MODEL_DIR)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, state in enumerate(rank_rng):
         torch.save(state, tmp / f"rng_rank{rank}.pt")
@@ -119,14 +136,23 @@ def save_checkpoint(run_dir: Path, iteration: int, policy: Any, optimizer: torch
 
 def load_checkpoint(path: Path, policy: Any, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, world_size: int) -> dict[str, Any]:
-    """Restores adapter, optimizer, scheduler and this rank's RNG from `path`; returns trainer_state.json."""
+    """Restores adapter (or full model), optimizer, scheduler and this rank's RNG from `path`; returns
+    trainer_state.json. A full model is read by rank 0 and broadcast, so every rank must call this."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != world_size:
         raise ValueError(f"{path} was written by {state['world_size']} ranks, this job has {world_size}; resume "
                          f"with the same number of processes (torchrun --nproc-per-node)")
-    policy.load_adapter(path / "adapter")
-    device = next(iter(policy.trainable_parameters())).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    if (path / MODEL_DIR).is_dir():
+        reads = rank == 0
+        model_state = fsdp.read_model(policy, path / MODEL_DIR) if reads else {}
+        optimizer_state = None
+        if (path / OPTIMIZER_FILE).is_file():  # mmap: read from disk tensor by tensor as it is restored
+            optimizer_state = torch.load(path / OPTIMIZER_FILE, mmap=True, weights_only=True) if reads else {}
+        fsdp.load_full_state(policy.model, optimizer, model_state, optimizer_state, distributed=world_size > 1)
+    else:
+        policy.load_adapter(path / ADAPTER_DIR)
+        device = next(iter(policy.trainable_parameters())).device
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
     return state

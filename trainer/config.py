@@ -121,7 +121,7 @@ class OptimConfig:
     """The update."""
 
     lr: float = 1e-5
-    """AdamW learning rate of the LoRA parameters (guide: AdamW)."""
+    """AdamW learning rate of the trained parameters (guide: AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_iterations: int = 0
@@ -176,7 +176,7 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints (adapter, optimizer, scheduler, RNG, sampler, step, config), written atomically."""
+    """Checkpoints (adapter or full model, optimizer, scheduler, RNG, sampler, step, config), written atomically."""
 
     save_every: int = 10
     """Iterations between checkpoints; the last iteration is always saved."""
@@ -186,8 +186,11 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """GRPO + LoRA fine-tuning of an OpenVLA / OpenVLA-OFT checkpoint on a LIBERO suite."""
+    """GRPO + LoRA (or full) fine-tuning of an OpenVLA / OpenVLA-OFT checkpoint on a LIBERO suite."""
 
+    finetune: Literal["lora", "full"] = "lora"
+    """lora: train a PEFT LoRA adapter (the --lora-* flags), the rest frozen; full: train every weight the policy
+    uses, sharded with FSDP under torchrun (no --kl-coef; the 7B needs several 80 GB GPUs, README "Hardware")."""
     model: OmitPrefix[ModelConfig] = field(default_factory=ModelConfig)
     lora: OmitPrefix[LoraConfig] = field(default_factory=LoraConfig)
     env: OmitPrefix[EnvConfig] = field(default_factory=EnvConfig)

@@ -4,7 +4,7 @@ import math
 import re
 from pathlib import Path
 
-from trainer.checkpoint import default_run_name, latest_checkpoint, resolve_adapter
+from trainer.checkpoint import ADAPTER_DIR, MODEL_DIR, default_run_name, latest_checkpoint, resolve_adapter
 from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, TrainConfig
 from trainer.envs import suite_names, suite_shape
 
@@ -87,9 +87,21 @@ def check_train(config: TrainConfig, rank: int = 0) -> Path:
     if per_task is not None and not 1 <= per_task <= config.env.num_heldout:
         raise ValueError(f"--eval-episodes-per-task must be in 1..--num-heldout ({config.env.num_heldout}), got "
                          f"{per_task}")
+    if config.finetune == "full" and grpo.kl_coef > 0:
+        raise ValueError(f"--kl-coef {grpo.kl_coef} needs the base model, which is the policy with its LoRA adapter "
+                         f"disabled; --finetune full has no adapter: use --kl-coef 0 or --finetune lora")
+    if config.finetune == "full" and config.model.adapter is not None:
+        raise ValueError(f"--adapter {config.model.adapter} is a LoRA adapter and --finetune full trains no adapter: "
+                         f"merge it into a full checkpoint first (VLAPolicy.merge_and_export; an SFT run writes one to "
+                         f"model/) and pass that as --checkpoint")
     run_dir = run_dir_of(config)
     if config.resume is not None:
-        latest_checkpoint(config.resume)
+        latest = latest_checkpoint(config.resume)
+        expected = MODEL_DIR if config.finetune == "full" else ADAPTER_DIR
+        if not (latest / expected).is_dir():
+            saved = "full" if config.finetune == "lora" else "lora"
+            raise ValueError(f"{latest} has no {expected}/: the run was trained with --finetune {saved}; resume it "
+                             f"with --finetune {saved} (or without --finetune)")
     elif rank == 0 and run_dir.exists():
         raise FileExistsError(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, or "
                               f"choose another --run-name")
