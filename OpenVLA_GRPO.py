@@ -2,7 +2,7 @@
 
     python OpenVLA_GRPO.py train --checkpoint openvla/openvla-7b-finetuned-libero-spatial --task-suite libero_spatial
     python OpenVLA_GRPO.py eval --checkpoint ... --adapter runs/<run>      # published protocol: 50 trials, seed 7
-    python OpenVLA_GRPO.py demo                                            # `make train`: tiny model, CPU, minutes
+    python OpenVLA_GRPO.py demo                                            # `make train`: shipped small policy, CPU
     python OpenVLA_GRPO.py plot runs/<run>
     python OpenVLA_GRPO.py sft --demos demos/ --output-dir runs/sft --checkpoint ...  # supervised warm start
     torchrun --nproc-per-node 4 OpenVLA_GRPO.py train ...                  # data parallel, one process per GPU
@@ -42,7 +42,7 @@ from trainer.rollout import PolicyInputs, Rollouts, collect_groups
 from trainer.sampler import GroupSampler
 from trainer.sft import SftConfig, check_sft, run_sft
 from trainer.validation import check_eval, check_env, check_train
-from vla_actor import LoraSettings, VLAPolicy, load_policy, make_tiny_checkpoint
+from vla_actor import LoraSettings, VLAPolicy, load_policy
 
 UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
                          "approx_kl_k3", "kl_to_base", "grad_norm"),
@@ -334,10 +334,10 @@ def run_evaluation(config: EvaluateConfig) -> Path:
     if ctx.is_main:
         results_dir.mkdir(parents=True)
     policy = build_policy(config.model, None, config.env.task_suite, ctx.device)
-    if config.protocol == "reference":
-        inits = list(range(config.trials_per_task))
-    else:
-        inits = init_state_split(suite_shape(config.env.task_suite).num_init_states, config.env.num_heldout, 0)[1]
+    train_inits, heldout_inits = init_state_split(suite_shape(config.env.task_suite).num_init_states,
+                                                  config.env.num_heldout, 0)
+    inits = {"reference": list(range(config.trials_per_task)), "heldout": heldout_inits[:config.trials_per_task],
+             "train": train_inits[:config.trials_per_task]}[config.protocol]
     inputs = policy_inputs(policy)
     env = make_env(config.env, wrist=inputs.wrist)
     try:
@@ -371,9 +371,6 @@ def parse_command(argv: Sequence[str]) -> TrainConfig | EvaluateConfig | PlotCon
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         command = parse_command(sys.argv[1:] if argv is None else argv)
-        if isinstance(command, DemoConfig) and not Path(command.model.checkpoint).exists():
-            print(f"building a tiny look-alike OpenVLA checkpoint in {command.model.checkpoint}")
-            make_tiny_checkpoint(command.model.checkpoint, variant="openvla", unnorm_key="libero_spatial", seed=0)
         # The default run name holds the time: fix it once, so that every later use names the same directory.
         if isinstance(command, TrainConfig):
             run_dir = check_train(command, distributed.launched_rank())

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from libero_env import init_state_split
 from OpenVLA_GRPO import parse_command
 from trainer.checkpoint import CHECKPOINTS
 from trainer.config import EvaluateConfig, PlotConfig, TrainConfig
+from trainer.envs import suite_shape
 from trainer.validation import check_train
 
 torch.set_num_threads(1)
@@ -190,3 +192,16 @@ def test_start_training_reports_bad_flags_at_once(tmp_path):
     result = start_training("--task-suite", "libero_moon", log_dir=tmp_path / "logs")
     assert result.returncode != 0 and "unknown --task-suite 'libero_moon'" in result.stderr
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("protocol", ["train", "heldout"])
+def test_eval_protocols_take_their_split(checkpoint, tmp_path, protocol):
+    result = run_cli("eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--task-ids", "0",
+                     "--protocol", protocol, "--trials-per-task", "2", "--num-envs", "2", "--num-videos", "1",
+                     "--output-dir", str(tmp_path), "--run-name", protocol)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / protocol / "results.json").read_text())["overall"]["episodes"] == 2
+    train, heldout = init_state_split(suite_shape("toy").num_init_states, 10, 0)
+    first = (train if protocol == "train" else heldout)[0]
+    [video] = (tmp_path / protocol / "videos").iterdir()
+    assert video.name.startswith(f"eval_task00_init{first:02d}_")

@@ -22,20 +22,21 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "MUJOCO_G
 pytestmark = [pytest.mark.slow, pytest.mark.libero]
 
 
-def test_demo_writes_logs_checkpoint_plot_and_video(checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "OpenVLA_GRPO.py"), "demo", "--checkpoint", str(checkpoint),
-                             "--output-dir", str(tmp_path), "--run-name", "demo", "--iterations", "2",
-                             "--eval-every", "2", "--no-progress"],
+def test_demo_writes_logs_checkpoint_plot_and_video(tmp_path):
+    """`make train` with its defaults (the shipped small OFT policy, full fine-tuning), on a short horizon."""
+    result = subprocess.run([sys.executable, str(REPO / "OpenVLA_GRPO.py"), "demo", "--output-dir", str(tmp_path),
+                             "--run-name", "demo", "--iterations", "2", "--eval-every", "2",
+                             "--eval-episodes-per-task", "1", "--max-steps", "16", "--no-progress"],
                             env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "demo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["iteration"] for row in rows] == [1, 2]
-    assert all(row["rollout/episodes"] == 2 and row["rollout/episode_length"] <= 12 for row in rows)
+    assert [row["iteration"] for row in rows] == [0, 1, 2]
+    assert all(row["rollout/episodes"] == 4 and row["rollout/episode_length"] <= 16 for row in rows[1:])
     assert rows[-1]["eval/success_rate"] is not None and "train/loss" in rows[-1]
-    assert (run / CHECKPOINTS / "iter_000002" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / CHECKPOINTS / "iter_000002" / "model" / "config.json").is_file()
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    videos = list((run / "videos").glob("iter000002_task00_*.mp4"))
+    videos = list((run / "videos").glob("iter000002_task01_*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
     assert f"run finished: {run}" in result.stdout
 

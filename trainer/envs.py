@@ -9,6 +9,11 @@ from trainer.config import EnvConfig
 TOY = "toy"
 TOY_HORIZON = 4
 """ToyVectorEnv's default horizon: a random policy succeeds 26 % of the time (libero_env/toy.py)."""
+TOY_PUSHES_TO_GOAL = 2
+"""Correct pushes that reach the marker (fewer when --max-steps is shorter): --max-steps 1 makes the toy a one-step
+task (one image, one action; random success 25 %)."""
+TOY_INIT_STATES = 1000
+"""Toy instances per task: GRPO trains on 990 marker positions per task, evals hold out 10 (--num-heldout)."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ def suite_names() -> list[str]:
 
 def suite_shape(name: str) -> SuiteShape:
     if name == TOY:
-        return SuiteShape(num_tasks=len(TASK_COLOURS), num_init_states=NUM_INIT_STATES, max_steps=TOY_HORIZON)
+        return SuiteShape(num_tasks=len(TASK_COLOURS), num_init_states=TOY_INIT_STATES, max_steps=TOY_HORIZON)
     if name not in SUITES:
         raise ValueError(f"unknown task suite {name!r}; valid suites: {', '.join(suite_names())}")
     return SuiteShape(num_tasks=SUITES[name].num_tasks, num_init_states=NUM_INIT_STATES,
@@ -37,7 +42,8 @@ def make_env(settings: EnvConfig, wrist: bool) -> LiberoVectorEnv | ToyVectorEnv
     """The vector env of `settings.task_suite`; `wrist`: render the wrist camera too (LIBERO only; the toy env
     always draws it)."""
     if settings.task_suite == TOY:
-        return ToyVectorEnv(num_envs=settings.num_envs, num_init_states=NUM_INIT_STATES,
-                            horizon=settings.max_steps or TOY_HORIZON)
+        horizon = settings.max_steps or TOY_HORIZON
+        return ToyVectorEnv(num_envs=settings.num_envs, num_init_states=TOY_INIT_STATES, horizon=horizon,
+                            pushes_to_goal=min(TOY_PUSHES_TO_GOAL, horizon))
     return LiberoVectorEnv(suite=settings.task_suite, num_envs=settings.num_envs, wrist=wrist,
                            max_steps=settings.max_steps)

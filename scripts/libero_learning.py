@@ -1,0 +1,196 @@
+"""Issue 9's experiment on real LIBERO: scripted demos -> a small VLA trained from scratch by SFT -> GRPO, with
+greedy success on held-out and training init states before and after GRPO.
+
+Run from the repository root (on the GPU machine: ../shared/tools/make_libero_bundle.sh, then the same command):
+
+    python -m scripts.libero_learning --work-dir runs/libero_learning --tasks 0 1 2 3 --workers 16
+
+Stages, each skipped when its output is complete and resumed from its own files otherwise, so the same command
+continues across machine leases:
+  demos      python -m scripts.collect_demos collect (training init states only)
+  init       python -m scripts.make_small_vla (random weights, the demos' statistics)
+  sft        python OpenVLA_GRPO.py sft --finetune full (resumable, --max-seconds per lease)
+  eval_sft   python OpenVLA_GRPO.py eval --protocol heldout / train
+  grpo       python OpenVLA_GRPO.py train --finetune full (periodic held-out eval = the learning curve)
+  eval_grpo  the same evals on GRPO's final checkpoint
+  record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
+Every command it runs is printed, so each stage can be reproduced by hand.
+"""
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, latest_checkpoint, write_json
+from trainer.metrics import read_metrics
+from trainer.plot import plot_run
+
+RESULT_JSON = Path("bench/results/libero_learning.json")
+MEDIA_DIR = Path("docs/media")
+TIMINGS_FILE = "stage_seconds.json"
+
+
+@dataclass
+class Experiment:
+    """Demos -> SFT from scratch -> GRPO on real LIBERO, resumable stage by stage."""
+
+    work_dir: Path = Path("runs/libero_learning")
+    """Everything of the experiment lives here; re-running the command continues it."""
+    suite: str = "libero_spatial"
+    """LIBERO suite (the scripted expert handles libero_spatial)."""
+    tasks: tuple[int, ...] = (0, 1, 2, 3)
+    """Task ids of the suite used for demos, training and evaluation."""
+    demos_per_task: int = 20
+    """Expert demos per task, from the first training init states (held-out ones are never demonstrated)."""
+    workers: int = 16
+    """Simulator processes for demos, evals and GRPO rollouts (one per core)."""
+    sft_steps: int = 3000
+    """SFT optimizer steps (batch sft_batch_size, cosine schedule, image augmentation)."""
+    sft_batch_size: int = 64
+    """SFT samples per step."""
+    sft_lr: float = 3e-4
+    """SFT peak learning rate (from scratch)."""
+    grpo_iterations: int = 15
+    """GRPO iterations (each: group_size x groups rollouts, one PPO epoch)."""
+    grpo_lr: float = 3e-5
+    """GRPO learning rate (full fine-tuning of the small model)."""
+    group_size: int = 8
+    """G rollouts per (task, init state)."""
+    groups: int = 8
+    """Groups per iteration."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    eval_every: int = 5
+    """GRPO iterations between held-out evals (the learning curve)."""
+    train_eval_per_task: int = 10
+    """Training init states per task in the train-split evals."""
+    max_steps: int | None = None
+    """Override the suite's policy-step horizon in evals and GRPO (short smoke runs only); None: the suite's."""
+    eval_videos: bool = True
+    """Write one MP4 per task in every eval (needs imageio-ffmpeg)."""
+    loader_workers: int = 12
+    """SFT data-loading processes (JPEG decoding and augmentation)."""
+    extra_sft: str = ""
+    """More flags for the sft command, as one string (e.g. "--max-seconds 500")."""
+    extra_grpo: str = ""
+    """More flags for the train command, as one string."""
+
+
+def run(command: list[str], stage: str, work_dir: Path) -> None:
+    """Runs one stage's command; its wall time is added to work_dir/stage_seconds.json (over all invocations)."""
+    print("+ " + shlex.join(command), flush=True)
+    started = time.monotonic()
+    try:
+        subprocess.run(command, check=True)
+    finally:
+        timings_path = work_dir / TIMINGS_FILE
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        timings[stage] = round(timings.get(stage, 0.0) + time.monotonic() - started, 1)
+        write_json(timings_path, timings)
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def env_flags(ex: Experiment) -> list[str]:
+    horizon = [] if ex.max_steps is None else ["--max-steps", str(ex.max_steps)]
+    return ["--task-suite", ex.suite, "--task-ids", *map(str, ex.tasks), "--num-envs", str(ex.workers), *horizon]
+
+
+def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: str) -> Path:
+    results = ex.work_dir / name / "results.json"
+    if not results.is_file():
+        shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
+        trials = ["--trials-per-task", str(ex.train_eval_per_task)] if protocol == "train" else []
+        run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex), "--protocol", protocol,
+                   *trials, "--num-videos", str(len(ex.tasks) if ex.eval_videos else 0), "--output-dir", str(ex.work_dir), "--run-name", name,
+                   "--no-progress"), name, ex.work_dir)
+    return results
+
+
+def success_rate(results: Path) -> float:
+    return json.loads(results.read_text())["overall"]["success_rate"]
+
+
+def main(ex: Experiment) -> None:
+    ex.work_dir.mkdir(parents=True, exist_ok=True)
+    demos, init, sft, grpo_dir = (ex.work_dir / name for name in ("demos", "init", "sft", "grpo"))
+    tasks = ",".join(map(str, ex.tasks))
+    run(python("-m", "scripts.collect_demos", "collect", "--out-dir", str(demos), "--suite", ex.suite, "--tasks", tasks,
+               "--init-states", "train", "--per-task", str(ex.demos_per_task), "--workers", str(ex.workers)), "demos", ex.work_dir)
+    if not (init / "config.json").is_file():
+        shutil.rmtree(init, ignore_errors=True)
+        run(python("-m", "scripts.make_small_vla", "--output-dir", str(init), "--demos", str(demos)), "init", ex.work_dir)
+    sft_model = sft / "model"
+    if not (sft_model / "config.json").is_file():
+        run(python("OpenVLA_GRPO.py", "sft", "--checkpoint", str(init), "--demos", str(demos), "--output-dir",
+                   str(sft), "--finetune", "full", "--dtype", "float32", "--no-gradient-checkpointing",
+                   "--batch-size", str(ex.sft_batch_size), "--steps", str(ex.sft_steps), "--lr", str(ex.sft_lr),
+                   "--lr-schedule", "cosine", "--warmup-steps", "200", "--image-aug", "--loader-workers", str(ex.loader_workers),
+                   "--save-every", "500", "--log-every", "100", "--resume", *shlex.split(ex.extra_sft)), "sft", ex.work_dir)
+        if not (sft_model / "config.json").is_file():
+            print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
+            return
+    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_model, protocol) for protocol in ("heldout", "train")}
+
+    if grpo_iterations_done(grpo_dir) < ex.grpo_iterations:
+        resume = ["--resume", str(grpo_dir)] if (grpo_dir / "checkpoints").is_dir() else []
+        run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(sft_model), "--finetune", "full",
+                   "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex),
+                   "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups),
+                   "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", "1",
+                   "--mini-batch-size", "256", "--micro-batch-size", "64", "--iterations", str(ex.grpo_iterations),
+                   "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
+                   "--output-dir", str(ex.work_dir), "--run-name", "grpo", "--no-progress", *resume,
+                   *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
+    final = latest_checkpoint(grpo_dir) / MODEL_DIR
+    after = {protocol: evaluate(ex, f"eval_grpo_{protocol}", final, protocol) for protocol in ("heldout", "train")}
+    record(ex, before, after, grpo_dir)
+
+
+def grpo_iterations_done(grpo_dir: Path) -> int:
+    found = checkpoint_dirs(grpo_dir)
+    return json.loads((found[-1] / "trainer_state.json").read_text())["iteration"] if found else 0
+
+
+def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo_dir: Path) -> None:
+    rows = read_metrics(grpo_dir)
+    timings = json.loads((ex.work_dir / TIMINGS_FILE).read_text())
+    curve = {str(row["iteration"]): row["eval/success_rate"] for row in rows if "eval/success_rate" in row}
+    episodes = json.loads(after["heldout"].read_text())["overall"]["episodes"]
+    result = {"suite": ex.suite, "tasks": list(ex.tasks),
+              "heldout_success_sft": success_rate(before["heldout"]),
+              "heldout_success_grpo": success_rate(after["heldout"]),
+              "train_success_sft": success_rate(before["train"]),
+              "train_success_grpo": success_rate(after["train"]),
+              "episodes_eval": episodes, "grpo_iterations": rows[-1]["iteration"],
+              "heldout_success_by_iteration": curve,
+              "wall_seconds": round(sum(timings.values()), 1), "stage_seconds": timings,
+              "demos_per_task": ex.demos_per_task, "command": "python -m scripts.libero_learning " + shlex.join(
+                  sys.argv[1:]), "device": device_name()}
+    write_json(RESULT_JSON, result)
+    MEDIA_DIR.mkdir(parents=True, exist_ok=True)
+    plot_run(grpo_dir, MEDIA_DIR / "libero_learning_curves.png")
+    for stage, name in (("before", "eval_sft_heldout"), ("after", "eval_grpo_heldout")):
+        videos = sorted((ex.work_dir / name / "videos").glob("*.mp4"))
+        if videos:
+            shutil.copyfile(videos[0], MEDIA_DIR / f"libero_learning_{stage}.mp4")
+    print(json.dumps(result, indent=2), flush=True)
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Experiment))
