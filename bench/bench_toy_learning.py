@@ -1,5 +1,7 @@
 """GRPO on the toy task with a tiny look-alike VLA (CPU): greedy success on the 40 held-out toy instances
-(10 init states x 4 tasks, never trained on) before and after training.
+(10 init states x 4 tasks, never trained on) before and after training. The toy runs as a one-step task
+(--max-steps 1: one image, one push, random success 25 %) and every weight trains (--finetune full): in probes
+these learned fastest (LoRA, larger mini-batches and the 4-step toy stayed near 25 % for 30-40 iterations).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_toy_learning
 
@@ -18,15 +20,16 @@ from trainer.checkpoint import write_json
 from trainer.metrics import read_metrics
 from vla_actor import make_tiny_checkpoint
 
-LEARNING_ARGS = ("--num-envs", "32", "--group-size", "8", "--groups-per-iteration", "4", "--mini-batch-size", "64",
-                 "--micro-batch-size", "32", "--ppo-epochs", "2", "--lr", "3e-3", "--lora-rank", "16",
-                 "--lora-alpha", "16", "--lora-projector", "--lora-vision", "--iterations", "30", "--eval-every", "10",
-                 "--eval-at-start", "--eval-episodes-per-task", "10", "--num-videos", "0", "--save-every", "30",
+LEARNING_ARGS = ("--max-steps", "1", "--finetune", "full", "--num-envs", "128", "--group-size", "8",
+                 "--groups-per-iteration", "16", "--temperature", "1.0", "--mini-batch-size", "16",
+                 "--micro-batch-size", "16", "--ppo-epochs", "2", "--lr", "1e-3", "--iterations", "60",
+                 "--eval-every", "10", "--eval-at-start", "--num-videos", "0", "--save-every", "60",
                  "--no-gradient-checkpointing", "--no-progress")
 OUTPUT = Path(__file__).parent / "results" / "toy_learning.json"
 
 
-def main() -> dict:
+def toy_learning() -> dict:
+    """Trains the tiny model on the toy task with LEARNING_ARGS; returns the result record."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint = make_tiny_checkpoint(Path(workdir) / "tiny-openvla")
@@ -46,7 +49,13 @@ def main() -> dict:
                                                for row in rows if "rollout/success_rate" in row},
               "heldout_episodes": 40,
               "command": " ".join(["OpenVLA_GRPO.py train --task-suite toy", *LEARNING_ARGS]),
-              "model": "make_tiny_checkpoint(variant='openvla', seed=0)", "machine": "2-core CPU, OMP_NUM_THREADS=1"}
+              "model": "make_tiny_checkpoint(variant='openvla', seed=0), full fine-tuning",
+              "machine": "2-core CPU, OMP_NUM_THREADS=1"}
+    return result
+
+
+def main() -> dict:
+    result = toy_learning()
     write_json(OUTPUT, result)
     print(json.dumps(result, indent=2))
     return result

@@ -223,8 +223,10 @@ def test_two_sharded_ranks_step_as_one_process_with_all_groups(checkpoint, tmp_p
         for key in ("train/loss", "train/grad_norm", "train/ratio_mean", "train/entropy"):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key  # the loss starts at ~0
     sharded_params = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
-    for name in reference_params:  # steps of at most lr = 1e-3 per element
-        torch.testing.assert_close(sharded_params[name], reference_params[name], rtol=0, atol=1e-5)
+    # Steps of at most lr = 1e-3 per element; an element whose gradient is near zero moves by AdamW's
+    # m / sqrt(v), which summation order changes slightly, so allow a tenth of a step.
+    for name in reference_params:
+        torch.testing.assert_close(sharded_params[name], reference_params[name], rtol=0, atol=1e-4)
 
 
 @record
