@@ -30,8 +30,8 @@ from tqdm import tqdm
 import grpo
 from libero_env import EpisodeSpec, init_state_split
 from trainer import distributed, fsdp
-from trainer.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_checkpoints,
-                                resolve_adapter, rng_state, save_checkpoint, write_json)
+from trainer.checkpoint import (checkpoint_iteration, latest_checkpoint, load_checkpoint,
+                                remove_partial_checkpoints, resolve_adapter, rng_state, save_checkpoint, write_json)
 from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
@@ -82,7 +82,7 @@ class GRPOTrainer:
         self.iteration = self.env_steps = self.skipped_steps = 0
         self.env = make_env(config.env, wrist=self.inputs.wrist)
         self.logger = MetricsLogger(self.run_dir, config_to_dict(config), config.logging, self.ctx.is_main,
-                                    resume_iteration=None if resume_from is None else _iteration_of(resume_from))
+                                    resume_iteration=None if resume_from is None else checkpoint_iteration(resume_from))
         if resume_from is not None:  # last, so that nothing above moves the restored random generators
             state = load_checkpoint(resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)
@@ -314,10 +314,6 @@ def perf_metrics(env_steps: float, trained_steps: float, rollout_seconds: float,
         metrics["perf/gpu_memory_gib"] = distributed.reduce_values(memory, ctx, "max")["gpu"]
         torch.cuda.reset_peak_memory_stats(ctx.device)
     return metrics
-
-
-def _iteration_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("iter_"))
 
 
 def _as_saved(config: TrainConfig) -> TrainConfig:

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import tyro
 
-from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, latest_checkpoint, write_json
+from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint, write_json
 from trainer.metrics import read_metrics
 from trainer.plot import plot_run
 
@@ -110,8 +111,9 @@ def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: str) -> Path
     if not results.is_file():
         shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
         trials = ["--trials-per-task", str(ex.train_eval_per_task)] if protocol == "train" else []
+        videos = len(ex.tasks) if ex.eval_videos else 0
         run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex), "--protocol", protocol,
-                   *trials, "--num-videos", str(len(ex.tasks) if ex.eval_videos else 0), "--output-dir", str(ex.work_dir), "--run-name", name,
+                   *trials, "--num-videos", str(videos), "--output-dir", str(ex.work_dir), "--run-name", name,
                    "--no-progress"), name, ex.work_dir)
     return results
 
@@ -125,24 +127,27 @@ def main(ex: Experiment) -> None:
     demos, init, sft, grpo_dir = (ex.work_dir / name for name in ("demos", "init", "sft", "grpo"))
     tasks = ",".join(map(str, ex.tasks))
     run(python("-m", "scripts.collect_demos", "collect", "--out-dir", str(demos), "--suite", ex.suite, "--tasks", tasks,
-               "--init-states", "train", "--per-task", str(ex.demos_per_task), "--workers", str(ex.workers)), "demos", ex.work_dir)
+               "--init-states", "train", "--per-task", str(ex.demos_per_task), "--workers", str(ex.workers)),
+        "demos", ex.work_dir)
     if not (init / "config.json").is_file():
         shutil.rmtree(init, ignore_errors=True)
-        run(python("-m", "scripts.make_small_vla", "--output-dir", str(init), "--demos", str(demos)), "init", ex.work_dir)
+        run(python("-m", "scripts.make_small_vla", "--output-dir", str(init), "--demos", str(demos)), "init",
+            ex.work_dir)
     sft_model = sft / "model"
     if not (sft_model / "config.json").is_file():
         run(python("OpenVLA_GRPO.py", "sft", "--checkpoint", str(init), "--demos", str(demos), "--output-dir",
                    str(sft), "--finetune", "full", "--dtype", "float32", "--no-gradient-checkpointing",
                    "--batch-size", str(ex.sft_batch_size), "--steps", str(ex.sft_steps), "--lr", str(ex.sft_lr),
-                   "--lr-schedule", "cosine", "--warmup-steps", "200", "--image-aug", "--loader-workers", str(ex.loader_workers),
-                   "--save-every", "500", "--log-every", "100", "--resume", *shlex.split(ex.extra_sft)), "sft", ex.work_dir)
+                   "--lr-schedule", "cosine", "--warmup-steps", "200", "--image-aug",
+                   "--loader-workers", str(ex.loader_workers), "--save-every", "500", "--log-every", "100",
+                   "--resume", *shlex.split(ex.extra_sft)), "sft", ex.work_dir)
         if not (sft_model / "config.json").is_file():
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
             return
     before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_model, protocol) for protocol in ("heldout", "train")}
 
     if grpo_iterations_done(grpo_dir) < ex.grpo_iterations:
-        resume = ["--resume", str(grpo_dir)] if (grpo_dir / "checkpoints").is_dir() else []
+        resume = ["--resume", str(grpo_dir)] if checkpoint_dirs(grpo_dir) else []
         run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(sft_model), "--finetune", "full",
                    "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex),
                    "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups),
@@ -158,7 +163,7 @@ def main(ex: Experiment) -> None:
 
 def grpo_iterations_done(grpo_dir: Path) -> int:
     found = checkpoint_dirs(grpo_dir)
-    return json.loads((found[-1] / "trainer_state.json").read_text())["iteration"] if found else 0
+    return checkpoint_iteration(found[-1]) if found else 0
 
 
 def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo_dir: Path) -> None:
@@ -187,8 +192,6 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
 
 
 def device_name() -> str:
-    import torch
-
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 

@@ -36,8 +36,9 @@ def test_shipped_checkpoint_solves_heldout_episodes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     result = subprocess.run([sys.executable, str(REPO / "OpenVLA_GRPO.py"), "eval", "--checkpoint",
-                             str(SHIPPED_CHECKPOINT), "--task-suite", "libero_spatial", "--task-ids", "0", "1", "2", "3",
-                             "--protocol", "heldout", "--trials-per-task", "1", "--num-envs", "2", "--num-videos", "0",
+                             str(SHIPPED_CHECKPOINT), "--task-suite", "libero_spatial",
+                             "--task-ids", "0", "1", "2", "3", "--protocol", "heldout", "--trials-per-task", "1",
+                             "--num-envs", "2", "--num-videos", "0",
                              "--output-dir", str(tmp_path), "--run-name", "shipped", "--no-progress"],
                             env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -51,7 +51,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_DIR.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_iteration)
+
+
+def checkpoint_iteration(checkpoint: Path) -> int:
+    """The iteration a checkpoints/iter_NNNNNN directory was saved after."""
+    return int(_CHECKPOINT_DIR.match(checkpoint.name).group(1))
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
