@@ -53,6 +53,7 @@ class GRPOTrainer:
     """Turns an SFT checkpoint and a LIBERO suite into a better policy with GRPO + LoRA (or full fine-tuning)."""
 
     def __init__(self, config: TrainConfig) -> None:
+        self.started, self.out_of_time = time.monotonic(), False  # for --max-seconds
         self.run_dir = check_train(config, distributed.launched_rank())
         self.config, self.ctx = config, distributed.setup(config.model.device)
         self.task_ids = check_env(config.env)
@@ -113,6 +114,8 @@ class GRPOTrainer:
             counts = distributed.reduce_values({**counts, **advantage_sums(advantages)}, ctx)
             self.iteration += 1
             self.env_steps += int(counts["episode_length_sum"])
+            self.out_of_time = self.config.max_seconds > 0 and distributed.reduce_values(
+                {"seconds": time.monotonic() - self.started}, ctx, op="max")["seconds"] > self.config.max_seconds
             trained = metrics["train/steps"] * cfg.optim.ppo_epochs
             metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics, **rollout_metrics(counts),
                        **perf_metrics(counts["episode_length_sum"], trained, rollout_seconds, started, ctx)}
@@ -238,7 +241,8 @@ class GRPOTrainer:
 
     def finished(self) -> bool:
         limit = self.config.iterations
-        return self.env_steps >= self.config.timesteps or (limit is not None and self.iteration >= limit)
+        return (self.env_steps >= self.config.timesteps or (limit is not None and self.iteration >= limit)
+                or self.out_of_time)
 
     def close(self) -> None:
         """Stops the env workers and the logger; the process group stays up for the rest of the process."""

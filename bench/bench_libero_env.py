@@ -1,6 +1,8 @@
-"""Env steps/s of LiberoVectorEnv rendering agentview + wrist at 256x256, with 1 and 2 worker processes.
+"""Env steps/s of LiberoVectorEnv rendering agentview + wrist at 256x256, with 1 and 2 (or --workers) processes,
+for single actions (OpenVLA: the cameras render after every step, as robosuite's own observables would) and for
+8-action chunks (OpenVLA-OFT: the workers render once per chunk), so the chunk-1 number is the baseline.
 
-Counts policy steps summed over the envs, including the image pipeline and the pipe round trip, excluding scene
+Counts env steps summed over the envs, including the image pipeline and the pipe round trip, excluding scene
 build and reset. Writes bench/results/libero_env.json.
 
     OMP_NUM_THREADS=1 MUJOCO_GL=egl .venv/bin/python -m bench.bench_libero_env
@@ -24,29 +26,32 @@ class Args:
     suite: str = "libero_spatial"
     """Suite whose task 0 is stepped."""
     steps: int = 40
-    """Timed steps per env."""
+    """Timed env steps per env (a multiple of every chunk size)."""
+    workers: tuple[int, ...] = (1, 2)
+    """Worker process counts to measure."""
+    chunks: tuple[int, ...] = (1, 8)
+    """Actions per policy query to measure (1: OpenVLA, 8: OpenVLA-OFT)."""
     warmup_steps: int = 3
     """Untimed steps per env before timing (the first renders are slower)."""
     out: str = "bench/results/libero_env.json"
     """Result file, written atomically."""
 
 
-def steps_per_second(args: Args, num_envs: int) -> float:
+def steps_per_second(args: Args, num_envs: int, chunk: int) -> float:
     rng = np.random.default_rng(0)
     total = args.warmup_steps + args.steps
     with LiberoVectorEnv(args.suite, num_envs=num_envs, wrist=True, resolution=256, max_steps=total) as env:
-        env.reset([EpisodeSpec(task_id=0, init_index=i) for i in range(num_envs)])
+        env.reset([EpisodeSpec(task_id=0, init_index=i % 50) for i in range(num_envs)])
 
-        def actions() -> np.ndarray:
-            batch = rng.uniform(-0.3, 0.3, size=(num_envs, 7))
-            batch[:, 6] = 1.0
+        def actions(length: int) -> np.ndarray:
+            batch = rng.uniform(-0.3, 0.3, size=(num_envs, length, 7))
+            batch[..., 6] = 1.0
             return batch
 
-        for _ in range(args.warmup_steps):
-            env.step(actions())
+        env.step(actions(args.warmup_steps))
         start = time.perf_counter()
-        for _ in range(args.steps):
-            result = env.step(actions())
+        for _ in range(args.steps // chunk):
+            result = env.step(actions(chunk))
         elapsed = time.perf_counter() - start
     if (result.steps != total).any() or result.lost.any():
         raise RuntimeError(f"an episode ended early (steps {result.steps.tolist()}, lost {result.lost.tolist()})")
@@ -75,9 +80,15 @@ def cpu_description() -> str:
 
 def main(args: Args) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
+    if any(args.steps % chunk for chunk in args.chunks):
+        raise ValueError(f"--steps {args.steps} must be a multiple of every --chunks value {args.chunks}")
+    rates = {f"{workers}_workers_chunk_{chunk}": round(steps_per_second(args, workers, chunk), 2)
+             for workers in args.workers for chunk in args.chunks}
     results = {
-        "steps_per_s_1_worker": round(steps_per_second(args, 1), 2),
-        "steps_per_s_2_workers": round(steps_per_second(args, 2), 2),
+        "steps_per_s": rates,
+        "chunk_speedup": {f"{workers}_workers": round(rates[f"{workers}_workers_chunk_{max(args.chunks)}"]
+                                                     / rates[f"{workers}_workers_chunk_{min(args.chunks)}"], 2)
+                          for workers in args.workers},
         "render": f"MUJOCO_GL={os.environ['MUJOCO_GL']}, {gl_renderer()}; agentview + wrist at 256x256",
         "cpu": cpu_description(),
         "suite": args.suite,

@@ -13,6 +13,7 @@ continues across machine leases:
   eval_sft   python OpenVLA_GRPO.py eval --protocol heldout / train
   grpo       python OpenVLA_GRPO.py train --finetune full (periodic held-out eval = the learning curve)
   eval_grpo  the same evals on GRPO's final checkpoint
+  export     GRPO's final model cast to bfloat16 in 15 MB shards (the size to ship), and its held-out eval
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
 Every command it runs is printed, so each stage can be reproduced by hand.
 """
@@ -25,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -32,6 +34,7 @@ import tyro
 from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint, write_json
 from trainer.metrics import read_metrics
 from trainer.plot import plot_run
+from vla_actor import load_policy
 
 RESULT_JSON = Path("bench/results/libero_learning.json")
 MEDIA_DIR = Path("docs/media")
@@ -82,6 +85,8 @@ class Experiment:
     """More flags for the sft command, as one string (e.g. "--max-seconds 500")."""
     extra_grpo: str = ""
     """More flags for the train command, as one string."""
+    until: Literal["eval_sft", "all"] = "all"
+    """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model."""
 
 
 def run(command: list[str], stage: str, work_dir: Path) -> None:
@@ -145,6 +150,8 @@ def main(ex: Experiment) -> None:
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
             return
     before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_model, protocol) for protocol in ("heldout", "train")}
+    if ex.until == "eval_sft":
+        return
 
     if grpo_iterations_done(grpo_dir) < ex.grpo_iterations:
         resume = ["--resume", str(grpo_dir)] if checkpoint_dirs(grpo_dir) else []
@@ -156,9 +163,21 @@ def main(ex: Experiment) -> None:
                    "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
                    "--output-dir", str(ex.work_dir), "--run-name", "grpo", "--no-progress", *resume,
                    *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
+    # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
+    done = grpo_iterations_done(grpo_dir)
     final = latest_checkpoint(grpo_dir) / MODEL_DIR
-    after = {protocol: evaluate(ex, f"eval_grpo_{protocol}", final, protocol) for protocol in ("heldout", "train")}
+    after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", final, protocol) for protocol in ("heldout", "train")}
+    exported = export_bfloat16(final, ex.work_dir / f"export{done}")
+    after["shipped"] = evaluate(ex, f"eval_export{done}_heldout", exported, "heldout")
     record(ex, before, after, grpo_dir)
+
+
+def export_bfloat16(model_dir: Path, export_dir: Path) -> Path:
+    """The model cast to bfloat16 in shards of at most 15 MB (under the GPU machine's 16 MiB file limit)."""
+    if not (export_dir / "config.json").is_file():
+        shutil.rmtree(export_dir, ignore_errors=True)
+        load_policy(model_dir, dtype=torch.bfloat16).merge_and_export(export_dir, max_shard_bytes=15_000_000)
+    return export_dir
 
 
 def grpo_iterations_done(grpo_dir: Path) -> int:
@@ -176,6 +195,7 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
               "heldout_success_grpo": success_rate(after["heldout"]),
               "train_success_sft": success_rate(before["train"]),
               "train_success_grpo": success_rate(after["train"]),
+              "heldout_success_grpo_bfloat16": success_rate(after["shipped"]),
               "episodes_eval": episodes, "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
               "wall_seconds": round(sum(timings.values()), 1), "stage_seconds": timings,
@@ -184,8 +204,8 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
     write_json(RESULT_JSON, result)
     MEDIA_DIR.mkdir(parents=True, exist_ok=True)
     plot_run(grpo_dir, MEDIA_DIR / "libero_learning_curves.png")
-    for stage, name in (("before", "eval_sft_heldout"), ("after", "eval_grpo_heldout")):
-        videos = sorted((ex.work_dir / name / "videos").glob("*.mp4"))
+    for stage, results in (("before", before["heldout"]), ("after", after["heldout"])):
+        videos = sorted((results.parent / "videos").glob("*.mp4"))
         if videos:
             shutil.copyfile(videos[0], MEDIA_DIR / f"libero_learning_{stage}.mp4")
     print(json.dumps(result, indent=2), flush=True)

@@ -51,6 +51,43 @@ def test_every_suite_resets_and_steps(suite):
         assert result.steps.tolist() == [2] and result.done[0] and not result.success[0] and not result.lost[0]
 
 
+def test_worker_renders_once_per_chunk_what_the_camera_observables_show():
+    """The worker disables robosuite's camera observables and renders after the chunk itself. Its physics must
+    match an env that renders every step, and its images what robosuite's camera sensors give at that state."""
+    from libero_env._worker import AGENTVIEW, WRIST, _Simulator
+    from libero_env.expert import make_env
+    from libero_env.processing import preprocess_image
+    from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION, load_tasks
+
+    task = load_tasks("libero_spatial")[0]
+    chunk = np.array([[0.3, -0.2, 0.1, 0.0, 0.0, 0.0, -1.0]] * 3)
+    simulator = _Simulator(wrist=True, resolution=256)
+    try:
+        simulator.reset(task.bddl_file, task.init_states[4], record=False)
+        answer = simulator.step(chunk, record=False)
+        assert answer["executed"] == 3
+        state = simulator.env.get_sim_state()
+        # robosuite's own camera sensors, switched back on and sampled at this very moment (no forward(): after a
+        # step both see the kinematics of the last substep) in the same GL context (another context's images
+        # differ in anti-aliased edges)
+        for camera in (AGENTVIEW, WRIST):
+            simulator.env.env.modify_observable(f"{camera}_image", "enabled", True)
+        obs = simulator.env.env._get_observations(force_update=True)
+        np.testing.assert_array_equal(answer["agentview"], preprocess_image(obs["agentview_image"]))
+        np.testing.assert_array_equal(answer["wrist"], preprocess_image(obs["robot0_eye_in_hand_image"]))
+    finally:
+        simulator.close()
+    reference = make_env(task.bddl_file, cameras=True)
+    try:
+        reference.reset()
+        reference.set_init_state(task.init_states[4])
+        for action in [WAIT_ACTION] * NUM_WAIT_STEPS + chunk.tolist():
+            reference.step(list(action))
+        np.testing.assert_array_equal(state, reference.get_sim_state())
+    finally:
+        reference.close()
+
+
 @pytest.fixture(scope="module")
 def env():
     with LiberoVectorEnv("libero_spatial", num_envs=2, max_steps=5, start_method="forkserver") as vector_env:

@@ -164,6 +164,16 @@ def test_logged_non_finite_values_are_json_null(checkpoint, tmp_path):
     assert row["train/skipped_steps"] == 1 and row["train/loss"] is None
 
 
+def test_max_seconds_stops_after_the_iteration_with_an_eval_and_a_checkpoint(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "5", "--eval-every", "3", "--save-every", "3",
+                          "--max-seconds", "1e-6", "--no-eval-at-start")
+    trainer.train()
+    trainer.close()
+    rows = read_metrics(trainer.run_dir)
+    assert [row["iteration"] for row in rows] == [1] and "eval/success_rate" in rows[0]
+    assert [p.name for p in checkpoint_dirs(trainer.run_dir)] == ["iter_000001"]
+
+
 def test_checkpoint_restores_optimizer_and_random_generators(checkpoint, tmp_path):
     trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "1", "--eval-every", "0", "--keep-last", "2")
     trainer.train()
