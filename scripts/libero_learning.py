@@ -10,10 +10,10 @@ continues across machine leases:
   demos      python -m scripts.collect_demos collect (training init states only)
   init       python -m scripts.make_small_vla (random weights, the demos' statistics)
   sft        python OpenVLA_GRPO.py sft --finetune full (resumable, --max-seconds per lease)
-  eval_sft   python OpenVLA_GRPO.py eval --protocol heldout / train
+  eval_sft   the SFT model cast to bfloat16 in 15 MB shards (the form that ships), then
+             python OpenVLA_GRPO.py eval --protocol heldout / train on it
   grpo       python OpenVLA_GRPO.py train --finetune full (periodic held-out eval = the learning curve)
-  eval_grpo  the same evals on GRPO's final checkpoint
-  export     GRPO's final model cast to bfloat16 in 15 MB shards (the size to ship), and its held-out eval
+  eval_grpo  the same export and evals for GRPO's final checkpoint
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
 Every command it runs is printed, so each stage can be reproduced by hand.
 """
@@ -36,8 +36,6 @@ from trainer.metrics import read_metrics
 from trainer.plot import plot_run
 from vla_actor import load_policy
 
-RESULT_JSON = Path("bench/results/libero_learning.json")
-MEDIA_DIR = Path("docs/media")
 TIMINGS_FILE = "stage_seconds.json"
 
 
@@ -85,6 +83,10 @@ class Experiment:
     """More flags for the sft command, as one string (e.g. "--max-seconds 500")."""
     extra_grpo: str = ""
     """More flags for the train command, as one string."""
+    result_json: Path = Path("bench/results/libero_learning.json")
+    """Where the record stage writes the results (point it elsewhere for smoke runs)."""
+    media_dir: Path = Path("docs/media")
+    """Where the record stage writes the curve PNG and the before/after videos."""
     until: Literal["eval_sft", "all"] = "all"
     """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model."""
 
@@ -149,7 +151,8 @@ def main(ex: Experiment) -> None:
         if not (sft_model / "config.json").is_file():
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
             return
-    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_model, protocol) for protocol in ("heldout", "train")}
+    sft_export = export_bfloat16(sft_model, ex.work_dir / "sft_export")
+    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_export, protocol) for protocol in ("heldout", "train")}
     if ex.until == "eval_sft":
         return
 
@@ -165,10 +168,9 @@ def main(ex: Experiment) -> None:
                    *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = grpo_iterations_done(grpo_dir)
-    final = latest_checkpoint(grpo_dir) / MODEL_DIR
-    after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", final, protocol) for protocol in ("heldout", "train")}
-    exported = export_bfloat16(final, ex.work_dir / f"export{done}")
-    after["shipped"] = evaluate(ex, f"eval_export{done}_heldout", exported, "heldout")
+    grpo_export = export_bfloat16(latest_checkpoint(grpo_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
+    after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", grpo_export, protocol)
+             for protocol in ("heldout", "train")}
     record(ex, before, after, grpo_dir)
 
 
@@ -195,19 +197,21 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
               "heldout_success_grpo": success_rate(after["heldout"]),
               "train_success_sft": success_rate(before["train"]),
               "train_success_grpo": success_rate(after["train"]),
-              "heldout_success_grpo_bfloat16": success_rate(after["shipped"]),
               "episodes_eval": episodes, "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
               "wall_seconds": round(sum(timings.values()), 1), "stage_seconds": timings,
-              "demos_per_task": ex.demos_per_task, "command": "python -m scripts.libero_learning " + shlex.join(
+              "demos_per_task": ex.demos_per_task,
+              "evaluated_models": "bfloat16 copies (sft_export, grpo<N>_export), as shipped; the learning curve "
+                                  "is GRPO's own periodic eval of the float32 model it trains",
+              "command": "python -m scripts.libero_learning " + shlex.join(
                   sys.argv[1:]), "device": device_name()}
-    write_json(RESULT_JSON, result)
-    MEDIA_DIR.mkdir(parents=True, exist_ok=True)
-    plot_run(grpo_dir, MEDIA_DIR / "libero_learning_curves.png")
+    write_json(ex.result_json, result)
+    ex.media_dir.mkdir(parents=True, exist_ok=True)
+    plot_run(grpo_dir, ex.media_dir / "libero_learning_curves.png")
     for stage, results in (("before", before["heldout"]), ("after", after["heldout"])):
         videos = sorted((results.parent / "videos").glob("*.mp4"))
         if videos:
-            shutil.copyfile(videos[0], MEDIA_DIR / f"libero_learning_{stage}.mp4")
+            shutil.copyfile(videos[0], ex.media_dir / f"libero_learning_{stage}.mp4")
     print(json.dumps(result, indent=2), flush=True)
 
 
