@@ -63,7 +63,9 @@ def test_worker_renders_once_per_chunk_what_the_camera_observables_show():
     chunk = np.array([[0.3, -0.2, 0.1, 0.0, 0.0, 0.0, -1.0]] * 3)
     simulator = _Simulator(wrist=True, resolution=256)
     try:
-        simulator.reset(task.bddl_file, task.init_states[4], record=False)
+        for init_index in (3, 4):  # a hard reset replaces the sensors but must keep the cameras switched off
+            simulator.reset(task.bddl_file, task.init_states[init_index], record=False)
+            assert not {"agentview_image", "robot0_eye_in_hand_image"} & set(simulator.env.env.observation_spec())
         answer = simulator.step(chunk, record=False)
         assert answer["executed"] == 3
         state = simulator.env.get_sim_state()
