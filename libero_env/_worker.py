@@ -23,8 +23,8 @@ class _Simulator:
     """One OffScreenRenderEnv, rebuilt when the task changes, reset the way the reference eval does.
 
     The cameras are rendered once per answer, after the last executed action, instead of after every action by
-    robosuite's camera observables (disabled here): an 8-action chunk then renders 2 images instead of 16, about
-    5x fewer seconds per chunk. The image is the camera sensor's own render call at the same resolution, taken
+    robosuite's camera observables (disabled here): an 8-action chunk then renders 2 images instead of 16, 5.2x
+    the env steps/s with software rendering and 2.5x on an H100 machine (BENCHMARKS.md). The image is the camera sensor's own render call at the same resolution, taken
     one 2 ms physics substep after robosuite would sample it.
     """
 
