@@ -207,6 +207,8 @@ class GRPOTrainer:
             kl = grpo.kl_k3(logp, base_logp)
             loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights, mask)
             stats.mean("kl_to_base", grpo.masked_mean(kl.detach(), mask), tokens)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * grpo.aggregate(entropy, weights, mask)
         stats.mean("entropy", grpo.masked_mean(entropy.detach(), mask), tokens)
         for name in ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1", "approx_kl_k3"):
             stats.mean(name, loss_stats[name], tokens)

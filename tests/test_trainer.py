@@ -117,6 +117,23 @@ def test_micro_batches_add_up_to_the_mini_batch_gradient(checkpoint, tmp_path):
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-7)
 
 
+def test_entropy_bonus_subtracts_the_aggregated_action_entropy(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--entropy-coef", "0.05")
+    batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                              dynamic_sampling=True, max_refill_rounds=8)
+    rows = torch.arange(batch.num_steps)
+    weights = torch.full((batch.num_steps, batch.token_ids.shape[1]), 1.0 / batch.token_ids.numel())  # token-mean
+    zero_advantages = torch.zeros(batch.num_steps)  # the PPO term vanishes: only the bonus is left
+    stats = UpdateStats()
+    loss = trainer.micro_batch_loss(batch, rows, zero_advantages, weights, stats)
+    _, entropy = trainer.policy.log_probs(batch.agentview, batch.instructions, batch.token_ids, temperature=1.6)
+    trainer.close()
+    assert entropy.mean() > 0
+    torch.testing.assert_close(loss.detach(), -0.05 * entropy.mean().detach(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="--entropy-coef must be >= 0"):
+        toy_trainer(checkpoint, tmp_path, "--run-name", "negative", "--entropy-coef", "-0.1")
+
+
 def poison_gradient(grad: torch.Tensor) -> torch.Tensor:
     return torch.full_like(grad, float("nan"))
 

@@ -117,6 +117,10 @@ class GrpoConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL to the base model (the same model with the adapter disabled, REF 9.4); 0 as in every
     surveyed VLA recipe."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
+    action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
+    the GRPO of the guide."""
 
 
 @dataclass

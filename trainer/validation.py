@@ -81,6 +81,8 @@ def check_train(config: TrainConfig, rank: int = 0) -> Path:
                          f"round play {unit} groups; choose --num-envs a multiple or divisor of --group-size")
     if config.iterations is not None and config.iterations < 1:
         raise ValueError(f"--iterations must be >= 1 (or omitted), got {config.iterations}")
+    if grpo.entropy_coef < 0:
+        raise ValueError(f"--entropy-coef must be >= 0 (a bonus on entropy), got {grpo.entropy_coef}")
     if grpo.max_refill_rounds < 0:
         raise ValueError(f"--max-refill-rounds must be >= 0, got {grpo.max_refill_rounds}")
     per_task = config.evaluation.eval_episodes_per_task
