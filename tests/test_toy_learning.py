@@ -1,6 +1,6 @@
 """GRPO learns: the tiny look-alike VLA, trained on the one-step toy task from random weights, goes from chance to
 well above it on 40 held-out toy instances in every run, and to >= 80 % greedy success in at least one of two
-seeds (the runs of bench/bench_toy_learning.py, two processes side by side, ~15 CPU minutes).
+seeds (the runs of bench/bench_toy_learning.py, two processes side by side, ~17 minutes on 2 cores).
 
 One seed's outcome at 60 iterations depends on the CPU's float rounding: on one machine seed 0 reached 0.95, on
 another it stayed at 0.5 with every group all-success or all-fail (BENCHMARKS.md), so one run cannot carry the
