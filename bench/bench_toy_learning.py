@@ -48,7 +48,8 @@ def toy_learning(seed: int = 0) -> dict:
         rows = read_metrics(trainer.run_dir)
     evals = [(row["iteration"], row["eval/success_rate"]) for row in rows if "eval/success_rate" in row]
     result = {"seed": seed, "success_before": evals[0][1], "success_after": evals[-1][1],
-              "iterations": rows[-1]["iteration"], "seconds": round(seconds, 1), "eval_success_by_iteration": {str(i): rate for i, rate in evals},
+              "iterations": rows[-1]["iteration"], "seconds": round(seconds, 1),
+              "eval_success_by_iteration": {str(i): rate for i, rate in evals},
               "rollout_success_by_iteration": {str(row["iteration"]): row["rollout/success_rate"]
                                                for row in rows if "rollout/success_rate" in row},
               "heldout_episodes": 40,
