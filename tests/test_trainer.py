@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import grpo
+from libero_env import EpisodeSpec
 from OpenVLA_GRPO import GRPOTrainer, parse_command
 from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
 from trainer.metrics import UpdateStats, read_metrics
-from trainer.rollout import Rollouts, collect_groups
+from trainer.rollout import Rollouts, collect_groups, schedule_waves
 from trainer.sampler import GroupSampler
 
 torch.set_num_threads(1)
@@ -54,6 +55,16 @@ def test_group_sampler_visits_every_pair_once_per_pass_and_resumes():
     restored.load_state_dict(state)
     assert restored.next(8) == expected
     assert GroupSampler([0, 2], [5, 6, 7], seed=[3, 1]).next(6) != first_pass  # another rank, another order
+
+
+def test_waves_spread_the_first_over_tasks_and_keep_each_env_on_its_task():
+    tasks = [0] * 3 + [1] * 3 + [2] * 2  # e.g. held-out episodes sorted by task
+    waves = schedule_waves([EpisodeSpec(t, i) for i, t in enumerate(tasks)], num_envs=3)
+    assert waves == [[0, 3, 6], [1, 4, 7], [2, 5]]  # env 0 plays task 0, env 1 task 1, env 2 task 2
+    tasks = [2, 2, 2, 2, 5, 5, 5, 5]
+    waves = schedule_waves([EpisodeSpec(t, 0) for t in tasks], num_envs=3)
+    assert [[tasks[i] for i in wave] for wave in waves] == [[2, 5, 2], [2, 5, 2], [5, 5]]  # one switch: env 2
+    assert sorted(i for wave in waves for i in wave) == list(range(8))
 
 
 def test_rollouts_select_and_concat_keep_steps_with_their_episodes():

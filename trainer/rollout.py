@@ -112,11 +112,36 @@ class Rollouts:
         )
 
 
+def schedule_waves(specs: list[EpisodeSpec], num_envs: int) -> list[list[int]]:
+    """Indices into `specs` for each wave; position i of a wave is env i. A LIBERO worker rebuilds its scene
+    (seconds) whenever its task changes, so each env gets an episode of the task it played last while one is left,
+    and otherwise one of the task with the most episodes left per env already given it in this wave, which also
+    spreads the first wave over the tasks."""
+    pending: dict[int, list[int]] = {}
+    for index, spec in enumerate(specs):
+        pending.setdefault(spec.task_id, []).append(index)
+    env_tasks: list[int | None] = [None] * num_envs
+    waves: list[list[int]] = []
+    remaining = len(specs)
+    while remaining:
+        wave: list[int] = []
+        for env_index in range(min(num_envs, remaining)):
+            task = env_tasks[env_index]
+            if not pending.get(task):
+                given = [specs[i].task_id for i in wave]
+                task = max(sorted(pending), key=lambda t: len(pending[t]) / (1 + given.count(t)))
+            wave.append(pending[task].pop(0))
+            env_tasks[env_index] = task
+            remaining -= 1
+        waves.append(wave)
+    return waves
+
+
 def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
                   progress: bool = False) -> Rollouts:
-    """Plays `specs` in waves of env.num_envs episodes (the last wave padded with repeats whose results are
-    discarded) and returns their outcomes, plus every policy step when `keep_steps`."""
+    """Plays `specs` in waves of env.num_envs episodes (schedule_waves; the last wave padded with repeats whose
+    results are discarded) and returns their outcomes, plus every policy step when `keep_steps`."""
     n, total = env.num_envs, len(specs)
     steps: dict[str, list] = {k: [] for k in ("agentview", "wrist", "proprio", "instructions", "token_ids",
                                               "log_probs", "step_episode")}
@@ -125,11 +150,15 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
     videos: dict[int, list[np.ndarray]] = {}
     bar = tqdm(total=total, desc="eval" if greedy else "rollout", unit="ep", leave=False,
                disable=None if progress else True)
-    for start in range(0, total, n):
-        wave = specs[start:start + n]
-        real = len(wave)
-        wave = wave + [EpisodeSpec(wave[-1].task_id, wave[-1].init_index)] * (n - real)
-        obs = env.reset(wave)
+    previous: list[EpisodeSpec | None] = [None] * n
+    for wave in schedule_waves(specs, n):
+        episodes, real = np.array(wave), len(wave)
+        wave_specs = [specs[i] for i in wave]
+        for i in range(real, n):  # padding replays the env's previous task: no scene rebuild
+            source = previous[i] or wave_specs[-1]
+            wave_specs.append(EpisodeSpec(source.task_id, source.init_index))
+        previous = wave_specs
+        obs = env.reset(wave_specs)
         done = np.zeros(n, dtype=bool)
         done[real:] = True  # padding: its actions are never sampled (finished envs ignore them)
         while not done.all():
@@ -150,10 +179,10 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
                 steps["instructions"].extend(instructions)
                 steps["token_ids"].append(out.token_ids.cpu())
                 steps["log_probs"].append(out.log_probs.float().cpu())
-                steps["step_episode"].append(start + alive)
+                steps["step_episode"].append(episodes[alive])
             result = env.step(actions)
             finished = alive[result.done[alive]]
-            episode = start + finished
+            episode = episodes[finished]
             success[episode] = result.success[finished]
             lost[episode] = result.lost[finished]
             lengths[episode] = result.steps[finished]
@@ -161,8 +190,8 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
             bar.update(len(finished))
             obs = result.obs
         for i in range(real):
-            if wave[i].record_video:
-                videos[start + i] = env.frames(i)
+            if wave_specs[i].record_video:
+                videos[int(episodes[i])] = env.frames(i)
     bar.close()
     return Rollouts(
         agentview=_stack(steps["agentview"], np.uint8, (0, 224, 224, 3)),
