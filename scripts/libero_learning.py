@@ -19,6 +19,7 @@ Every command it runs is printed, so each stage can be reproduced by hand.
 """
 
 import json
+import math
 import shlex
 import shutil
 import subprocess
@@ -69,6 +70,10 @@ class Experiment:
     """Groups per iteration."""
     temperature: float = 1.0
     """Rollout sampling temperature."""
+    ppo_epochs: int = 1
+    """GRPO passes over each iteration's rollouts."""
+    mini_batch_size: int = 256
+    """GRPO policy steps per optimizer step (an iteration of 64 episodes holds ~1,000-1,500 steps)."""
     eval_every: int = 5
     """GRPO iterations between held-out evals (the learning curve)."""
     train_eval_per_task: int = 10
@@ -161,8 +166,9 @@ def main(ex: Experiment) -> None:
         run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(sft_model), "--finetune", "full",
                    "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex),
                    "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups),
-                   "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", "1",
-                   "--mini-batch-size", "256", "--micro-batch-size", "64", "--iterations", str(ex.grpo_iterations),
+                   "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
+                   "--mini-batch-size", str(ex.mini_batch_size),
+                   "--micro-batch-size", str(math.gcd(64, ex.mini_batch_size)), "--iterations", str(ex.grpo_iterations),
                    "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
                    "--output-dir", str(ex.work_dir), "--run-name", "grpo", "--no-progress", *resume,
                    *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
