@@ -328,7 +328,7 @@ def _as_saved(config: TrainConfig) -> TrainConfig:
 
 
 def run_evaluation(config: EvaluateConfig) -> Path:
-    """The eval subcommand: greedy episodes, per-task success table (JSON + markdown) and videos."""
+    """The eval subcommand: greedy (or sampled) episodes, per-task success table (JSON + markdown) and videos."""
     results_dir = check_eval(config, distributed.launched_rank())
     task_ids = check_env(config.env)
     ctx = distributed.setup(config.model.device)
@@ -344,7 +344,8 @@ def run_evaluation(config: EvaluateConfig) -> Path:
     env = make_env(config.env, wrist=inputs.wrist)
     try:
         results = evaluate(env, policy, [EpisodeSpec(t, i) for t in task_ids for i in inits], inputs, ctx,
-                           results_dir / "videos", "eval", config.num_videos, progress=config.progress)
+                           results_dir / "videos", "eval", config.num_videos, progress=config.progress,
+                           temperature=config.temperature)
         instructions = {t: env.instruction(t) for t in task_ids}
     finally:
         env.close()

@@ -205,3 +205,17 @@ def test_eval_protocols_take_their_split(checkpoint, tmp_path, protocol):
     first = (train if protocol == "train" else heldout)[0]
     [video] = (tmp_path / protocol / "videos").iterdir()
     assert video.name.startswith(f"eval_task00_init{first:02d}_")
+
+
+def test_eval_can_sample_at_a_temperature(checkpoint, tmp_path):
+    result = run_cli("eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--task-ids", "0",
+                     "--protocol", "train", "--trials-per-task", "4", "--num-envs", "4", "--num-videos", "0",
+                     "--temperature", "0.7", "--output-dir", str(tmp_path), "--run-name", "sampled")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "sampled" / "results.json").read_text())
+    assert results["config"]["temperature"] == 0.7 and results["overall"]["episodes"] == 4
+    assert "success, sampled at temperature 0.7 actions" in (tmp_path / "sampled" / "results.md").read_text()
+    rejected = run_cli("eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--temperature", "0",
+                       "--output-dir", str(tmp_path), "--run-name", "zero")
+    assert rejected.returncode == 1 and rejected.stderr.strip().splitlines() == [
+        "OpenVLA_GRPO.py: error: --temperature must be > 0 (or left out for greedy actions), got 0.0"]

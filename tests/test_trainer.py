@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,11 +17,14 @@ import torch
 
 import grpo
 from libero_env import EpisodeSpec
+from libero_env.toy import ToyVectorEnv
 from OpenVLA_GRPO import GRPOTrainer, parse_command
 from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
 from trainer.metrics import UpdateStats, read_metrics
-from trainer.rollout import Rollouts, collect_groups, schedule_waves
+from trainer import distributed
+from trainer.evaluation import evaluate
+from trainer.rollout import PolicyInputs, Rollouts, collect_groups, schedule_waves
 from trainer.sampler import GroupSampler
 
 torch.set_num_threads(1)
@@ -65,6 +69,27 @@ def test_waves_spread_the_first_over_tasks_and_keep_each_env_on_its_task():
     waves = schedule_waves([EpisodeSpec(t, 0) for t in tasks], num_envs=3)
     assert [[tasks[i] for i in wave] for wave in waves] == [[2, 5, 2], [2, 5, 2], [5, 5]]  # one switch: env 2
     assert sorted(i for wave in waves for i in wave) == list(range(8))
+
+
+class RecordingPolicy:
+    """Zero actions; remembers how each batch was asked to be sampled."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, bool]] = []
+
+    def sample(self, agentview, instructions, wrist, proprio, temperature, greedy):
+        self.calls.append((temperature, greedy))
+        return SimpleNamespace(actions=np.zeros((len(agentview), 7), dtype=np.float32))
+
+
+@pytest.mark.parametrize("temperature, expected", [(None, (1.0, True)), (0.7, (0.7, False))])
+def test_eval_is_greedy_unless_given_a_temperature(temperature, expected):
+    policy = RecordingPolicy()
+    results = evaluate(ToyVectorEnv(num_envs=2, num_init_states=10, horizon=2), policy,
+                       [EpisodeSpec(0, i) for i in range(3)], PolicyInputs(wrist=False, proprio=False),
+                       distributed.setup("cpu"), None, "eval", 0, temperature=temperature)
+    assert sum(results.episodes.values()) == 3
+    assert policy.calls and set(policy.calls) == {expected}
 
 
 def test_rollouts_select_and_concat_keep_steps_with_their_episodes():

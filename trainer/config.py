@@ -232,7 +232,8 @@ class DemoConfig(TrainConfig):
 
 @dataclass
 class EvaluateConfig:
-    """Greedy evaluation of a checkpoint (+ adapter): a per-task success table (JSON and markdown) and videos."""
+    """Greedy (or sampled) evaluation of a checkpoint (+ adapter): a per-task success table (JSON and markdown)
+    and videos."""
 
     model: OmitPrefix[ModelConfig] = field(default_factory=ModelConfig)
     env: OmitPrefix[EnvConfig] = field(default_factory=EnvConfig)
@@ -243,6 +244,9 @@ class EvaluateConfig:
     trials_per_task: int = 50
     """Episodes per task (REF 5.4: 50); heldout and train take the first trials_per_task init states of their
     split, or all of them when the split has fewer."""
+    temperature: float | None = None
+    """None: greedy actions (the published protocol). A value: sample the action tokens at this temperature, as
+    GRPO's rollouts do; the sampled success is the signal GRPO starts from."""
     seed: int = 7
     """Seed of everything (REF 5.4: 7)."""
     num_videos: int = 10

@@ -1,4 +1,5 @@
-"""Greedy evaluation: per-task success over a list of episodes, shared among ranks, with videos from rank 0."""
+"""Evaluation, greedy or sampled at a temperature: per-task success over a list of episodes, shared among ranks,
+with videos from rank 0."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ class TaskResults:
 
 
 def evaluate(env: VectorEnv, policy: Any, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
-             video_dir: Path | None, video_prefix: str, num_videos: int, progress: bool = False) -> TaskResults:
-    """Plays `episodes` greedily, rank r taking every world_size-th one. Rank 0 records its first episode of each
-    task (up to `num_videos`) to <video_dir>/<prefix>_task<t>_init<i>_<success|failure>.mp4. Lost episodes are
-    replayed until they finish."""
+             video_dir: Path | None, video_prefix: str, num_videos: int, progress: bool = False,
+             temperature: float | None = None) -> TaskResults:
+    """Plays `episodes` greedily (or sampled at `temperature`), rank r taking every world_size-th one. Rank 0
+    records its first episode of each task (up to `num_videos`) to
+    <video_dir>/<prefix>_task<t>_init<i>_<success|failure>.mp4. Lost episodes are replayed until they finish."""
     mine = episodes[ctx.rank::ctx.world_size]
     recorded: set[int] = set()
     filmed_tasks: set[int] = set()
@@ -49,7 +51,8 @@ def evaluate(env: VectorEnv, policy: Any, episodes: list[EpisodeSpec], inputs: P
         if not len(pending):
             break
         result = play_episodes(env, policy, [specs[i] for i in pending], np.zeros(len(pending), dtype=np.int64),
-                               inputs, temperature=1.0, greedy=True, keep_steps=False, progress=progress)
+                               inputs, temperature=temperature or 1.0, greedy=temperature is None, keep_steps=False,
+                               progress=progress)
         success[pending] = result.success
         for row, frames in result.videos.items():
             spec = specs[pending[row]]
@@ -77,7 +80,8 @@ def write_results(results_dir: Path, results: TaskResults, instructions: dict[in
     total = {"successes": sum(results.successes.values()), "episodes": sum(results.episodes.values()),
              "success_rate": results.success_rate}
     write_json(results_dir / "results.json", {"config": config, "tasks": rows, "overall": total})
-    lines = [f"# {config['env']['task_suite']}: greedy success ({config['protocol']} protocol)", "",
+    actions = "greedy" if config["temperature"] is None else f"sampled at temperature {config['temperature']}"
+    lines = [f"# {config['env']['task_suite']}: success, {actions} actions ({config['protocol']} protocol)", "",
              f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`", "",
              "| task | instruction | successes | episodes | success rate |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {r['task_id']} | {r['instruction']} | {r['successes']} | {r['episodes']} | "

@@ -117,6 +117,8 @@ def check_eval(config: EvaluateConfig, rank: int = 0) -> Path:
     if not 1 <= config.trials_per_task <= suite_shape(config.env.task_suite).num_init_states:
         raise ValueError(f"--trials-per-task must be in 1..{suite_shape(config.env.task_suite).num_init_states}, "
                          f"got {config.trials_per_task}")
+    if config.temperature is not None and not config.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 (or left out for greedy actions), got {config.temperature}")
     results_dir = config.output_dir / (config.run_name or default_run_name(f"eval-{config.env.task_suite}"))
     if rank == 0 and results_dir.exists():
         raise FileExistsError(f"results directory {results_dir} already exists; choose another --run-name")
