@@ -11,7 +11,8 @@ continues across machine leases:
   init       python -m scripts.make_small_vla (random weights, the demos' statistics)
   sft        python OpenVLA_GRPO.py sft --finetune full (resumable, --max-seconds per lease)
   eval_sft   the SFT model cast to bfloat16 in 15 MB shards (the form that ships), then
-             python OpenVLA_GRPO.py eval --protocol heldout / train on it
+             python OpenVLA_GRPO.py eval --protocol heldout / train on it, and --protocol train --temperature T
+             (success with actions sampled as GRPO's rollouts sample them: the signal GRPO starts from)
   grpo       python OpenVLA_GRPO.py train --finetune full (periodic held-out eval = the learning curve)
   eval_grpo  the same export and evals for GRPO's final checkpoint
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
@@ -69,7 +70,7 @@ class Experiment:
     groups: int = 8
     """Groups per iteration."""
     temperature: float = 1.0
-    """Rollout sampling temperature."""
+    """Rollout sampling temperature (also of the sampled evals)."""
     ppo_epochs: int = 1
     """GRPO passes over each iteration's rollouts."""
     mini_batch_size: int = 256
@@ -80,6 +81,9 @@ class Experiment:
     """Training init states per task in the train-split evals."""
     max_steps: int | None = None
     """Override the suite's policy-step horizon in evals and GRPO (short smoke runs only); None: the suite's."""
+    sampled_evals: bool = True
+    """Also evaluate the training init states with actions sampled at the rollout temperature, before and after
+    GRPO (what GRPO optimises; greedy success is what it is judged by)."""
     eval_videos: bool = True
     """Write one MP4 per task in every eval (needs imageio-ffmpeg)."""
     loader_workers: int = 12
@@ -119,13 +123,16 @@ def env_flags(ex: Experiment) -> list[str]:
 
 
 def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: str) -> Path:
+    """Greedy eval of `checkpoint`; protocol "sampled" is the train protocol at the rollout temperature."""
     results = ex.work_dir / name / "results.json"
     if not results.is_file():
         shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
-        trials = ["--trials-per-task", str(ex.train_eval_per_task)] if protocol == "train" else []
+        trials = [] if protocol == "heldout" else ["--trials-per-task", str(ex.train_eval_per_task)]
+        sampling = ["--temperature", str(ex.temperature)] if protocol == "sampled" else []
         videos = len(ex.tasks) if ex.eval_videos else 0
-        run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex), "--protocol", protocol,
-                   *trials, "--num-videos", str(videos), "--output-dir", str(ex.work_dir), "--run-name", name,
+        run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex),
+                   "--protocol", "heldout" if protocol == "heldout" else "train", *trials, *sampling,
+                   "--num-videos", str(videos), "--output-dir", str(ex.work_dir), "--run-name", name,
                    "--no-progress"), name, ex.work_dir)
     return results
 
@@ -157,7 +164,8 @@ def main(ex: Experiment) -> None:
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
             return
     sft_export = export_bfloat16(sft_model, ex.work_dir / "sft_export")
-    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_export, protocol) for protocol in ("heldout", "train")}
+    protocols = ("heldout", "train", "sampled") if ex.sampled_evals else ("heldout", "train")
+    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_export, protocol) for protocol in protocols}
     if ex.until == "eval_sft":
         return
 
@@ -176,7 +184,7 @@ def main(ex: Experiment) -> None:
     done = grpo_iterations_done(grpo_dir)
     grpo_export = export_bfloat16(latest_checkpoint(grpo_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
     after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", grpo_export, protocol)
-             for protocol in ("heldout", "train")}
+             for protocol in protocols}
     record(ex, before, after, grpo_dir)
 
 
@@ -205,6 +213,9 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
               "train_success_grpo": success_rate(after["train"]),
               "episodes_eval": episodes, "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
+              **({"rollout_temperature": ex.temperature,
+                  "train_success_sft_sampled": success_rate(before["sampled"]),
+                  "train_success_grpo_sampled": success_rate(after["sampled"])} if ex.sampled_evals else {}),
               "wall_seconds": round(sum(timings.values()), 1), "stage_seconds": timings,
               "demos_per_task": ex.demos_per_task,
               "evaluated_models": "bfloat16 copies (sft_export, grpo<N>_export), as shipped; the learning curve "
