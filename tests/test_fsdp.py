@@ -217,11 +217,14 @@ def test_two_sharded_ranks_step_as_one_process_with_all_groups(checkpoint, tmp_p
     norms = [torch.load(tmp_path / f"norm_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert norm > 1.0  # the gradients were clipped
     assert norms[0] == norms[1] and norms[0] == pytest.approx(norm, rel=1e-5)  # one global norm for the skip rule
-    # AdamW's first steps hardly depend on the gradients' scale: the loss and gradient norm of each step do
-    for expected, got in zip(reference_metrics, torch.load(tmp_path / "metrics_rank0.pt", weights_only=True)):
+    # AdamW's first steps hardly depend on the gradients' scale: the loss and gradient norm of each step do.
+    # The second step starts from parameters that differ by summation order (below), so it gets 1e-4.
+    for step, (expected, got) in enumerate(zip(reference_metrics,
+                                               torch.load(tmp_path / "metrics_rank0.pt", weights_only=True))):
         assert expected["train/optimizer_steps"] == got["train/optimizer_steps"] == 1
         for key in ("train/loss", "train/grad_norm", "train/ratio_mean", "train/entropy"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key  # the loss starts at ~0
+            # abs: the loss starts at ~0
+            assert got[key] == pytest.approx(expected[key], rel=1e-5 if step == 0 else 1e-4, abs=1e-6), (step, key)
     sharded_params = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
     # Steps of at most lr = 1e-3 per element; an element whose gradient is near zero moves by AdamW's
     # m / sqrt(v), which summation order changes slightly, so allow a tenth of a step.
