@@ -122,8 +122,12 @@ def env_flags(ex: Experiment) -> list[str]:
     return ["--task-suite", ex.suite, "--task-ids", *map(str, ex.tasks), "--num-envs", str(ex.workers), *horizon]
 
 
-def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: str) -> Path:
-    """Greedy eval of `checkpoint`; protocol "sampled" is the train protocol at the rollout temperature."""
+EvalKind = Literal["heldout", "train", "sampled"]
+"""Greedy on the held-out or the training init states, or sampled at the rollout temperature on the training ones."""
+
+
+def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: EvalKind) -> Path:
+    """Evaluates `checkpoint` (once: a finished eval is read back) and returns its results.json."""
     results = ex.work_dir / name / "results.json"
     if not results.is_file():
         shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
