@@ -19,11 +19,11 @@ import grpo
 from libero_env import EpisodeSpec
 from libero_env.toy import ToyVectorEnv
 from OpenVLA_GRPO import GRPOTrainer, parse_command
+from trainer import distributed
 from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
-from trainer.metrics import UpdateStats, read_metrics
-from trainer import distributed
 from trainer.evaluation import evaluate
+from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups, schedule_waves
 from trainer.sampler import GroupSampler
 
