@@ -13,14 +13,20 @@ continues across machine leases:
   eval_sft   the SFT model cast to bfloat16 in 15 MB shards (the form that ships), then
              python OpenVLA_GRPO.py eval --protocol heldout / train on it, and --protocol train --temperature T
              (success with actions sampled as GRPO's rollouts sample them: the signal GRPO starts from)
-  grpo       python OpenVLA_GRPO.py train --finetune full (periodic held-out eval = the learning curve)
-  eval_grpo  the same export and evals for GRPO's final checkpoint
+  grpo       python OpenVLA_GRPO.py train --finetune full from the bfloat16 SFT model the evals measured (periodic
+             held-out eval = the learning curve), then its last checkpoint exported the same way
+  eval_grpo  the same evals of that export
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
 Every command it runs is printed, so each stage can be reproduced by hand.
+
+Across machines: once sft_export exists, the demos and the SFT run are no longer read. `--until grpo` runs only
+SFT (if needed) and GRPO, e.g. on the GPU machine with sft_export brought along; bring back grpo<N>_export and
+grpo/, and the same command without --until evaluates and records here. stage_devices.json says where each stage ran.
 """
 
 import json
 import math
+import os
 import shlex
 import shutil
 import subprocess
@@ -39,6 +45,7 @@ from trainer.plot import plot_run
 from vla_actor import load_policy
 
 TIMINGS_FILE = "stage_seconds.json"
+DEVICES_FILE = "stage_devices.json"
 
 
 @dataclass
@@ -96,21 +103,30 @@ class Experiment:
     """Where the record stage writes the results (point it elsewhere for smoke runs)."""
     media_dir: Path = Path("docs/media")
     """Where the record stage writes the curve PNG and the before/after videos."""
-    until: Literal["eval_sft", "all"] = "all"
-    """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model."""
+    until: Literal["eval_sft", "grpo", "all"] = "all"
+    """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model.
+    grpo: SFT if needed, then GRPO and its export, without any eval (the GPU part; bring back grpo<N>_export and
+    grpo/metrics.jsonl, and the same command without --until evaluates and records them)."""
 
 
 def run(command: list[str], stage: str, work_dir: Path) -> None:
-    """Runs one stage's command; its wall time is added to work_dir/stage_seconds.json (over all invocations)."""
+    """Runs one stage's command; its wall time is added to work_dir/stage_seconds.json (over all invocations) and
+    the machine it ran on to work_dir/stage_devices.json."""
     print("+ " + shlex.join(command), flush=True)
     started = time.monotonic()
     try:
         subprocess.run(command, check=True)
     finally:
-        timings_path = work_dir / TIMINGS_FILE
-        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        timings = read_json(work_dir / TIMINGS_FILE)
         timings[stage] = round(timings.get(stage, 0.0) + time.monotonic() - started, 1)
-        write_json(timings_path, timings)
+        write_json(work_dir / TIMINGS_FILE, timings)
+        devices = read_json(work_dir / DEVICES_FILE)
+        devices[stage] = sorted({*devices.get(stage, []), device_name()})
+        write_json(work_dir / DEVICES_FILE, devices)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def python(*args: str) -> list[str]:
@@ -147,7 +163,29 @@ def success_rate(results: Path) -> float:
 
 def main(ex: Experiment) -> None:
     ex.work_dir.mkdir(parents=True, exist_ok=True)
-    demos, init, sft, grpo_dir = (ex.work_dir / name for name in ("demos", "init", "sft", "grpo"))
+    sft_export = ex.work_dir / "sft_export"
+    if not (sft_export / "config.json").is_file():
+        sft_model = supervised_fine_tuning(ex)
+        if sft_model is None:
+            print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
+            return
+        export_bfloat16(sft_model, sft_export)
+    protocols: tuple[EvalKind, ...] = ("heldout", "train", "sampled") if ex.sampled_evals else ("heldout", "train")
+    if ex.until == "grpo":
+        reinforcement_learning(ex, sft_export)
+        return
+    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_export, protocol) for protocol in protocols}
+    if ex.until == "eval_sft":
+        return
+    grpo_export = reinforcement_learning(ex, sft_export)
+    done = export_iteration(grpo_export)
+    after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", grpo_export, protocol) for protocol in protocols}
+    record(ex, before, after, ex.work_dir / "grpo")
+
+
+def supervised_fine_tuning(ex: Experiment) -> Path | None:
+    """Demos, the random small VLA and SFT (each resumed); the SFT model, or None if SFT stopped early."""
+    demos, init, sft = (ex.work_dir / name for name in ("demos", "init", "sft"))
     tasks = ",".join(map(str, ex.tasks))
     run(python("-m", "scripts.collect_demos", "collect", "--out-dir", str(demos), "--suite", ex.suite, "--tasks", tasks,
                "--init-states", "train", "--per-task", str(ex.demos_per_task), "--workers", str(ex.workers)),
@@ -164,18 +202,20 @@ def main(ex: Experiment) -> None:
                    "--lr-schedule", "cosine", "--warmup-steps", "200", "--image-aug",
                    "--loader-workers", str(ex.loader_workers), "--save-every", "500", "--log-every", "100",
                    "--resume", *shlex.split(ex.extra_sft)), "sft", ex.work_dir)
-        if not (sft_model / "config.json").is_file():
-            print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
-            return
-    sft_export = export_bfloat16(sft_model, ex.work_dir / "sft_export")
-    protocols = ("heldout", "train", "sampled") if ex.sampled_evals else ("heldout", "train")
-    before = {protocol: evaluate(ex, f"eval_sft_{protocol}", sft_export, protocol) for protocol in protocols}
-    if ex.until == "eval_sft":
-        return
+    return sft_model if (sft_model / "config.json").is_file() else None
 
+
+def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
+    """GRPO from the bfloat16 SFT model that the evals measure (resumed from its checkpoints); returns the bfloat16
+    export of its last checkpoint. Without checkpoints but with an export, GRPO ran on another machine and its
+    export (with grpo/metrics.jsonl) was brought back: that export is used."""
+    grpo_dir = ex.work_dir / "grpo"
+    brought_back = sorted(ex.work_dir.glob("grpo*_export/config.json"), key=lambda path: export_iteration(path.parent))
+    if brought_back and not checkpoint_dirs(grpo_dir):
+        return brought_back[-1].parent
     if grpo_iterations_done(grpo_dir) < ex.grpo_iterations:
         resume = ["--resume", str(grpo_dir)] if checkpoint_dirs(grpo_dir) else []
-        run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(sft_model), "--finetune", "full",
+        run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(sft_export), "--finetune", "full",
                    "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex),
                    "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups),
                    "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
@@ -186,10 +226,11 @@ def main(ex: Experiment) -> None:
                    *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = grpo_iterations_done(grpo_dir)
-    grpo_export = export_bfloat16(latest_checkpoint(grpo_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
-    after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", grpo_export, protocol)
-             for protocol in protocols}
-    record(ex, before, after, grpo_dir)
+    return export_bfloat16(latest_checkpoint(grpo_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
+
+
+def export_iteration(export_dir: Path) -> int:
+    return int(export_dir.name.removeprefix("grpo").removesuffix("_export"))
 
 
 def export_bfloat16(model_dir: Path, export_dir: Path) -> Path:
@@ -207,7 +248,7 @@ def grpo_iterations_done(grpo_dir: Path) -> int:
 
 def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo_dir: Path) -> None:
     rows = read_metrics(grpo_dir)
-    timings = json.loads((ex.work_dir / TIMINGS_FILE).read_text())
+    timings, devices = read_json(ex.work_dir / TIMINGS_FILE), read_json(ex.work_dir / DEVICES_FILE)
     curve = {str(row["iteration"]): row["eval/success_rate"] for row in rows if "eval/success_rate" in row}
     episodes = json.loads(after["heldout"].read_text())["overall"]["episodes"]
     result = {"suite": ex.suite, "tasks": list(ex.tasks),
@@ -225,7 +266,8 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
               "evaluated_models": "bfloat16 copies (sft_export, grpo<N>_export), as shipped; the learning curve "
                                   "is GRPO's own periodic eval of the float32 model it trains",
               "command": "python -m scripts.libero_learning " + shlex.join(
-                  sys.argv[1:]), "device": device_name()}
+                  sys.argv[1:]), "device": "; ".join(sorted({name for names in devices.values() for name in names})),
+              "stage_devices": devices}
     write_json(ex.result_json, result)
     ex.media_dir.mkdir(parents=True, exist_ok=True)
     plot_run(grpo_dir, ex.media_dir / "libero_learning_curves.png")
@@ -237,7 +279,7 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""scripts/libero_learning.py's evals, run for real on the toy suite: greedy on held-out and training init states,
-and sampled at the rollout temperature on the training ones."""
+"""scripts/libero_learning.py: its evals, run for real on the toy suite (greedy on held-out and training init states,
+sampled at the rollout temperature on the training ones), and its hand-over between machines."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from scripts.libero_learning import Experiment, evaluate, success_rate
+from scripts.libero_learning import Experiment, device_name, evaluate, reinforcement_learning, run, success_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,3 +26,20 @@ def test_eval_stages_take_their_split_and_temperature(checkpoint, tmp_path, monk
     assert recorded["config"]["protocol"] == ("heldout" if protocol == "heldout" else "train")
     assert recorded["config"]["temperature"] == temperature
     assert json.loads((tmp_path / "stage_seconds.json").read_text())[f"eval_sft_{protocol}"] > 0
+
+
+def test_stages_record_their_time_and_machine(tmp_path):
+    run([sys.executable, "-c", "import time; time.sleep(0.2)"], "demos", tmp_path)
+    run([sys.executable, "-c", "import time; time.sleep(0.2)"], "demos", tmp_path)
+    assert json.loads((tmp_path / "stage_devices.json").read_text()) == {"demos": [device_name()]}
+    assert json.loads((tmp_path / "stage_seconds.json").read_text())["demos"] >= 0.4  # both invocations add up
+
+
+def test_a_grpo_export_brought_back_without_checkpoints_is_used_as_is(tmp_path):
+    for iterations in (9, 21, 100):  # the latest by iteration, not by name
+        (tmp_path / f"grpo{iterations}_export").mkdir()
+    for iterations in (9, 21):
+        (tmp_path / f"grpo{iterations}_export" / "config.json").write_text("{}")  # grpo100 was cut short
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_iterations=200)
+    assert reinforcement_learning(experiment, tmp_path / "sft_export") == tmp_path / "grpo21_export"
+    assert not (tmp_path / "stage_seconds.json").exists()  # nothing ran
