@@ -271,11 +271,22 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
     write_json(ex.result_json, result)
     ex.media_dir.mkdir(parents=True, exist_ok=True)
     plot_run(grpo_dir, ex.media_dir / "libero_learning_curves.png")
-    for stage, results in (("before", before["heldout"]), ("after", after["heldout"])):
-        videos = sorted((results.parent / "videos").glob("*.mp4"))
-        if videos:
-            shutil.copyfile(videos[0], ex.media_dir / f"libero_learning_{stage}.mp4")
+    pair = before_after_videos(before["heldout"].parent / "videos", after["heldout"].parent / "videos")
+    for stage, video in zip(("before", "after"), pair):
+        shutil.copyfile(video, ex.media_dir / f"libero_learning_{stage}.mp4")
     print(json.dumps(result, indent=2), flush=True)
+
+
+def before_after_videos(before_dir: Path, after_dir: Path) -> tuple[Path, Path] | tuple[()]:
+    """The same held-out episode filmed before and after GRPO: the first one GRPO turned from a failure into a
+    success, else the first one filmed in both evals; () when there is none."""
+    def by_episode(folder: Path) -> dict[str, Path]:  # <prefix>_task<t>_init<i>_<success|failure>.mp4
+        return {video.stem.rsplit("_", 1)[0]: video for video in sorted(folder.glob("*.mp4"))}
+    before, after = by_episode(before_dir), by_episode(after_dir)
+    both = [episode for episode in before if episode in after]
+    turned = [episode for episode in both
+              if before[episode].stem.endswith("_failure") and after[episode].stem.endswith("_success")]
+    return next(((before[episode], after[episode]) for episode in turned + both), ())
 
 
 def device_name() -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.libero_learning import Experiment, device_name, evaluate, reinforcement_learning, run, success_rate
+from scripts.libero_learning import (Experiment, before_after_videos, device_name, evaluate, reinforcement_learning, run,
+                                     success_rate)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,3 +44,18 @@ def test_a_grpo_export_brought_back_without_checkpoints_is_used_as_is(tmp_path):
     experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_iterations=200)
     assert reinforcement_learning(experiment, tmp_path / "sft_export") == tmp_path / "grpo21_export"
     assert not (tmp_path / "stage_seconds.json").exists()  # nothing ran
+
+
+def test_before_after_videos_show_an_episode_grpo_turned_into_a_success(tmp_path):
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder, names in ((before, ["eval_task00_init02_failure", "eval_task02_init02_failure"]),
+                          (after, ["eval_task00_init02_failure", "eval_task02_init02_success"])):
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}.mp4").write_bytes(b"")
+    assert before_after_videos(before, after) == (before / "eval_task02_init02_failure.mp4",
+                                                  after / "eval_task02_init02_success.mp4")
+    (after / "eval_task02_init02_success.mp4").unlink()
+    assert before_after_videos(before, after) == (before / "eval_task00_init02_failure.mp4",
+                                                  after / "eval_task00_init02_failure.mp4")
+    assert before_after_videos(before, tmp_path / "missing") == ()
