@@ -21,7 +21,9 @@ Every command it runs is printed, so each stage can be reproduced by hand.
 
 Across machines: once sft_export exists, the demos and the SFT run are no longer read. `--until grpo` runs only
 SFT (if needed) and GRPO, e.g. on the GPU machine with sft_export brought along; bring back grpo<N>_export and
-grpo/, and the same command without --until evaluates and records here. stage_devices.json says where each stage ran.
+grpo/, and the same command without --until evaluates and records here. Carried to the next lease, grpo<N>_export
+lets `--until grpo` continue GRPO in grpo_from<N>/ (fresh optimizer state). stage_devices.json says where each stage
+ran.
 """
 
 import json
@@ -41,11 +43,12 @@ import tyro
 
 from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint, write_json
 from trainer.metrics import read_metrics
-from trainer.plot import plot_run
+from trainer.plot import plot_metrics
 from vla_actor import load_policy
 
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"
+CONTINUED_RUN_PREFIX = "grpo_from"
 
 
 @dataclass
@@ -106,7 +109,8 @@ class Experiment:
     until: Literal["eval_sft", "grpo", "all"] = "all"
     """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model.
     grpo: SFT if needed, then GRPO and its export, without any eval (the GPU part; bring back grpo<N>_export and
-    grpo/metrics.jsonl, and the same command without --until evaluates and records them)."""
+    the runs' metrics.jsonl, and the same command without --until evaluates and records them; with grpo<N>_export
+    carried to a new lease it continues GRPO from there)."""
 
 
 def run(command: list[str], stage: str, work_dir: Path) -> None:
@@ -180,7 +184,7 @@ def main(ex: Experiment) -> None:
     grpo_export = reinforcement_learning(ex, sft_export)
     done = export_iteration(grpo_export)
     after = {protocol: evaluate(ex, f"eval_grpo{done}_{protocol}", grpo_export, protocol) for protocol in protocols}
-    record(ex, before, after, ex.work_dir / "grpo")
+    record(ex, before, after)
 
 
 def supervised_fine_tuning(ex: Experiment) -> Path | None:
@@ -206,27 +210,52 @@ def supervised_fine_tuning(ex: Experiment) -> Path | None:
 
 
 def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
-    """GRPO from the bfloat16 SFT model that the evals measure (resumed from its checkpoints); returns the bfloat16
-    export of its last checkpoint. Without checkpoints but with an export, GRPO ran on another machine and its
-    export (with grpo/metrics.jsonl) was brought back: that export is used."""
-    grpo_dir = ex.work_dir / "grpo"
+    """GRPO from the bfloat16 SFT model that the evals measure, resumed from its checkpoints; returns the bfloat16
+    export of its last checkpoint, grpo<N>_export after N iterations in all.
+
+    Without checkpoints but with an export, GRPO ran on another machine and grpo<N>_export (with the runs'
+    metrics.jsonl) was brought back. Then that export is GRPO's result, unless `until` is grpo and fewer than
+    grpo_iterations are done: a new run grpo_from<N>/ continues from the export (fresh optimizer state, seed N),
+    so GRPO goes on across leases that can only bring back the bfloat16 export."""
+    start, run_dir = grpo_runs(ex.work_dir)[-1]
+    source = sft_export if start == 0 else ex.work_dir / f"grpo{start}_export"
     brought_back = sorted(ex.work_dir.glob("grpo*_export/config.json"), key=lambda path: export_iteration(path.parent))
-    if brought_back and not checkpoint_dirs(grpo_dir):
-        return brought_back[-1].parent
-    if grpo_iterations_done(grpo_dir) < ex.grpo_iterations:
-        resume = ["--resume", str(grpo_dir)] if checkpoint_dirs(grpo_dir) else []
-        run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(sft_export), "--finetune", "full",
+    if brought_back and not checkpoint_dirs(run_dir):
+        source = brought_back[-1].parent
+        start = export_iteration(source)
+        if ex.until != "grpo" or start >= ex.grpo_iterations:
+            return source
+        run_dir = ex.work_dir / f"{CONTINUED_RUN_PREFIX}{start}"
+    if start + grpo_iterations_done(run_dir) < ex.grpo_iterations:
+        resume = ["--resume", str(run_dir)] if checkpoint_dirs(run_dir) else []
+        run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(source), "--finetune", "full",
                    "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex),
                    "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups),
                    "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
                    "--mini-batch-size", str(ex.mini_batch_size),
-                   "--micro-batch-size", str(math.gcd(64, ex.mini_batch_size)), "--iterations", str(ex.grpo_iterations),
+                   "--micro-batch-size", str(math.gcd(64, ex.mini_batch_size)),
+                   "--iterations", str(ex.grpo_iterations - start), "--seed", str(start),
                    "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
-                   "--output-dir", str(ex.work_dir), "--run-name", "grpo", "--no-progress", *resume,
+                   "--output-dir", str(ex.work_dir), "--run-name", run_dir.name, "--no-progress", *resume,
                    *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
-    done = grpo_iterations_done(grpo_dir)
-    return export_bfloat16(latest_checkpoint(grpo_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
+    done = start + grpo_iterations_done(run_dir)
+    return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
+
+
+def grpo_runs(work_dir: Path) -> list[tuple[int, Path]]:
+    """GRPO's run directories with the iteration each started from, in order: grpo/ from the SFT model, then each
+    grpo_from<N>/ that continued from grpo<N>_export."""
+    continued = [(int(path.name.removeprefix(CONTINUED_RUN_PREFIX)), path)
+                 for path in work_dir.glob(f"{CONTINUED_RUN_PREFIX}*")
+                 if path.is_dir() and path.name.removeprefix(CONTINUED_RUN_PREFIX).isdigit()]
+    return [(0, work_dir / "grpo"), *sorted(continued)]
+
+
+def grpo_metrics(work_dir: Path) -> list[dict]:
+    """The metrics rows of every GRPO run, iterations counted from the SFT model."""
+    return [{**row, "iteration": start + row["iteration"]}
+            for start, run_dir in grpo_runs(work_dir) for row in read_metrics(run_dir)]
 
 
 def export_iteration(export_dir: Path) -> int:
@@ -246,8 +275,9 @@ def grpo_iterations_done(grpo_dir: Path) -> int:
     return checkpoint_iteration(found[-1]) if found else 0
 
 
-def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo_dir: Path) -> None:
-    rows = read_metrics(grpo_dir)
+def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> None:
+    rows = grpo_metrics(ex.work_dir)
+    restarts = [start for start, _ in grpo_runs(ex.work_dir)[1:]]
     timings, devices = read_json(ex.work_dir / TIMINGS_FILE), read_json(ex.work_dir / DEVICES_FILE)
     curve = {str(row["iteration"]): row["eval/success_rate"] for row in rows if "eval/success_rate" in row}
     episodes = json.loads(after["heldout"].read_text())["overall"]["episodes"]
@@ -263,6 +293,10 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
                   "train_success_grpo_sampled": success_rate(after["sampled"])} if ex.sampled_evals else {}),
               "wall_seconds": round(sum(timings.values()), 1), "stage_seconds": timings,
               "demos_per_task": ex.demos_per_task,
+              **({"grpo_continued_at": restarts,
+                  "grpo_continued_note": "at these iterations GRPO continued from its bfloat16 export in a new run "
+                                         "(fresh optimizer state, seed = the iteration) on a new machine lease"}
+                 if restarts else {}),
               "evaluated_models": "bfloat16 copies (sft_export, grpo<N>_export), as shipped; the learning curve "
                                   "is GRPO's own periodic eval of the float32 model it trains",
               "command": "python -m scripts.libero_learning " + shlex.join(
@@ -270,7 +304,8 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path], grpo
               "stage_devices": devices}
     write_json(ex.result_json, result)
     ex.media_dir.mkdir(parents=True, exist_ok=True)
-    plot_run(grpo_dir, ex.media_dir / "libero_learning_curves.png")
+    title = "GRPO" + (f" (continued from its export at iteration {', '.join(map(str, restarts))})" if restarts else "")
+    plot_metrics(rows, title, ex.media_dir / "libero_learning_curves.png")
     pair = before_after_videos(before["heldout"].parent / "videos", after["heldout"].parent / "videos")
     for stage, video in zip(("before", "after"), pair):
         shutil.copyfile(video, ex.media_dir / f"libero_learning_{stage}.mp4")

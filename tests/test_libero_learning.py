@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts.libero_learning import (Experiment, before_after_videos, device_name, evaluate, reinforcement_learning, run,
-                                     success_rate)
+from scripts import libero_learning
+from scripts.libero_learning import (Experiment, before_after_videos, device_name, evaluate, grpo_metrics,
+                                     reinforcement_learning, run, success_rate)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,37 @@ def test_a_grpo_export_brought_back_without_checkpoints_is_used_as_is(tmp_path):
     experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_iterations=200)
     assert reinforcement_learning(experiment, tmp_path / "sft_export") == tmp_path / "grpo21_export"
     assert not (tmp_path / "stage_seconds.json").exists()  # nothing ran
+
+
+def test_with_until_grpo_a_brought_back_export_is_continued_in_a_new_run(tmp_path, monkeypatch):
+    (tmp_path / "grpo17_export").mkdir()
+    (tmp_path / "grpo17_export" / "config.json").write_text("{}")
+    commands = []
+
+    def trainer_that_saves_after_three_iterations(command, stage, work_dir):
+        commands.append(command)
+        (work_dir / "grpo_from17" / "checkpoints" / "iter_000003" / "model").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(libero_learning, "run", trainer_that_saves_after_three_iterations)
+    monkeypatch.setattr(libero_learning, "export_bfloat16", lambda model_dir, export_dir: export_dir)
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_iterations=200, until="grpo")
+    assert reinforcement_learning(experiment, tmp_path / "sft_export") == tmp_path / "grpo20_export"
+    [command] = commands
+    flag = {name: command[command.index(name) + 1] for name in ("--checkpoint", "--run-name", "--iterations", "--seed")}
+    assert flag == {"--checkpoint": str(tmp_path / "grpo17_export"), "--run-name": "grpo_from17",
+                    "--iterations": "183", "--seed": "17"}
+    assert "--resume" not in command
+    reinforcement_learning(experiment, tmp_path / "sft_export")  # the continued run is now resumed from its checkpoint
+    assert commands[1][commands[1].index("--resume") + 1] == str(tmp_path / "grpo_from17")
+
+
+def test_grpo_metrics_count_iterations_from_the_sft_model_across_continued_runs(tmp_path):
+    for run_dir, iterations in (("grpo", (0, 1, 2)), ("grpo_from2", (0, 1)), ("grpo_from12", (1,))):
+        (tmp_path / run_dir).mkdir()
+        (tmp_path / run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"iteration": iteration, "run": run_dir}) + "\n" for iteration in iterations))
+    assert [(row["iteration"], row["run"]) for row in grpo_metrics(tmp_path)] == [
+        (0, "grpo"), (1, "grpo"), (2, "grpo"), (2, "grpo_from2"), (3, "grpo_from2"), (13, "grpo_from12")]
 
 
 def test_before_after_videos_show_an_episode_grpo_turned_into_a_success(tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -16,9 +17,12 @@ PANELS = (
 
 
 def plot_run(run_dir: Path, output: Path | None = None) -> Path:
-    """Writes the curves PNG (default <run_dir>/curves.png) and returns its path."""
-    rows = read_metrics(run_dir)
-    output = output or run_dir / "curves.png"
+    """Writes the curves PNG of a run (default <run_dir>/curves.png) and returns its path."""
+    return plot_metrics(read_metrics(run_dir), run_dir.name, output or run_dir / "curves.png")
+
+
+def plot_metrics(rows: list[dict[str, Any]], title: str, output: Path) -> Path:
+    """Writes the curves PNG of metrics rows (one per iteration) and returns its path."""
     figure = Figure(figsize=(5 * len(PANELS), 3.6))
     axes = figure.subplots(1, len(PANELS))
     for axis, (title, keys) in zip(axes, PANELS):
@@ -33,7 +37,7 @@ def plot_run(run_dir: Path, output: Path | None = None) -> Path:
         if axis.has_data():
             axis.legend(fontsize=7)
     axes[0].set_ylim(-0.05, 1.05)
-    figure.suptitle(run_dir.name)
+    figure.suptitle(title)
     figure.tight_layout()
     tmp = output.with_name(f".{output.stem}.tmp.png")
     figure.savefig(tmp, dpi=110)
