@@ -23,15 +23,23 @@ def plot_run(run_dir: Path, output: Path | None = None) -> Path:
 
 def plot_metrics(rows: list[dict[str, Any]], title: str, output: Path) -> Path:
     """Writes the curves PNG of metrics rows (one per iteration) and returns its path."""
+    tmp = output.with_name(f".{output.stem}.tmp.png")
+    curves_figure(rows, title).savefig(tmp, dpi=110)
+    os.replace(tmp, output)
+    return output
+
+
+def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
+    """One panel per PANELS entry, iterations on the x axis."""
     figure = Figure(figsize=(5 * len(PANELS), 3.6))
     axes = figure.subplots(1, len(PANELS))
-    for axis, (title, keys) in zip(axes, PANELS):
+    for axis, (panel, keys) in zip(axes, PANELS):
         for key in keys:
             points = [(row["iteration"], row[key]) for row in rows if row.get(key) is not None]
             if points:
                 x, y = zip(*points)
                 axis.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=key)
-        axis.set_title(title)
+        axis.set_title(panel)
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
         if axis.has_data():
@@ -39,7 +47,4 @@ def plot_metrics(rows: list[dict[str, Any]], title: str, output: Path) -> Path:
     axes[0].set_ylim(-0.05, 1.05)
     figure.suptitle(title)
     figure.tight_layout()
-    tmp = output.with_name(f".{output.stem}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, output)
-    return output
+    return figure
