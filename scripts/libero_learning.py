@@ -19,11 +19,11 @@ continues across machine leases:
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
 Every command it runs is printed, so each stage can be reproduced by hand.
 
-Across machines: once sft_export exists, the demos and the SFT run are no longer read. `--until grpo` runs only
-SFT (if needed) and GRPO, e.g. on the GPU machine with sft_export brought along; bring back grpo<N>_export and
-grpo/, and the same command without --until evaluates and records here. Carried to the next lease, grpo<N>_export
-lets `--until grpo` continue GRPO in grpo_from<N>/ (fresh optimizer state). stage_devices.json says where each stage
-ran.
+Across machines: once sft_export (or a GRPO export) exists, the demos and the SFT run are no longer read.
+`--until grpo` runs only SFT (if needed) and GRPO, e.g. on the GPU machine with sft_export brought along; bring back
+grpo<N>_export and grpo/, and the same command without --until evaluates and records here. Carried to the next lease,
+grpo<N>_export lets `--until grpo` continue GRPO in grpo_from<N>/ (fresh optimizer state). stage_devices.json says
+where each stage ran.
 """
 
 import json
@@ -168,7 +168,7 @@ def success_rate(results: Path) -> float:
 def main(ex: Experiment) -> None:
     ex.work_dir.mkdir(parents=True, exist_ok=True)
     sft_export = ex.work_dir / "sft_export"
-    if not (sft_export / "config.json").is_file():
+    if not (sft_export / "config.json").is_file() and not grpo_exports(ex.work_dir):  # GRPO needs SFT only to start
         sft_model = supervised_fine_tuning(ex)
         if sft_model is None:
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
@@ -219,9 +219,9 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
     so GRPO goes on across leases that can only bring back the bfloat16 export."""
     start, run_dir = grpo_runs(ex.work_dir)[-1]
     source = sft_export if start == 0 else ex.work_dir / f"grpo{start}_export"
-    brought_back = sorted(ex.work_dir.glob("grpo*_export/config.json"), key=lambda path: export_iteration(path.parent))
+    brought_back = grpo_exports(ex.work_dir)
     if brought_back and not checkpoint_dirs(run_dir):
-        source = brought_back[-1].parent
+        source = brought_back[-1]
         start = export_iteration(source)
         if ex.until != "grpo" or start >= ex.grpo_iterations:
             return source
@@ -241,6 +241,11 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = start + grpo_iterations_done(run_dir)
     return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
+
+
+def grpo_exports(work_dir: Path) -> list[Path]:
+    """The complete grpo<N>_export directories, by iteration."""
+    return sorted((path.parent for path in work_dir.glob("grpo*_export/config.json")), key=export_iteration)
 
 
 def grpo_runs(work_dir: Path) -> list[tuple[int, Path]]:
