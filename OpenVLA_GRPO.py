@@ -117,7 +117,8 @@ class GRPOTrainer:
             self.out_of_time = self.config.max_seconds > 0 and distributed.reduce_values(
                 {"seconds": time.monotonic() - self.started}, ctx, op="max")["seconds"] > self.config.max_seconds
             trained = metrics["train/steps"] * cfg.optim.ppo_epochs
-            metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics, **rollout_metrics(counts),
+            metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics,
+                       **rollout_metrics(counts, self.task_ids),
                        **perf_metrics(counts["episode_length_sum"], trained, rollout_seconds, started, ctx)}
             if cfg.evaluation.eval_every > 0 and (self.iteration % cfg.evaluation.eval_every == 0 or self.finished()):
                 metrics.update(self.evaluate())
@@ -295,8 +296,11 @@ def advantage_sums(advantages: torch.Tensor) -> dict[str, float]:
     return {"advantage_abs_sum": float(advantages.abs().sum()), "advantage_count": float(advantages.numel())}
 
 
-def rollout_metrics(counts: dict[str, float]) -> dict[str, float]:
+def rollout_metrics(counts: dict[str, float], task_ids: list[int]) -> dict[str, float]:
+    """Success over all played episodes (dropped groups included), also per task among the tasks drawn."""
     episodes, groups = max(1.0, counts["episodes"]), max(1.0, counts["groups_played"])
+    per_task = {f"rollout/task_{t}/success_rate": counts[f"successes_task_{t}"] / counts[f"episodes_task_{t}"]
+                for t in task_ids if counts[f"episodes_task_{t}"]}
     return {
         "rollout/success_rate": counts["successes"] / episodes,
         "rollout/episode_length": counts["episode_length_sum"] / episodes,
@@ -305,6 +309,7 @@ def rollout_metrics(counts: dict[str, float]) -> dict[str, float]:
         "rollout/groups_dropped_fraction": counts["groups_uninformative"] / groups,
         "rollout/groups_lost": counts["groups_lost"], "rollout/refill_rounds": counts["refill_rounds"],
         "rollout/advantage_abs_mean": counts["advantage_abs_sum"] / max(1.0, counts["advantage_count"]),
+        **per_task,
     }
 
 

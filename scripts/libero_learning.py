@@ -65,6 +65,9 @@ class Experiment:
     """Expert demos per task, from the first training init states (held-out ones are never demonstrated)."""
     workers: int = 16
     """Simulator processes for demos, evals and GRPO rollouts (one per core)."""
+    gpus: int = 1
+    """GPUs for GRPO, data parallel under torchrun: each takes 1/gpus of the workers, the groups and the
+    mini-batch, so the update is the one of a single process with all the groups, in less time."""
     sft_steps: int = 3000
     """SFT optimizer steps (batch sft_batch_size, cosine schedule, image augmentation)."""
     sft_batch_size: int = 64
@@ -112,6 +115,13 @@ class Experiment:
     the runs' metrics.jsonl, and the same command without --until evaluates and records them; with grpo<N>_export
     carried to a new lease it continues GRPO from there)."""
 
+    def __post_init__(self) -> None:
+        split = {"--workers": self.workers, "--groups": self.groups, "--mini-batch-size": self.mini_batch_size}
+        uneven = [f"{flag} {value}" for flag, value in split.items() if value % self.gpus]
+        if self.gpus < 1 or uneven:
+            raise ValueError(f"--gpus {self.gpus} must be >= 1 and divide {', '.join(uneven) or 'the GRPO sizes'}: "
+                             "each GPU takes an equal share of the simulator processes, groups and mini-batch")
+
 
 def run(command: list[str], stage: str, work_dir: Path) -> None:
     """Runs one stage's command; its wall time is added to work_dir/stage_seconds.json (over all invocations) and
@@ -137,9 +147,10 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def env_flags(ex: Experiment) -> list[str]:
+def env_flags(ex: Experiment, num_envs: int | None = None) -> list[str]:
     horizon = [] if ex.max_steps is None else ["--max-steps", str(ex.max_steps)]
-    return ["--task-suite", ex.suite, "--task-ids", *map(str, ex.tasks), "--num-envs", str(ex.workers), *horizon]
+    return ["--task-suite", ex.suite, "--task-ids", *map(str, ex.tasks), "--num-envs", str(num_envs or ex.workers),
+            *horizon]
 
 
 EvalKind = Literal["heldout", "train", "sampled"]
@@ -228,16 +239,18 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
         run_dir = ex.work_dir / f"{CONTINUED_RUN_PREFIX}{start}"
     if start + grpo_iterations_done(run_dir) < ex.grpo_iterations:
         resume = ["--resume", str(run_dir)] if checkpoint_dirs(run_dir) else []
-        run(python("OpenVLA_GRPO.py", "train", "--checkpoint", str(source), "--finetune", "full",
-                   "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex),
-                   "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups),
-                   "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
-                   "--mini-batch-size", str(ex.mini_batch_size),
-                   "--micro-batch-size", str(math.gcd(64, ex.mini_batch_size)),
-                   "--iterations", str(ex.grpo_iterations - start), "--seed", str(start),
-                   "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
-                   "--output-dir", str(ex.work_dir), "--run-name", run_dir.name, "--no-progress", *resume,
-                   *shlex.split(ex.extra_grpo)), "grpo", ex.work_dir)
+        launcher = (python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ex.gpus))
+                    if ex.gpus > 1 else python())
+        mini_batch = ex.mini_batch_size // ex.gpus  # sizes per rank (README "Several GPUs")
+        run([*launcher, "OpenVLA_GRPO.py", "train", "--checkpoint", str(source), "--finetune", "full",
+             "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex, ex.workers // ex.gpus),
+             "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups // ex.gpus),
+             "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
+             "--mini-batch-size", str(mini_batch), "--micro-batch-size", str(math.gcd(64, mini_batch)),
+             "--iterations", str(ex.grpo_iterations - start), "--seed", str(start),
+             "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
+             "--output-dir", str(ex.work_dir), "--run-name", run_dir.name, "--no-progress", *resume,
+             *shlex.split(ex.extra_grpo)], "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = start + grpo_iterations_done(run_dir)
     return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")

@@ -69,6 +69,27 @@ def test_with_until_grpo_a_brought_back_export_is_continued_in_a_new_run(tmp_pat
     assert commands[1][commands[1].index("--resume") + 1] == str(tmp_path / "grpo_from17")
 
 
+def test_grpo_on_two_gpus_runs_under_torchrun_with_half_of_everything_per_rank(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(libero_learning, "run", lambda command, stage, work_dir: commands.append(command))
+    monkeypatch.setattr(libero_learning, "export_bfloat16", lambda model_dir, export_dir: export_dir)
+    monkeypatch.setattr(libero_learning, "latest_checkpoint", lambda run_dir: run_dir)
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), workers=32, gpus=2, groups=16,
+                            mini_batch_size=256, grpo_iterations=5, until="grpo")
+    reinforcement_learning(experiment, tmp_path / "sft_export")
+    [command] = commands
+    assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    flag = {name: command[command.index(name) + 1]
+            for name in ("--num-envs", "--groups-per-iteration", "--mini-batch-size", "--micro-batch-size")}
+    assert flag == {"--num-envs": "16", "--groups-per-iteration": "8", "--mini-batch-size": "128",
+                    "--micro-batch-size": "64"}
+
+
+def test_gpus_that_do_not_divide_the_groups_are_refused():
+    with pytest.raises(ValueError, match="--gpus 3 must be >= 1 and divide --workers 16, --groups 8"):
+        Experiment(gpus=3)
+
+
 def test_grpo_metrics_count_iterations_from_the_sft_model_across_continued_runs(tmp_path):
     for run_dir, iterations in (("grpo", (0, 1, 2)), ("grpo_from2", (0, 1)), ("grpo_from12", (1,))):
         (tmp_path / run_dir).mkdir()

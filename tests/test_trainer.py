@@ -18,7 +18,7 @@ import torch
 import grpo
 from libero_env import EpisodeSpec
 from libero_env.toy import ToyVectorEnv
-from OpenVLA_GRPO import GRPOTrainer, parse_command
+from OpenVLA_GRPO import GRPOTrainer, parse_command, rollout_metrics
 from trainer import distributed
 from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
@@ -112,6 +112,17 @@ def test_rollouts_select_and_concat_keep_steps_with_their_episodes():
     assert kept.group_ids.tolist() == [0, 1] and kept.agentview[:, 0, 0, 0].tolist() == [1, 2]
 
 
+def test_rollout_metrics_report_success_per_task_drawn():
+    counts = {"episodes": 24, "successes": 9, "episode_length_sum": 2400, "lost_episodes": 0, "groups_played": 3,
+              "groups_kept": 2, "groups_uninformative": 1, "groups_lost": 0, "refill_rounds": 0,
+              "advantage_abs_sum": 12.0, "advantage_count": 16, "episodes_task_0": 16, "successes_task_0": 8,
+              "episodes_task_3": 8, "successes_task_3": 1, "episodes_task_5": 0, "successes_task_5": 0}
+    metrics = rollout_metrics(counts, [0, 3, 5])
+    assert metrics["rollout/success_rate"] == 9 / 24 and metrics["rollout/groups_dropped_fraction"] == 1 / 3
+    assert metrics["rollout/task_0/success_rate"] == 0.5 and metrics["rollout/task_3/success_rate"] == 0.125
+    assert "rollout/task_5/success_rate" not in metrics  # not drawn this iteration: no rate rather than 0
+
+
 def test_dynamic_sampling_keeps_only_informative_whole_groups(checkpoint, tmp_path):
     trainer = toy_trainer(checkpoint, tmp_path, "--groups-per-iteration", "4", "--max-refill-rounds", "2")
     batch, counts = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, group_size=4,
@@ -126,6 +137,8 @@ def test_dynamic_sampling_keeps_only_informative_whole_groups(checkpoint, tmp_pa
     informative = counts["groups_played"] - counts["groups_uninformative"]
     assert counts["groups_kept"] == min(4, informative)  # informative groups beyond the cap are not used
     assert counts["episodes"] == 4 * counts["groups_played"]
+    assert sum(counts[f"episodes_task_{t}"] for t in trainer.task_ids) == counts["episodes"]
+    assert sum(counts[f"successes_task_{t}"] for t in trainer.task_ids) == counts["successes"]
     for group in np.unique(batch.group_ids):
         rewards = batch.success[batch.group_ids == group]
         assert len(rewards) == 4 and rewards.any() and not rewards.all()

@@ -226,8 +226,8 @@ def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: P
         next_group += len(groups)
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
                                     keep_steps=True, progress=progress))
-        group_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
-                                    for k in ("group_ids", "success", "lost"))
+        group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
+                                              for k in ("group_ids", "task_ids", "success", "lost"))
         usable = ~np.isin(group_ids, group_ids[lost])
         informative = usable & grpo.informative_groups(torch.from_numpy(success),
                                                        torch.from_numpy(group_ids)).numpy()
@@ -245,6 +245,9 @@ def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: P
         "groups_uninformative": len(np.unique(group_ids[usable & ~informative])),
         "groups_lost": len(np.unique(group_ids[~usable])), "groups_kept": len(np.unique(group_ids[keep])),
         "refill_rounds": len(rounds) - 1,
+        # every configured task has its keys (zeros if not drawn), so ranks sum the same keys
+        **{f"episodes_task_{t}": int((task_ids == t).sum()) for t in sampler.task_ids},
+        **{f"successes_task_{t}": int(success[task_ids == t].sum()) for t in sampler.task_ids},
     }
     per_round = np.split(keep, np.cumsum([r.num_episodes for r in rounds])[:-1])
     return Rollouts.concat([r.select(k) for r, k in zip(rounds, per_round)]), counts

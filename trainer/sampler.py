@@ -13,6 +13,7 @@ class GroupSampler:
         if not task_ids or not init_indices:
             raise ValueError(f"need at least one task and one init state, got tasks {task_ids} and init states "
                              f"{init_indices}")
+        self.task_ids = list(task_ids)
         self.pairs = [(t, i) for t in task_ids for i in init_indices]
         self.rng = np.random.default_rng(seed)
         self.order: list[int] = []
