@@ -85,6 +85,21 @@ def test_grpo_on_two_gpus_runs_under_torchrun_with_half_of_everything_per_rank(t
                     "--micro-batch-size": "64"}
 
 
+@pytest.mark.slow
+def test_grpo_on_two_ranks_runs_for_real_and_exports(checkpoint, tmp_path, monkeypatch):
+    """`--gpus 2` end to end on the CPU (torchrun, gloo): full fine-tuning sharded over 2 ranks, then the export."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), workers=2, gpus=2, group_size=4, groups=2,
+                            mini_batch_size=8, temperature=1.6, grpo_iterations=2, eval_every=0, until="grpo")
+    export = reinforcement_learning(experiment, checkpoint)
+    assert export == tmp_path / "grpo2_export" and (export / "config.json").is_file()
+    rows = grpo_metrics(tmp_path)
+    assert [row["iteration"] for row in rows] == [1, 2]
+    assert all(row["rollout/episodes"] == 8 for row in rows)  # 1 group of 4 on each rank, summed
+
+
 def test_gpus_that_do_not_divide_the_groups_are_refused():
     with pytest.raises(ValueError, match="--gpus 3 must be >= 1 and divide --workers 16, --groups 8"):
         Experiment(gpus=3)
