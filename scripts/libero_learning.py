@@ -116,11 +116,13 @@ class Experiment:
     carried to a new lease it continues GRPO from there)."""
 
     def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ValueError(f"--gpus {self.gpus}: GRPO needs at least one GPU (1 also means the CPU)")
         split = {"--workers": self.workers, "--groups": self.groups, "--mini-batch-size": self.mini_batch_size}
         uneven = [f"{flag} {value}" for flag, value in split.items() if value % self.gpus]
-        if self.gpus < 1 or uneven:
-            raise ValueError(f"--gpus {self.gpus} must be >= 1 and divide {', '.join(uneven) or 'the GRPO sizes'}: "
-                             "each GPU takes an equal share of the simulator processes, groups and mini-batch")
+        if uneven:
+            raise ValueError(f"--gpus {self.gpus} must divide {', '.join(uneven)}: each GPU takes an equal share of "
+                             "the simulator processes, groups and mini-batch")
 
 
 def run(command: list[str], stage: str, work_dir: Path) -> None:

@@ -101,8 +101,10 @@ def test_grpo_on_two_ranks_runs_for_real_and_exports(checkpoint, tmp_path, monke
 
 
 def test_gpus_that_do_not_divide_the_groups_are_refused():
-    with pytest.raises(ValueError, match="--gpus 3 must be >= 1 and divide --workers 16, --groups 8"):
+    with pytest.raises(ValueError, match="--gpus 3 must divide --workers 16, --groups 8, --mini-batch-size 256"):
         Experiment(gpus=3)
+    with pytest.raises(ValueError, match="--gpus 0: GRPO needs at least one GPU"):
+        Experiment(gpus=0)
 
 
 def test_grpo_metrics_count_iterations_from_the_sft_model_across_continued_runs(tmp_path):
