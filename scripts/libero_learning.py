@@ -231,7 +231,7 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
     grpo_iterations are done: a new run grpo_from<N>/ continues from the export (fresh optimizer state, seed N),
     so GRPO goes on across leases that can only bring back the bfloat16 export."""
     start, run_dir = grpo_runs(ex.work_dir)[-1]
-    source = sft_export if start == 0 else ex.work_dir / f"grpo{start}_export"
+    source = sft_export if start == 0 else grpo_export_dir(ex.work_dir, start)
     brought_back = grpo_exports(ex.work_dir)
     if brought_back and not checkpoint_dirs(run_dir):
         source = brought_back[-1]
@@ -255,7 +255,7 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
              *shlex.split(ex.extra_grpo)], "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = start + grpo_iterations_done(run_dir)
-    return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, ex.work_dir / f"grpo{done}_export")
+    return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, grpo_export_dir(ex.work_dir, done))
 
 
 def grpo_exports(work_dir: Path) -> list[Path]:
@@ -276,6 +276,11 @@ def grpo_metrics(work_dir: Path) -> list[dict]:
     """The metrics rows of every GRPO run, iterations counted from the SFT model."""
     return [{**row, "iteration": start + row["iteration"]}
             for start, run_dir in grpo_runs(work_dir) for row in read_metrics(run_dir)]
+
+
+def grpo_export_dir(work_dir: Path, iteration: int) -> Path:
+    """Where the bfloat16 export after `iteration` GRPO iterations in all lives (export_iteration reads it back)."""
+    return work_dir / f"grpo{iteration}_export"
 
 
 def export_iteration(export_dir: Path) -> int:
