@@ -21,7 +21,8 @@ Every command it runs is printed, so each stage can be reproduced by hand.
 
 Across machines: once sft_export (or a GRPO export) exists, the demos and the SFT run are no longer read.
 `--until grpo` runs only SFT (if needed) and GRPO, e.g. on the GPU machine with sft_export brought along; bring back
-grpo<N>_export and grpo/, and the same command without --until evaluates and records here. Carried to the next lease,
+the work directory (`python -m scripts.transfer pack` there, `unpack` here: the exports whole, with their .pt files,
+and the runs' metrics), and the same command without --until evaluates and records here. Carried to the next lease,
 grpo<N>_export lets `--until grpo` continue GRPO in grpo_from<N>/ (fresh optimizer state). stage_devices.json says
 where each stage ran.
 """
