@@ -96,12 +96,13 @@ class ToyVectorEnv:
         self.seed = seed
         self._colours = list(TASK_COLOURS)
         self._closed = False
-        self._specs: list[EpisodeSpec] | None = None
+        self._specs: list[EpisodeSpec | None] = [None] * num_envs
         self._markers = np.zeros((num_envs, 2))
         self._correct = np.zeros(num_envs, dtype=np.int64)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._success = np.zeros(num_envs, dtype=bool)
-        self._done = np.zeros(num_envs, dtype=bool)
+        self._done = np.ones(num_envs, dtype=bool)
+        self._starting = np.zeros(num_envs, dtype=bool)
         self._frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
 
     @property
@@ -126,24 +127,34 @@ class ToyVectorEnv:
         rng = np.random.default_rng([self.seed, task_id, init_index])
         return QUADRANTS[(task_id + init_index) % 4] * rng.uniform(*MARKER_OFFSET_RANGE, size=2)
 
-    def reset(self, specs: list[EpisodeSpec]) -> Observation:
+    def reset(self, specs: list[EpisodeSpec], envs: list[int] | None = None, wait: bool = True) -> Observation | None:
+        """Starts `specs[i]` on env i; with `envs`, `specs[j]` on env `envs[j]` only, the others carry on. With
+        wait=False the envs start on the next step() (reported in `started`), as LiberoVectorEnv's do."""
         self._check_open()
-        if len(specs) != self.num_envs:
-            raise ValueError(f"reset needs one EpisodeSpec per env: got {len(specs)} for num_envs={self.num_envs}")
-        self._markers = np.stack([self.marker_position(s.task_id, s.init_index) for s in specs])
-        self._specs = list(specs)
-        self._correct[:] = 0
-        self._steps[:] = 0
-        self._success[:] = False
-        self._done[:] = False
-        self._frames = [[] for _ in specs]
-        self._record_frames()
-        return self._observe()
+        if envs is None:
+            if len(specs) != self.num_envs:
+                raise ValueError(f"reset needs one EpisodeSpec per env: got {len(specs)} for num_envs={self.num_envs}")
+            envs = list(range(self.num_envs))
+        if len(envs) != len(specs):
+            raise ValueError(f"reset needs one EpisodeSpec per env it names: {len(envs)} envs, {len(specs)} specs")
+        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
+            raise ValueError(f"envs must be distinct indices in 0..{self.num_envs - 1}, got {list(envs)}")
+        markers = [self.marker_position(spec.task_id, spec.init_index) for spec in specs]  # checks them all first
+        for i, spec, marker in zip(envs, specs, markers):
+            self._markers[i] = marker
+            self._specs[i] = spec
+            self._correct[i] = self._steps[i] = 0
+            self._success[i] = False
+            self._done[i] = not wait  # a starting env is not stepped until step() reports it started
+            self._starting[i] = not wait
+            self._frames[i] = []
+        self._record_frames(np.isin(np.arange(self.num_envs), envs))
+        return self._observe() if wait else None
 
     def step(self, actions: np.ndarray) -> StepResult:
         """actions: float [N, 7] or a chunk [N, K, 7]. Finished envs ignore theirs; any NaN/inf raises."""
         self._check_open()
-        if self._specs is None:
+        if all(spec is None for spec in self._specs):
             raise RuntimeError("step called before reset: call env.reset(specs) first")
         actions = np.asarray(actions)
         if actions.ndim == 2:
@@ -168,13 +179,15 @@ class ToyVectorEnv:
             self._success |= self._correct >= self.pushes_to_goal
             self._done |= self._success | (self._steps >= self.horizon)
             self._record_frames(running)
+        started = self._starting.copy()
+        self._done[started] = self._starting[started] = False
         return StepResult(obs=self._observe(), done=self._done.copy(), success=self._success.copy(),
-                          steps=self._steps.copy(), lost=np.zeros(self.num_envs, dtype=bool))
+                          steps=self._steps.copy(), lost=np.zeros(self.num_envs, dtype=bool), started=started)
 
     def frames(self, i: int) -> list[np.ndarray]:
         """Agentview frames uint8 [224, 224, 3] of env i's episode (reset + one per step); empty unless its
         EpisodeSpec asked for record_video."""
-        if self._specs is None:
+        if all(spec is None for spec in self._specs):
             raise RuntimeError("no episode yet: call env.reset(specs) first")
         if not 0 <= i < self.num_envs:
             raise ValueError(f"env index {i} out of range: valid indices are 0..{self.num_envs - 1}")
@@ -195,6 +208,8 @@ class ToyVectorEnv:
         return self._markers * progress[:, None]
 
     def _render(self, i: int, cursor: np.ndarray, wrist: bool) -> np.ndarray:
+        if self._specs[i] is None:  # not reset yet: the empty table
+            return _TABLE_IMAGE.copy()
         colour = TASK_COLOURS[self._colours[self._specs[i].task_id]]
         if wrist:
             return _draw_scene(self._markers[i], colour, cursor, camera=cursor, zoom=WRIST_ZOOM)
@@ -207,12 +222,12 @@ class ToyVectorEnv:
         proprio = np.zeros((self.num_envs, 8), dtype=np.float32)
         proprio[:, :2] = cursors
         return Observation(agentview=agentview, wrist=wrist, proprio=proprio,
-                           instructions=[self.instruction(s.task_id) for s in self._specs])
+                           instructions=["" if s is None else self.instruction(s.task_id) for s in self._specs])
 
-    def _record_frames(self, moved: np.ndarray | None = None) -> None:
+    def _record_frames(self, moved: np.ndarray) -> None:
         cursors = self._cursors()
         for i, spec in enumerate(self._specs):
-            if spec.record_video and (moved is None or moved[i]):
+            if moved[i] and spec.record_video:
                 self._frames[i].append(self._render(i, cursors[i], wrist=False))
 
     def _check_task(self, task_id: int) -> None:

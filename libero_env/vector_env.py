@@ -4,11 +4,13 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing import connection
 from multiprocessing.context import BaseContext
+from typing import Literal
 
 import imageio.v2 as imageio
 import numpy as np
@@ -34,7 +36,7 @@ class Observation:
     proprio: np.ndarray
     """float32 [N,8] eef position, eef axis-angle, 2 gripper joint positions (not normalised)."""
     instructions: list[str]
-    """Raw `task.language` of each env's task."""
+    """Raw `task.language` of each env's task ("" for an env that has not been reset yet)."""
 
 
 @dataclass
@@ -51,6 +53,8 @@ class StepResult:
     """int64 [N]: policy actions executed in this episode, wait steps not counted."""
     lost: np.ndarray
     """bool [N]: the worker died or hung; its episode says nothing about the policy and must be re-run."""
+    started: np.ndarray
+    """bool [N]: envs whose reset(..., wait=False) finished during this call; their episode starts from `obs`."""
 
 
 class _Worker:
@@ -72,7 +76,7 @@ class _Worker:
 
     def receive(self, timeout_s: float) -> tuple[dict | None, str]:
         """(payload, "") on success, else (None, what went wrong)."""
-        ready = wait([self.conn, self.process.sentinel], timeout_s)
+        ready = connection.wait([self.conn, self.process.sentinel], timeout_s)
         if not ready:
             return None, f"no answer within {timeout_s:.0f} s"
         status, payload = "exited", ""
@@ -87,6 +91,10 @@ class _Worker:
             return None, payload
         self.process.join(timeout=5)
         return None, f"worker process exited with code {self.process.exitcode}"
+
+    def has_answer(self) -> bool:
+        """Whether receive() would return at once (an answer, or the worker's exit)."""
+        return bool(connection.wait([self.conn, self.process.sentinel], 0))
 
     def ask_to_close(self) -> None:
         if self.process.is_alive():
@@ -162,7 +170,10 @@ class LiberoVectorEnv:
         self._agentview = np.zeros((num_envs, size, size, 3), np.uint8)
         self._wrist = np.zeros((num_envs, size, size, 3), np.uint8) if wrist else None
         self._proprio = np.zeros((num_envs, 8), np.float32)
-        self._specs: list[EpisodeSpec] = []
+        self._specs: list[EpisodeSpec | None] = [None] * num_envs
+        self._starting: dict[int, EpisodeSpec] = {}  # resets in flight
+        self._reset_attempts = [0] * num_envs
+        self._reset_deadlines = [0.0] * num_envs
         self._done = np.ones(num_envs, bool)
         self._success = np.zeros(num_envs, bool)
         self._lost = np.zeros(num_envs, bool)
@@ -190,49 +201,45 @@ class LiberoVectorEnv:
             raise ValueError(f"env_index must be in [0, {self.num_envs - 1}], got {env_index}")
         return list(self._frames[env_index])
 
-    def reset(self, specs: Sequence[EpisodeSpec]) -> Observation:
-        """Starts one episode per env; `specs[i]` is env i's (task, init state)."""
+    def reset(self, specs: Sequence[EpisodeSpec], envs: Sequence[int] | None = None,
+              wait: bool = True) -> Observation | None:
+        """Starts one episode per env, `specs[i]` on env i; with `envs`, `specs[j]` on env `envs[j]` only, while the
+        other envs carry on with their episodes. With wait=False it returns at once and the resets run while
+        step() moves the other envs (a reset rebuilds the scene: seconds on the CPU); step() reports each env whose
+        reset has finished in `started`. A worker that fails a reset is replaced and tried once more."""
         self._check_open()
         specs = list(specs)
-        if len(specs) != self.num_envs:
-            raise ValueError(f"reset needs one EpisodeSpec per env: expected {self.num_envs}, got {len(specs)}")
+        if envs is None:
+            if len(specs) != self.num_envs:
+                raise ValueError(f"reset needs one EpisodeSpec per env: expected {self.num_envs}, got {len(specs)}")
+            envs = range(self.num_envs)
+        envs = [int(i) for i in envs]
+        if len(envs) != len(specs):
+            raise ValueError(f"reset needs one EpisodeSpec per env it names: {len(envs)} envs, {len(specs)} specs")
+        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
+            raise ValueError(f"envs must be distinct indices in [0, {self.num_envs - 1}], got {envs}")
         for spec in specs:
             self._check_task(spec.task_id)
             if not 0 <= spec.init_index < NUM_INIT_STATES:
                 raise ValueError(f"init_index must be in [0, {NUM_INIT_STATES - 1}], got {spec.init_index}")
-
-        def reset_message(i: int) -> tuple:
-            task = self._tasks[specs[i].task_id]
-            return ("reset", task.bddl_file, task.init_states[specs[i].init_index], specs[i].record_video)
-
-        self._specs = []  # until every env has reset, step() must refuse
-        self._done[:] = True
-        replies, failures = self._exchange({i: reset_message(i) for i in range(self.num_envs)})
-        if failures:
-            for i in failures:
-                self._restart(i, failures[i])
-            retried, failures = self._exchange({i: reset_message(i) for i in failures})
-            replies.update(retried)
-        if failures:
-            for i in failures:
-                self._restart(i, failures[i])
-            first = min(failures)
-            raise RuntimeError(f"env(s) {sorted(failures)} failed to reset twice on fresh workers; "
-                               f"env {first}'s last error:\n{failures[first]}")
-
-        self._specs = specs
-        self._done[:] = self._success[:] = self._lost[:] = False
-        self._steps[:] = 0
-        for i, payload in replies.items():
-            self._store(i, payload)
-            self._frames[i] = payload["frames"]
+        if any(i in self._starting for i in envs):
+            raise RuntimeError(f"env(s) {sorted(set(envs) & set(self._starting))} are still resetting: step() "
+                               "until `started` reports them")
+        for i, spec in zip(envs, specs):
+            self._specs[i] = None  # until its reset has finished, step() leaves the env alone
+            self._done[i] = True
+            self._starting[i] = spec
+            self._send_reset(i, attempt=1)
+        if not wait:
+            return None
+        self._collect_starts(until="all")
         return self._observation()
 
     def step(self, actions) -> StepResult:
         """Executes dataset-convention actions [N,7] or chunks [N,K,7] on the envs that are not done."""
         self._check_open()
         chunks = self._check_actions(actions)
-        if not self._specs:
+        if all(spec is None for spec in self._specs) and not self._starting:
             raise RuntimeError("call reset() before step()")
         env_actions = to_env_actions(chunks)
         messages = {
@@ -249,8 +256,9 @@ class LiberoVectorEnv:
         for i, reason in failures.items():
             self._lost[i] = self._done[i] = True
             self._restart(i, reason)
+        started = self._collect_starts(until="none" if messages else "any")
         return StepResult(self._observation(), self._done.copy(), self._success.copy(), self._steps.copy(),
-                          self._lost.copy())
+                          self._lost.copy(), np.isin(np.arange(self.num_envs), started))
 
     def close(self) -> None:
         """Stops all workers; safe to call twice."""
@@ -261,6 +269,54 @@ class LiberoVectorEnv:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def _send_reset(self, env_index: int, attempt: int) -> None:
+        spec = self._starting[env_index]
+        task = self._tasks[spec.task_id]
+        reason = self._workers[env_index].send(("reset", task.bddl_file, task.init_states[spec.init_index],
+                                                spec.record_video))
+        self._reset_attempts[env_index] = attempt
+        self._reset_deadlines[env_index] = time.monotonic() + self.timeout_s
+        if reason:
+            self._reset_failed(env_index, reason)
+
+    def _reset_failed(self, env_index: int, reason: str) -> None:
+        self._restart(env_index, reason)
+        if self._reset_attempts[env_index] >= 2:
+            self._starting.pop(env_index)
+            raise RuntimeError(f"env {env_index} failed to reset twice on fresh workers; its last error:\n{reason}")
+        self._send_reset(env_index, attempt=2)
+
+    def _collect_starts(self, until: Literal["all", "any", "none"]) -> list[int]:
+        """Takes in the answers of resets in flight: those already there ("none"), or waiting for at least one
+        ("any") or for all of them ("all"). Returns the envs whose episode has started."""
+        started: list[int] = []
+        try:
+            while self._starting:
+                answered = [i for i in self._starting if self._workers[i].has_answer()]
+                for i in answered:
+                    payload, reason = self._workers[i].receive(self.timeout_s)
+                    if payload is None:
+                        self._reset_failed(i, reason)
+                        continue
+                    self._specs[i] = self._starting.pop(i)
+                    self._done[i] = self._success[i] = self._lost[i] = False
+                    self._steps[i] = 0
+                    self._store(i, payload)
+                    self._frames[i] = payload["frames"]
+                    started.append(i)
+                if until == "none" or (until == "any" and started) or not self._starting:
+                    break
+                if not answered:
+                    first = min(self._starting, key=self._reset_deadlines.__getitem__)
+                    workers = [self._workers[i] for i in self._starting]
+                    ends = [w.conn for w in workers] + [w.process.sentinel for w in workers]
+                    if not connection.wait(ends, max(0.0, self._reset_deadlines[first] - time.monotonic())):
+                        self._reset_failed(first, f"no answer within {self.timeout_s:.0f} s")
+        except BaseException:
+            self.close()  # resets still in flight would be read as answers to the next command
+            raise
+        return started
 
     def _exchange(self, messages: dict[int, tuple]) -> tuple[dict[int, dict], dict[int, str]]:
         """Sends every message before waiting for any answer, so the workers run in parallel."""
@@ -297,7 +353,7 @@ class LiberoVectorEnv:
             agentview=self._agentview.copy(),
             wrist=None if self._wrist is None else self._wrist.copy(),
             proprio=self._proprio.copy(),
-            instructions=[self._tasks[spec.task_id].language for spec in self._specs],
+            instructions=["" if spec is None else self._tasks[spec.task_id].language for spec in self._specs],
         )
 
     def _check_actions(self, actions) -> np.ndarray:

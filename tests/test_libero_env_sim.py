@@ -121,6 +121,31 @@ def test_chunks_time_limit_and_finished_envs_stay_put(env):
     np.testing.assert_array_equal(again.obs.agentview, result.obs.agentview)
 
 
+def test_reset_of_some_envs_leaves_the_others_running(env):
+    first = env.reset([EpisodeSpec(0, 1), EpisodeSpec(0, 2)])
+    env.step(open_gripper_actions(2, 3))
+    result = env.step(open_gripper_actions(2, 2))
+    assert result.done.all()
+    obs = env.reset([EpisodeSpec(0, 2, record_video=True)], envs=[0])
+    np.testing.assert_array_equal(obs.proprio[0], first.proprio[1])  # env 0 at env 1's first init state
+    np.testing.assert_array_equal(obs.agentview[1], result.obs.agentview[1])  # env 1 is left as it was
+    np.testing.assert_array_equal(obs.proprio[1], result.obs.proprio[1])
+    with pytest.raises(ValueError, match=r"envs must be distinct indices in \[0, 1\], got \[2\]"):
+        env.reset([EpisodeSpec(0, 0)], envs=[2])
+
+    # env 1 resets in the background while env 0 steps; step() reports it once its reset is done
+    assert env.reset([EpisodeSpec(0, 1)], envs=[1], wait=False) is None
+    with pytest.raises(RuntimeError, match=r"env\(s\) \[1\] are still resetting"):
+        env.reset([EpisodeSpec(0, 3)], envs=[1])
+    results = [env.step(open_gripper_actions(2, 3)) for _ in range(3)]  # env 0 ends in the second call
+    assert [r.steps[0] for r in results] == [3, 5, 5] and len(env.frames(0)) == 6
+    started = [r.started[1] for r in results]
+    assert started.count(True) == 1 and not any(r.started[0] for r in results)
+    at = results[started.index(True)]
+    assert at.steps[1] == 0 and not at.done[1]
+    np.testing.assert_array_equal(at.obs.proprio[1], first.proprio[0])  # init state 1, as env 0 had it
+
+
 def test_bad_inputs_raise_and_never_reach_the_simulator(env):
     with pytest.raises(ValueError, match=r"task_id must be in \[0, 9\] for libero_spatial, got 10"):
         env.reset([EpisodeSpec(10, 0), EpisodeSpec(0, 0)])

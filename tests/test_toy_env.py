@@ -157,6 +157,29 @@ def test_video_frames_only_when_recorded():
         env.frames(2)
 
 
+def test_reset_of_some_envs_leaves_the_others_running():
+    env = ToyVectorEnv(num_envs=2, horizon=4)
+    first = env.reset([EpisodeSpec(0, 0), EpisodeSpec(1, 0)])
+    assert env.step(np.zeros((2, 7))).steps.tolist() == [1, 1]
+    obs = env.reset([EpisodeSpec(2, 3, record_video=True)], envs=[1])
+    assert obs.instructions == [first.instructions[0], env.instruction(2)]
+    np.testing.assert_array_equal(obs.agentview[0], first.agentview[0])  # zero pushes: env 0 did not move
+    result = env.step(np.zeros((2, 7)))
+    assert result.steps.tolist() == [2, 1] and len(env.frames(1)) == 2 and env.frames(0) == []
+    assert env.reset([EpisodeSpec(3, 0)], envs=[0], wait=False) is None  # starts at the next step call
+    result = env.step(np.zeros((2, 7)))
+    assert result.started.tolist() == [True, False] and result.steps.tolist() == [0, 2]
+    assert env.step(np.zeros((2, 7))).steps.tolist() == [1, 3]
+    never_reset = ToyVectorEnv(num_envs=3).reset([EpisodeSpec(0, 0)], envs=[2])
+    assert never_reset.instructions[:2] == ["", ""]  # envs 0 and 1 have no episode yet
+    with pytest.raises(ValueError, match=r"distinct indices in 0..1, got \[0, 0\]"):
+        env.reset([EpisodeSpec(0, 0)] * 2, envs=[0, 0])
+    with pytest.raises(ValueError, match=r"distinct indices in 0..1, got \[2\]"):
+        env.reset([EpisodeSpec(0, 0)], envs=[2])
+    with pytest.raises(ValueError, match="one EpisodeSpec per env it names: 1 envs, 2 specs"):
+        env.reset([EpisodeSpec(0, 0)] * 2, envs=[0])
+
+
 def test_bad_inputs_raise_clear_errors():
     env = ToyVectorEnv(num_envs=2)
     with pytest.raises(RuntimeError, match="before reset"):

@@ -24,7 +24,7 @@ from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, r
                                 set_rng_state)
 from trainer.evaluation import evaluate
 from trainer.metrics import UpdateStats, read_metrics
-from trainer.rollout import PolicyInputs, Rollouts, collect_groups, schedule_waves
+from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes
 from trainer.sampler import GroupSampler
 
 torch.set_num_threads(1)
@@ -61,14 +61,64 @@ def test_group_sampler_visits_every_pair_once_per_pass_and_resumes():
     assert GroupSampler([0, 2], [5, 6, 7], seed=[3, 1]).next(6) != first_pass  # another rank, another order
 
 
-def test_waves_spread_the_first_over_tasks_and_keep_each_env_on_its_task():
+def test_next_episode_spreads_the_first_over_tasks_and_keeps_each_env_on_its_task():
     tasks = [0] * 3 + [1] * 3 + [2] * 2  # e.g. held-out episodes sorted by task
-    waves = schedule_waves([EpisodeSpec(t, i) for i, t in enumerate(tasks)], num_envs=3)
-    assert waves == [[0, 3, 6], [1, 4, 7], [2, 5]]  # env 0 plays task 0, env 1 task 1, env 2 task 2
-    tasks = [2, 2, 2, 2, 5, 5, 5, 5]
-    waves = schedule_waves([EpisodeSpec(t, 0) for t in tasks], num_envs=3)
-    assert [[tasks[i] for i in wave] for wave in waves] == [[2, 5, 2], [2, 5, 2], [5, 5]]  # one switch: env 2
-    assert sorted(i for wave in waves for i in wave) == list(range(8))
+    pending = {0: [0, 1, 2], 1: [3, 4, 5], 2: [6, 7]}
+    busy: list[int] = []
+    for _ in range(3):  # three idle envs start
+        busy.append(tasks[next_episode(pending, None, busy)])
+    assert busy == [0, 1, 2]
+    assert next_episode(pending, 1, busy) == 4  # env 1 finished: another episode of its task
+    pending = {2: [], 5: [4, 5]}
+    assert next_episode(pending, 2, [5]) == 4  # its task has none left: it switches
+
+
+class ScriptedEnv:
+    """Episode lengths set by the init index; success when the length is even. A reset with wait=False takes
+    effect on the next step call, as LiberoVectorEnv's does. Counts step calls."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.num_envs, self.step_calls = num_envs, 0
+        self.length, self.steps = np.zeros(num_envs, int), np.zeros(num_envs, int)
+        self.starting = np.zeros(num_envs, bool)
+        self.instructions = [""] * num_envs
+
+    def reset(self, specs, envs, wait=True):
+        for i, spec in zip(envs, specs):
+            self.length[i], self.steps[i], self.instructions[i] = spec.init_index, 0, f"task {spec.task_id}"
+            self.starting[i] = not wait
+        return self.observation()
+
+    def observation(self):
+        return SimpleNamespace(agentview=np.zeros((self.num_envs, 224, 224, 3), np.uint8), wrist=None, proprio=None,
+                               instructions=list(self.instructions))
+
+    def step(self, actions):
+        self.step_calls += 1
+        running = ~self.starting
+        self.steps[running] = np.minimum(self.steps[running] + 1, self.length[running])
+        started, self.starting = self.starting, np.zeros(self.num_envs, bool)
+        done = running & (self.steps == self.length)
+        return SimpleNamespace(obs=self.observation(), done=done, success=done & (self.length % 2 == 0),
+                               steps=self.steps.copy(), lost=np.zeros(self.num_envs, bool), started=started)
+
+
+def test_play_episodes_refills_an_env_as_soon_as_its_episode_ends():
+    class Policy:
+        def sample(self, agentview, instructions, wrist, proprio, temperature, greedy):
+            batch = len(agentview)
+            return SimpleNamespace(actions=np.zeros((batch, 7), np.float32), token_ids=torch.zeros(batch, 7),
+                                   log_probs=torch.zeros(batch, 7))
+
+    env = ScriptedEnv(num_envs=2)
+    specs = [EpisodeSpec(0, 6), EpisodeSpec(0, 1), EpisodeSpec(0, 2), EpisodeSpec(0, 2), EpisodeSpec(0, 1)]
+    result = play_episodes(env, Policy(), specs, np.zeros(5, int), PolicyInputs(wrist=False, proprio=False),
+                           temperature=1.0, greedy=False, keep_steps=True)
+    # a reset here takes one step call. Env 0: 6 steps, a reset, the last 1-step episode. Env 1 meanwhile: 1 step,
+    # reset, 2 steps, reset, 2 steps: 8 calls (lockstep batches of 2 would take 6 + 2 + 1)
+    assert env.step_calls == 8
+    assert result.lengths.tolist() == [6, 1, 2, 2, 1] and result.success.tolist() == [True, False, True, True, False]
+    assert np.bincount(result.step_episode).tolist() == [6, 1, 2, 2, 1]
 
 
 class RecordingPolicy:

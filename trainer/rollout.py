@@ -22,7 +22,7 @@ class VectorEnv(Protocol):
 
     num_envs: int
 
-    def reset(self, specs: list[EpisodeSpec]) -> Any: ...
+    def reset(self, specs: list[EpisodeSpec], envs: list[int] | None = None, wait: bool = True) -> Any: ...
     def step(self, actions: np.ndarray) -> Any: ...
     def frames(self, i: int) -> list[np.ndarray]: ...
 
@@ -112,36 +112,23 @@ class Rollouts:
         )
 
 
-def schedule_waves(specs: list[EpisodeSpec], num_envs: int) -> list[list[int]]:
-    """Indices into `specs` for each wave; position i of a wave is env i. A LIBERO worker rebuilds its scene
-    (seconds) whenever its task changes, so each env gets an episode of the task it played last while one is left,
-    and otherwise one of the task with the most episodes left per env already given it in this wave, which also
-    spreads the first wave over the tasks."""
-    pending: dict[int, list[int]] = {}
-    for index, spec in enumerate(specs):
-        pending.setdefault(spec.task_id, []).append(index)
-    env_tasks: list[int | None] = [None] * num_envs
-    waves: list[list[int]] = []
-    remaining = len(specs)
-    while remaining:
-        wave: list[int] = []
-        for env_index in range(min(num_envs, remaining)):
-            task = env_tasks[env_index]
-            if not pending.get(task):
-                given = [specs[i].task_id for i in wave]
-                task = max(sorted(pending), key=lambda t: len(pending[t]) / (1 + given.count(t)))
-            wave.append(pending[task].pop(0))
-            env_tasks[env_index] = task
-            remaining -= 1
-        waves.append(wave)
-    return waves
+def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_tasks: list[int]) -> int:
+    """Takes the next episode for an env from `pending` (task id -> indices of its episodes not started yet). A
+    LIBERO worker rebuilds its scene (seconds) whenever its task changes, so an env gets another episode of the task
+    it played last while one is left; otherwise one of the task with the most episodes left per env already playing
+    it (`busy_tasks`), which also spreads the first episodes over the tasks."""
+    if not pending.get(last_task):
+        last_task = max(sorted(t for t in pending if pending[t]),
+                        key=lambda t: len(pending[t]) / (1 + busy_tasks.count(t)))
+    return pending[last_task].pop(0)
 
 
 def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
                   progress: bool = False) -> Rollouts:
-    """Plays `specs` in waves of env.num_envs episodes (schedule_waves; the last wave padded with repeats whose
-    results are discarded) and returns their outcomes, plus every policy step when `keep_steps`."""
+    """Plays `specs` on env.num_envs envs and returns their outcomes, plus every policy step when `keep_steps`.
+    An env starts its next episode (next_episode) as soon as its last one ends, and resets while the others step
+    (reset(wait=False)), so no env waits for the longest episode of a batch or for another env's scene build."""
     n, total = env.num_envs, len(specs)
     steps: dict[str, list] = {k: [] for k in ("agentview", "wrist", "proprio", "instructions", "token_ids",
                                               "log_probs", "step_episode")}
@@ -150,19 +137,28 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
     videos: dict[int, list[np.ndarray]] = {}
     bar = tqdm(total=total, desc="eval" if greedy else "rollout", unit="ep", leave=False,
                disable=None if progress else True)
-    previous: list[EpisodeSpec | None] = [None] * n
-    for wave in schedule_waves(specs, n):
-        episodes, real = np.array(wave), len(wave)
-        wave_specs = [specs[i] for i in wave]
-        for i in range(real, n):  # padding replays the env's previous task: no scene rebuild
-            source = previous[i] or wave_specs[-1]
-            wave_specs.append(EpisodeSpec(source.task_id, source.init_index))
-        previous = wave_specs
-        obs = env.reset(wave_specs)
-        done = np.zeros(n, dtype=bool)
-        done[real:] = True  # padding: its actions are never sampled (finished envs ignore them)
-        while not done.all():
-            alive = np.flatnonzero(~done)
+    pending: dict[int, list[int]] = {}
+    for index, spec in enumerate(specs):
+        pending.setdefault(spec.task_id, []).append(index)
+    playing = np.full(n, -1)  # each env's episode (resetting or running), -1 when idle
+    running = np.zeros(n, dtype=bool)
+    env_tasks: list[int | None] = [None] * n
+
+    def start_episodes() -> list[int]:
+        idle = [i for i in range(n) if playing[i] < 0][:sum(map(len, pending.values()))]
+        for i in idle:
+            playing[i] = next_episode(pending, env_tasks[i], [env_tasks[j] for j in range(n) if playing[j] >= 0])
+            env_tasks[i] = specs[playing[i]].task_id
+        return idle
+
+    first = start_episodes()
+    if first:
+        obs = env.reset([specs[playing[i]] for i in first], envs=first)
+        running[first] = True
+    while (playing >= 0).any():
+        alive = np.flatnonzero(running)
+        actions = np.zeros((n, 7), dtype=np.float32)  # for envs still resetting: step() only waits for them
+        if alive.size:
             instructions = [obs.instructions[i] for i in alive]
             out = policy.sample(obs.agentview[alive], instructions,
                                 wrist=obs.wrist[alive] if inputs.wrist else None,
@@ -179,19 +175,20 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
                 steps["instructions"].extend(instructions)
                 steps["token_ids"].append(out.token_ids.cpu())
                 steps["log_probs"].append(out.log_probs.float().cpu())
-                steps["step_episode"].append(episodes[alive])
-            result = env.step(actions)
-            finished = alive[result.done[alive]]
-            episode = episodes[finished]
-            success[episode] = result.success[finished]
-            lost[episode] = result.lost[finished]
-            lengths[episode] = result.steps[finished]
-            done[finished] = True
-            bar.update(len(finished))
-            obs = result.obs
-        for i in range(real):
-            if wave_specs[i].record_video:
-                videos[int(episodes[i])] = env.frames(i)
+                steps["step_episode"].append(playing[alive])
+        result = env.step(actions)
+        for i in alive[result.done[alive]]:
+            episode = int(playing[i])
+            success[episode], lost[episode], lengths[episode] = result.success[i], result.lost[i], result.steps[i]
+            if specs[episode].record_video:
+                videos[episode] = env.frames(int(i))
+            playing[i], running[i] = -1, False
+            bar.update(1)
+        running |= result.started
+        obs = result.obs
+        starting = start_episodes()
+        if starting:
+            env.reset([specs[playing[i]] for i in starting], envs=starting, wait=False)
     bar.close()
     return Rollouts(
         agentview=_stack(steps["agentview"], np.uint8, (0, 224, 224, 3)),
