@@ -6,11 +6,10 @@ import os
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import connection
 from multiprocessing.context import BaseContext
-from typing import Literal
 
 import imageio.v2 as imageio
 import numpy as np
@@ -172,6 +171,7 @@ class LiberoVectorEnv:
         self._proprio = np.zeros((num_envs, 8), np.float32)
         self._specs: list[EpisodeSpec | None] = [None] * num_envs
         self._starting: dict[int, EpisodeSpec] = {}  # resets in flight
+        self._started: set[int] = set()  # resets finished since the last step()
         self._reset_attempts = [0] * num_envs
         self._reset_deadlines = [0.0] * num_envs
         self._done = np.ones(num_envs, bool)
@@ -228,11 +228,13 @@ class LiberoVectorEnv:
         for i, spec in zip(envs, specs):
             self._specs[i] = None  # until its reset has finished, step() leaves the env alone
             self._done[i] = True
+            self._started.discard(i)
             self._starting[i] = spec
             self._send_reset(i, attempt=1)
         if not wait:
             return None
-        self._collect_starts(until="all")
+        self._collect_starts(keep_waiting=lambda: any(i in self._starting for i in envs))
+        self._started.difference_update(envs)  # the caller knows these started; others are left for step()
         return self._observation()
 
     def step(self, actions) -> StepResult:
@@ -256,9 +258,11 @@ class LiberoVectorEnv:
         for i, reason in failures.items():
             self._lost[i] = self._done[i] = True
             self._restart(i, reason)
-        started = self._collect_starts(until="none" if messages else "any")
+        self._collect_starts(keep_waiting=lambda: not messages and not self._started)  # idle: wait for one
+        started = np.isin(np.arange(self.num_envs), sorted(self._started))
+        self._started.clear()
         return StepResult(self._observation(), self._done.copy(), self._success.copy(), self._steps.copy(),
-                          self._lost.copy(), np.isin(np.arange(self.num_envs), started))
+                          self._lost.copy(), started)
 
     def close(self) -> None:
         """Stops all workers; safe to call twice."""
@@ -283,14 +287,13 @@ class LiberoVectorEnv:
     def _reset_failed(self, env_index: int, reason: str) -> None:
         self._restart(env_index, reason)
         if self._reset_attempts[env_index] >= 2:
-            self._starting.pop(env_index)
+            self.close()  # other resets may still be in flight: their answers would be misread later
             raise RuntimeError(f"env {env_index} failed to reset twice on fresh workers; its last error:\n{reason}")
         self._send_reset(env_index, attempt=2)
 
-    def _collect_starts(self, until: Literal["all", "any", "none"]) -> list[int]:
-        """Takes in the answers of resets in flight: those already there ("none"), or waiting for at least one
-        ("any") or for all of them ("all"). Returns the envs whose episode has started."""
-        started: list[int] = []
+    def _collect_starts(self, keep_waiting: Callable[[], bool]) -> None:
+        """Takes in the answers of the resets in flight that are there, and waits for more while keep_waiting();
+        each env whose episode has started joins self._started until step() reports it."""
         try:
             while self._starting:
                 answered = [i for i in self._starting if self._workers[i].has_answer()]
@@ -304,8 +307,8 @@ class LiberoVectorEnv:
                     self._steps[i] = 0
                     self._store(i, payload)
                     self._frames[i] = payload["frames"]
-                    started.append(i)
-                if until == "none" or (until == "any" and started) or not self._starting:
+                    self._started.add(i)
+                if not self._starting or not keep_waiting():
                     break
                 if not answered:
                     first = min(self._starting, key=self._reset_deadlines.__getitem__)
@@ -316,7 +319,6 @@ class LiberoVectorEnv:
         except BaseException:
             self.close()  # resets still in flight would be read as answers to the next command
             raise
-        return started
 
     def _exchange(self, messages: dict[int, tuple]) -> tuple[dict[int, dict], dict[int, str]]:
         """Sends every message before waiting for any answer, so the workers run in parallel."""

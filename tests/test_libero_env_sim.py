@@ -145,6 +145,12 @@ def test_reset_of_some_envs_leaves_the_others_running(env):
     assert at.steps[1] == 0 and not at.done[1]
     np.testing.assert_array_equal(at.obs.proprio[1], first.proprio[0])  # init state 1, as env 0 had it
 
+    # a waiting reset of env 0 leaves env 1's background reset for step() to report, even if it finished meanwhile
+    env.reset([EpisodeSpec(0, 3)], envs=[1], wait=False)
+    env.reset([EpisodeSpec(0, 4)], envs=[0])
+    reports = [env.step(open_gripper_actions(2, 1)).started for _ in range(6)]  # env 0 ends in the fifth call
+    assert [r[1] for r in reports].count(True) == 1 and not any(r[0] for r in reports)
+
 
 def test_bad_inputs_raise_and_never_reach_the_simulator(env):
     with pytest.raises(ValueError, match=r"task_id must be in \[0, 9\] for libero_spatial, got 10"):
