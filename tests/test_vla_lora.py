@@ -159,6 +159,8 @@ def test_merge_export_reload(variant, checkpoint, oft_checkpoint, tmp_path):
         (policy.is_oft, policy.num_images, policy.uses_proprio)
     reloaded_tokens, reloaded_log_probs = query(reloaded, **extra)
     assert torch.equal(reloaded_tokens, tokens)
-    assert torch.allclose(reloaded_log_probs, expected, atol=1e-5)
+    # W + s*BA merged in float32 rounds differently from W x + s*B(A x): up to 4.8e-5 (OFT) and 9.3e-6 (OpenVLA)
+    # on a 2-core Intel Xeon, under 1e-5 on the AMD EPYC machine the bound was first set on
+    assert torch.allclose(reloaded_log_probs, expected, atol=1e-4)
     assert len(trainable_names(policy)) == 34  # the exporting policy keeps its separate adapters
     assert not trainable_names(reloaded)
