@@ -72,7 +72,7 @@ def play(args: Args, policy, specs: list[EpisodeSpec], lockstep: bool) -> dict:
         results = [play_episodes(env, policy, batch, np.zeros(len(batch), np.int64), inputs, temperature=1.0,
                                  greedy=True, keep_steps=False) for batch in batches]
         seconds = time.perf_counter() - started
-    result = Rollouts.concat(results) if len(results) > 1 else results[0]
+    result = Rollouts.concat(results)
     actions = int(result.lengths.sum())
     return {"seconds": round(seconds, 1), "env_actions": actions, "actions_per_second": round(actions / seconds, 2),
             "step_calls": env.step_calls, "episode_lengths": result.lengths.tolist(),

@@ -259,7 +259,8 @@ class LiberoVectorEnv:
             self._lost[i] = self._done[i] = True
             self._restart(i, reason)
         self._collect_starts(keep_waiting=lambda: not messages and not self._started)  # idle: wait for one
-        started = np.isin(np.arange(self.num_envs), sorted(self._started))
+        started = np.zeros(self.num_envs, bool)
+        started[list(self._started)] = True
         self._started.clear()
         return StepResult(self._observation(), self._done.copy(), self._success.copy(), self._steps.copy(),
                           self._lost.copy(), started)

@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import tyro
 
+from trainer.checkpoint import CHECKPOINTS, MODEL_DIR, write_json
+
 MANIFEST_SUFFIX = ".manifest.json"
 
 
@@ -37,7 +39,7 @@ class Pack:
     """Largest part (the GPU machine returns files of at most 16 MiB)."""
     max_parts: int = 7
     """Refuse to write more parts than this (the GPU machine returns 8 files, the manifest is one)."""
-    exclude: tuple[str, ...] = ("demos", "init", "sft/model", "sft/checkpoint", "*/checkpoints")
+    exclude: tuple[str, ...] = ("demos", "init", f"sft/{MODEL_DIR}", "sft/checkpoint", f"*/{CHECKPOINTS}")
     """Paths relative to work_dir (glob patterns) left out with everything under them."""
 
 
@@ -114,9 +116,8 @@ def pack(config: Pack) -> Path:
                          f"{', '.join(str(path.relative_to(work_dir)) for path in largest)}. "
                          "Leave some out with --exclude or pack fewer runs at a time")
     manifest = config.out_dir / f"{work_dir.name}{MANIFEST_SUFFIX}"
-    manifest.write_text(json.dumps({"work_dir": work_dir.name, "parts": [part.name for part in writer.parts],
-                                    "bytes": writer.size, "sha256": writer.sha256.hexdigest(),
-                                    "files": len(files)}, indent=2))
+    write_json(manifest, {"work_dir": work_dir.name, "parts": [part.name for part in writer.parts],
+                          "bytes": writer.size, "sha256": writer.sha256.hexdigest(), "files": len(files)})
     print(f"{len(files)} files of {work_dir} -> {len(writer.parts)} parts ({writer.size / 1e6:.1f} MB) "
           f"and {manifest}")
     return manifest

@@ -157,7 +157,6 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
         running[first] = True
     while (playing >= 0).any():
         alive = np.flatnonzero(running)
-        actions = np.zeros((n, 7), dtype=np.float32)  # for envs still resetting: step() only waits for them
         if alive.size:
             instructions = [obs.instructions[i] for i in alive]
             out = policy.sample(obs.agentview[alive], instructions,
@@ -176,6 +175,8 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
                 steps["token_ids"].append(out.token_ids.cpu())
                 steps["log_probs"].append(out.log_probs.float().cpu())
                 steps["step_episode"].append(playing[alive])
+        else:
+            actions = np.zeros((n, 7), dtype=np.float32)  # every env is resetting: step() only waits for one
         result = env.step(actions)
         for i in alive[result.done[alive]]:
             episode = int(playing[i])
