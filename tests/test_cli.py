@@ -95,7 +95,6 @@ def test_config_file_errors_name_the_key(tmp_path, text, message):
     (["--task-id", "4"], ValueError, r"unknown task id\(s\) \[4\] for toy: valid task ids are 0..3"),
     (["--mini-batch-size", "10", "--micro-batch-size", "4"], ValueError,
      r"--mini-batch-size 10 is not divisible by --micro-batch-size 4; valid micro-batch sizes: \[1, 2, 5, 10\]"),
-    (["--num-envs", "3"], ValueError, r"do not fill whole waves of --num-envs 3; valid --num-envs: \[1, 2, 4\]"),
     (["--group-size", "1", "--groups-per-iteration", "4"], ValueError, "--group-size must be >= 2"),
     (["--eval-episodes-per-task", "11"], ValueError, "--eval-episodes-per-task must be in 1..--num-heldout"),
 ])

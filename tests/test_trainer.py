@@ -24,7 +24,7 @@ from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, r
                                 set_rng_state)
 from trainer.evaluation import evaluate
 from trainer.metrics import UpdateStats, read_metrics
-from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes
+from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes, refill_groups
 from trainer.sampler import GroupSampler
 
 torch.set_num_threads(1)
@@ -194,6 +194,22 @@ def test_dynamic_sampling_keeps_only_informative_whole_groups(checkpoint, tmp_pa
         assert len(rewards) == 4 and rewards.any() and not rewards.all()
     # every stored step belongs to a kept episode and each episode has one step per env step it took
     assert np.array_equal(np.bincount(batch.step_episode, minlength=batch.num_episodes), batch.lengths)
+
+
+def test_groups_need_not_fill_whole_waves_of_envs(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--num-envs", "3")  # 2 groups of 4: 8 episodes on 3 envs
+    batch, counts = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, group_size=4,
+                                   groups_per_iteration=2, temperature=1.6, dynamic_sampling=False,
+                                   max_refill_rounds=0)
+    trainer.close()
+    assert counts["episodes"] == 8 and counts["groups_kept"] == 2 and batch.num_episodes == 8
+    assert np.array_equal(np.bincount(batch.step_episode, minlength=8), batch.lengths)
+
+
+@pytest.mark.parametrize("missing, num_envs, group_size, expected", [
+    (1, 8, 4, 2), (3, 8, 4, 3), (1, 3, 4, 1), (2, 16, 8, 2), (1, 64, 2, 32)])
+def test_a_refill_round_fills_the_envs(missing, num_envs, group_size, expected):
+    assert refill_groups(missing, num_envs, group_size) == expected
 
 
 def test_micro_batches_add_up_to_the_mini_batch_gradient(checkpoint, tmp_path):

@@ -4,7 +4,6 @@ Only steps of still-running envs are sampled and stored. Images stay uint8 numpy
 normalises them on its device per call (DESIGN.md).
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -208,13 +207,19 @@ def _stack(arrays: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...]) 
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(empty_shape, dtype=dtype)
 
 
+def refill_groups(missing: int, num_envs: int, group_size: int) -> int:
+    """Groups a dynamic-sampling refill round plays: the missing ones, or as many as the envs hold at once when
+    that is more (fewer would take the same wall time with envs idle; the spares replace groups that turn out
+    all-equal)."""
+    return max(missing, num_envs // group_size)
+
+
 def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
                    progress: bool = False) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
-    refill_unit = math.lcm(group_size, env.num_envs) // group_size  # groups that fill whole env waves
     rounds: list[Rollouts] = []
     wanted, next_group = groups_per_iteration, 0
     for _ in range(1 + (max_refill_rounds if dynamic_sampling else 0)):
@@ -232,7 +237,7 @@ def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: P
         missing = groups_per_iteration - len(np.unique(group_ids[informative]))
         if not dynamic_sampling or missing <= 0:
             break
-        wanted = math.ceil(missing / refill_unit) * refill_unit
+        wanted = refill_groups(missing, env.num_envs, group_size)
     keep = informative if dynamic_sampling else usable
     if keep.any():
         keep = grpo.select_groups(torch.from_numpy(keep), torch.from_numpy(group_ids), groups_per_iteration).numpy()

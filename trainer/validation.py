@@ -1,6 +1,5 @@
 """Checks that turn a config that cannot work into one clear error before any model, env or process starts."""
 
-import math
 import re
 from pathlib import Path
 
@@ -55,7 +54,6 @@ def check_train(config: TrainConfig, rank: int = 0) -> Path:
     check_model(config.model)
     check_env(config.env)
     grpo, optim = config.grpo, config.optim
-    episodes = grpo.groups_per_iteration * grpo.group_size
     if grpo.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (advantages compare rollouts of one group), got {grpo.group_size}")
     positive = {"--groups-per-iteration": grpo.groups_per_iteration, "--mini-batch-size": optim.mini_batch_size,
@@ -71,14 +69,6 @@ def check_train(config: TrainConfig, rank: int = 0) -> Path:
         divisors = [d for d in range(1, optim.mini_batch_size + 1) if optim.mini_batch_size % d == 0]
         raise ValueError(f"--mini-batch-size {optim.mini_batch_size} is not divisible by --micro-batch-size "
                          f"{optim.micro_batch_size}; valid micro-batch sizes: {divisors}")
-    if episodes % config.env.num_envs:
-        valid = [n for n in range(1, episodes + 1) if episodes % n == 0]
-        raise ValueError(f"--groups-per-iteration x --group-size = {episodes} episodes do not fill whole waves of "
-                         f"--num-envs {config.env.num_envs}; valid --num-envs: {valid}")
-    unit = math.lcm(grpo.group_size, config.env.num_envs) // grpo.group_size
-    if grpo.dynamic_sampling and unit > 4 * grpo.groups_per_iteration:
-        raise ValueError(f"--num-envs {config.env.num_envs} and --group-size {grpo.group_size} make each refill "
-                         f"round play {unit} groups; choose --num-envs a multiple or divisor of --group-size")
     if config.iterations is not None and config.iterations < 1:
         raise ValueError(f"--iterations must be >= 1 (or omitted), got {config.iterations}")
     if grpo.entropy_coef < 0:
