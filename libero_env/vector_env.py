@@ -56,6 +56,10 @@ class StepResult:
     """bool [N]: envs whose reset(..., wait=False) finished during this call; their episode starts from `obs`."""
 
 
+# how long a killed worker may take to be reaped before we give up on it
+KILL_WAIT_S = 30.0
+
+
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
@@ -100,10 +104,12 @@ class _Worker:
             self.send(("close",))
 
     def join_or_kill(self, timeout_s: float = 5.0) -> None:
+        """Waits timeout_s for the worker to exit, then kills it and waits for the kill: a SIGKILLed process can
+        take seconds to be torn down on a loaded machine, and one left unreaped would outlive close()."""
         self.process.join(timeout_s)
         if self.process.is_alive():
             self.process.kill()
-            self.process.join(timeout_s)
+            self.process.join(KILL_WAIT_S)
         self.conn.close()
 
 
