@@ -267,9 +267,8 @@ def grpo_exports(work_dir: Path) -> list[Path]:
 def grpo_runs(work_dir: Path) -> list[tuple[int, Path]]:
     """GRPO's run directories with the iteration each started from, in order: grpo/ from the SFT model, then each
     grpo_from<N>/ that continued from grpo<N>_export."""
-    continued = [(int(path.name.removeprefix(CONTINUED_RUN_PREFIX)), path)
-                 for path in work_dir.glob(f"{CONTINUED_RUN_PREFIX}*")
-                 if path.is_dir() and path.name.removeprefix(CONTINUED_RUN_PREFIX).isdigit()]
+    starts = {path: path.name.removeprefix(CONTINUED_RUN_PREFIX) for path in work_dir.glob(f"{CONTINUED_RUN_PREFIX}*")}
+    continued = [(int(start), path) for path, start in starts.items() if path.is_dir() and start.isdigit()]
     return [(0, work_dir / "grpo"), *sorted(continued)]
 
 
