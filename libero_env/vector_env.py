@@ -56,7 +56,7 @@ class StepResult:
     """bool [N]: envs whose reset(..., wait=False) finished during this call; their episode starts from `obs`."""
 
 
-# how long a killed worker may take to be reaped before we give up on it
+# SIGKILL cannot be refused, so this bounds only a teardown stuck in the kernel (a worker in uninterruptible I/O)
 KILL_WAIT_S = 30.0
 
 
