@@ -14,7 +14,8 @@ continues across machine leases:
              python OpenVLA_GRPO.py eval --protocol heldout / train on it, and --protocol train --temperature T
              (success with actions sampled as GRPO's rollouts sample them: the signal GRPO starts from)
   grpo       python OpenVLA_GRPO.py train --finetune full from the bfloat16 SFT model the evals measured (periodic
-             held-out eval = the learning curve), then its last checkpoint exported the same way
+             held-out eval = the learning curve), then its last checkpoint exported the same way; with
+             --min-start-success, the sampled eval comes first and a start too weak to learn from stops the run
   eval_grpo  the same evals of that export
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
 Every command it runs is printed, so each stage can be reproduced by hand.
@@ -91,6 +92,10 @@ class Experiment:
     """GRPO policy steps per optimizer step (an iteration of 64 episodes holds ~1,000-1,500 steps)."""
     eval_every: int = 5
     """GRPO iterations between held-out evals (the learning curve)."""
+    min_start_success: float = 0.0
+    """Before GRPO starts from the SFT model, the SFT model's success with actions sampled at the rollout temperature
+    on the training init states (the sampled eval) must reach this, or the run stops with that measurement instead
+    of spending GPU time on groups without signal; 0: no check (a start at 2 % learned nothing in 6 iterations)."""
     train_eval_per_task: int = 10
     """Training init states per task in the train-split evals."""
     max_steps: int | None = None
@@ -241,6 +246,8 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
             return source
         run_dir = ex.work_dir / f"{CONTINUED_RUN_PREFIX}{start}"
     if start + grpo_iterations_done(run_dir) < ex.grpo_iterations:
+        if source == sft_export and not checkpoint_dirs(run_dir):
+            require_learnable_start(ex, sft_export)
         resume = ["--resume", str(run_dir)] if checkpoint_dirs(run_dir) else []
         launcher = (python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ex.gpus))
                     if ex.gpus > 1 else python())
@@ -257,6 +264,21 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = start + grpo_iterations_done(run_dir)
     return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, grpo_export_dir(ex.work_dir, done))
+
+
+def require_learnable_start(ex: Experiment, sft_export: Path) -> None:
+    """Stops before GRPO when the SFT model's sampled success on the training init states is below
+    min_start_success: its groups would almost all be all-fail, with no advantage to learn from."""
+    if ex.min_start_success <= 0:
+        return
+    results = evaluate(ex, "eval_sft_sampled", sft_export, "sampled")
+    rate = success_rate(results)
+    if rate < ex.min_start_success:
+        raise SystemExit(f"the SFT model succeeds in {rate:.1%} of its sampled episodes on the training init states "
+                         f"at temperature {ex.temperature:g} ({results}), below --min-start-success "
+                         f"{ex.min_start_success:g}, so GRPO's groups would carry almost no signal: train SFT longer "
+                         "(--sft-steps) or on more demos (--demos-per-task), or lower --min-start-success")
+    print(f"start check: sampled success {rate:.1%} >= --min-start-success {ex.min_start_success:g}", flush=True)
 
 
 def grpo_exports(work_dir: Path) -> list[Path]:

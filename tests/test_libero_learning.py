@@ -69,6 +69,39 @@ def test_with_until_grpo_a_brought_back_export_is_continued_in_a_new_run(tmp_pat
     assert commands[1][commands[1].index("--resume") + 1] == str(tmp_path / "grpo_from17")
 
 
+@pytest.mark.parametrize("sampled_success, grpo_runs", [(0.025, False), (0.25, True)])
+def test_grpo_starts_only_from_an_sft_model_whose_sampled_rollouts_succeed_often_enough(tmp_path, monkeypatch,
+                                                                                        sampled_success, grpo_runs):
+    commands, evals = [], []
+
+    def sampled_eval(ex, name, checkpoint, protocol):
+        evals.append((name, checkpoint, protocol))
+        results = tmp_path / name / "results.json"
+        results.parent.mkdir(exist_ok=True)
+        results.write_text(json.dumps({"overall": {"success_rate": sampled_success}}))
+        return results
+
+    monkeypatch.setattr(libero_learning, "evaluate", sampled_eval)
+    monkeypatch.setattr(libero_learning, "run", lambda command, stage, work_dir: commands.append(command))
+    monkeypatch.setattr(libero_learning, "export_bfloat16", lambda model_dir, export_dir: export_dir)
+    monkeypatch.setattr(libero_learning, "latest_checkpoint", lambda run_dir: run_dir)
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_iterations=5, until="grpo",
+                            min_start_success=0.1)
+    if grpo_runs:
+        reinforcement_learning(experiment, tmp_path / "sft_export")
+        assert len(commands) == 1
+    else:
+        with pytest.raises(SystemExit, match=r"succeeds in 2\.5% of its sampled episodes .* below --min-start-success "
+                                             r"0\.1, .* train SFT longer \(--sft-steps\)"):
+            reinforcement_learning(experiment, tmp_path / "sft_export")
+        assert commands == []
+    assert evals == [("eval_sft_sampled", tmp_path / "sft_export", "sampled")]
+    (tmp_path / "grpo" / "checkpoints" / "iter_000002" / "model").mkdir(parents=True)
+    evals.clear()
+    reinforcement_learning(experiment, tmp_path / "sft_export")  # a run resumed from its checkpoint is not checked
+    assert evals == []
+
+
 def test_grpo_on_two_gpus_runs_under_torchrun_with_half_of_everything_per_rank(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(libero_learning, "run", lambda command, stage, work_dir: commands.append(command))
