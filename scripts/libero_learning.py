@@ -122,6 +122,9 @@ class Experiment:
     carried to a new lease it continues GRPO from there)."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_start_success <= 1:
+            raise ValueError(f"--min-start-success {self.min_start_success:g} is not a success rate: give one in "
+                             "[0, 1] (0: no start check)")
         if self.gpus < 1:
             raise ValueError(f"--gpus {self.gpus}: GRPO needs at least one GPU (1 also means the CPU)")
         split = {"--workers": self.workers, "--groups": self.groups, "--mini-batch-size": self.mini_batch_size}
@@ -246,9 +249,10 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
             return source
         run_dir = ex.work_dir / f"{CONTINUED_RUN_PREFIX}{start}"
     if start + grpo_iterations_done(run_dir) < ex.grpo_iterations:
-        if source == sft_export and not checkpoint_dirs(run_dir):
+        resuming = bool(checkpoint_dirs(run_dir))
+        if ex.min_start_success > 0 and source == sft_export and not resuming:
             require_learnable_start(ex, sft_export)
-        resume = ["--resume", str(run_dir)] if checkpoint_dirs(run_dir) else []
+        resume = ["--resume", str(run_dir)] if resuming else []
         launcher = (python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ex.gpus))
                     if ex.gpus > 1 else python())
         mini_batch = ex.mini_batch_size // ex.gpus  # sizes per rank (README "Several GPUs")
@@ -269,8 +273,6 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
 def require_learnable_start(ex: Experiment, sft_export: Path) -> None:
     """Stops before GRPO when the SFT model's sampled success on the training init states is below
     min_start_success: its groups would almost all be all-fail, with no advantage to learn from."""
-    if ex.min_start_success <= 0:
-        return
     results = evaluate(ex, "eval_sft_sampled", sft_export, "sampled")
     rate = success_rate(results)
     if rate < ex.min_start_success:

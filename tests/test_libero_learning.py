@@ -140,6 +140,12 @@ def test_gpus_that_do_not_divide_the_groups_are_refused():
         Experiment(gpus=0)
 
 
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_a_start_bar_that_is_not_a_success_rate_is_refused(rate):
+    with pytest.raises(ValueError, match=rf"--min-start-success {rate:g} is not a success rate: give one in \[0, 1\]"):
+        Experiment(min_start_success=rate)
+
+
 def test_grpo_metrics_count_iterations_from_the_sft_model_across_continued_runs(tmp_path):
     for run_dir, iterations in (("grpo", (0, 1, 2)), ("grpo_from2", (0, 1)), ("grpo_from12", (1,))):
         (tmp_path / run_dir).mkdir()
