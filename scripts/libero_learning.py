@@ -104,7 +104,8 @@ class Experiment:
     """Also evaluate the training init states with actions sampled at the rollout temperature, before and after
     GRPO (what GRPO optimises; greedy success is what it is judged by)."""
     eval_videos: bool = True
-    """Write one MP4 per task in every eval (needs imageio-ffmpeg)."""
+    """Write one MP4 per task in the held-out evals, which the before/after videos come from (needs
+    imageio-ffmpeg, which the GPU machine's image lacks: the start check's sampled eval runs there)."""
     loader_workers: int = 12
     """SFT data-loading processes (JPEG decoding and augmentation)."""
     extra_sft: str = ""
@@ -175,7 +176,7 @@ def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: EvalKind) ->
         shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
         trials = [] if protocol == "heldout" else ["--trials-per-task", str(ex.train_eval_per_task)]
         sampling = ["--temperature", str(ex.temperature)] if protocol == "sampled" else []
-        videos = len(ex.tasks) if ex.eval_videos else 0
+        videos = len(ex.tasks) if ex.eval_videos and protocol == "heldout" else 0
         run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex),
                    "--protocol", "heldout" if protocol == "heldout" else "train", *trials, *sampling,
                    "--num-videos", str(videos), "--output-dir", str(ex.work_dir), "--run-name", name,

@@ -21,8 +21,10 @@ def test_eval_stages_take_their_split_and_temperature(checkpoint, tmp_path, monk
     monkeypatch.chdir(REPO)  # the stages run OpenVLA_GRPO.py from the repository root
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), workers=2, max_steps=1, temperature=0.7,
-                            train_eval_per_task=3, eval_videos=False)
+                            train_eval_per_task=3)
     results = evaluate(experiment, f"eval_sft_{protocol}", checkpoint, protocol)
+    videos = sorted(path.name for path in (results.parent / "videos").glob("*.mp4"))
+    assert len(videos) == (1 if protocol == "heldout" else 0)  # only the held-out evals feed the before/after pair
     recorded = json.loads(results.read_text())
     assert recorded["overall"]["episodes"] == episodes and 0 <= success_rate(results) <= 1
     assert recorded["config"]["protocol"] == ("heldout" if protocol == "heldout" else "train")
