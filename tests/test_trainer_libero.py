@@ -36,7 +36,7 @@ def test_demo_writes_logs_checkpoint_plot_and_video(tmp_path):
     assert rows[-1]["eval/success_rate"] is not None and "train/loss" in rows[-1]
     assert (run / CHECKPOINTS / "iter_000002" / "model" / "config.json").is_file()
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    videos = list((run / "videos").glob("iter000002_task01_*.mp4"))
+    videos = list((run / "videos").glob("iter000002_task00_*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
     assert f"run finished: {run}" in result.stdout
 
