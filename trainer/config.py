@@ -276,7 +276,8 @@ def demo_defaults() -> DemoConfig:
     """What `make train` runs: the shipped small OFT policy (SFT on scripted demos, then GRPO; BENCHMARKS.md) is
     evaluated and trained further with GRPO on real LIBERO on the CPU, with every output of a real run, in minutes.
     Task 0 at the temperature and learning rate that trained the policy: its groups of 4 rollouts mostly mix
-    successes and failures, so the update has a signal (at temperature 1.3 and on task 1 they all failed)."""
+    successes and failures, so the update has a signal (on task 1, at temperature 1.3 or at 0.5 with lr 5e-5,
+    most groups failed throughout)."""
     return DemoConfig(
         finetune="full",
         model=ModelConfig(checkpoint=str(SHIPPED_CHECKPOINT), dtype="float32", gradient_checkpointing=False),
