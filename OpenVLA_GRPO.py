@@ -42,10 +42,11 @@ from trainer.rollout import PolicyInputs, Rollouts, collect_groups
 from trainer.sampler import GroupSampler
 from trainer.sft import SftConfig, check_sft, run_sft
 from trainer.validation import check_eval, check_env, check_train
-from vla_actor import LoraSettings, VLAPolicy, load_policy
+from vla_actor import LoraSettings, VLAPolicy, load_policy, resolve_dtype
+from vla_actor.checkpoint import dtype_name
 
 UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
-                         "approx_kl_k3", "kl_to_base", "grad_norm"),
+                         "approx_kl_k3", "kl_to_base", "grad_norm", "rollout_logprob_mismatch"),
                 "min": ("ratio_min",), "max": ("ratio_max", "grad_norm_max")}
 
 
@@ -76,6 +77,8 @@ class GRPOTrainer:
             distributed.broadcast_parameters(self.params, self.ctx)
         seed_everything(config.seed + self.ctx.rank)  # each rank samples its own actions
         self.inputs = policy_inputs(self.policy)
+        self.recompute_old_log_probs = (config.grpo.old_log_probs == "recompute" or
+                                        (config.grpo.old_log_probs == "auto" and self.policy.dtype == torch.bfloat16))
         self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(warmup_factor, warmup=config.optim.warmup_iterations))
@@ -119,7 +122,7 @@ class GRPOTrainer:
             trained = metrics["train/steps"] * cfg.optim.ppo_epochs
             metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics,
                        **rollout_metrics(counts, self.task_ids),
-                       **perf_metrics(counts["episode_length_sum"], trained, rollout_seconds, started, ctx)}
+                       **perf_metrics(counts, trained, rollout_seconds, started, ctx)}
             if cfg.evaluation.eval_every > 0 and (self.iteration % cfg.evaluation.eval_every == 0 or self.finished()):
                 metrics.update(self.evaluate())
             self.logger.log(metrics)
@@ -136,13 +139,16 @@ class GRPOTrainer:
             return {"train/steps": 0, "train/optimizer_steps": 0, "train/skipped_steps": 0,
                     "train/skipped_steps_total": self.skipped_steps}
         num_minibatches = max(1, total_steps // (cfg.optim.mini_batch_size * ctx.world_size))
+        epochs = [torch.randperm(batch.num_steps).tensor_split(num_minibatches) for _ in range(cfg.optim.ppo_epochs)]
         stats, loss, optimizer_steps, skipped = UpdateStats(), 0.0, 0, 0
+        old_log_probs = self.old_log_probs(batch, epochs[0], stats)
         bar = tqdm(total=cfg.optim.ppo_epochs * num_minibatches, desc="update", unit="step", leave=False,
                    disable=None if cfg.logging.progress and ctx.is_main else True)
-        for _ in range(cfg.optim.ppo_epochs):
-            for rows in torch.randperm(batch.num_steps).tensor_split(num_minibatches):
+        for epoch, minibatches in enumerate(epochs):
+            for index, rows in enumerate(minibatches):
                 bar.update()
-                loss += self.accumulate_gradients(batch, advantages, rows, stats)
+                measure_mismatch = epoch == index == 0 and old_log_probs is batch.log_probs
+                loss += self.accumulate_gradients(batch, advantages, rows, stats, old_log_probs, measure_mismatch)
                 # sharded (DTensor) gradients give the norm of the whole gradient, the same on every rank
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
                 if np.isfinite(grad_norm) and grad_norm <= cfg.optim.skip_grad_norm:
@@ -161,11 +167,35 @@ class GRPOTrainer:
                 "train/skipped_steps": skipped, "train/skipped_steps_total": self.skipped_steps,
                 "train/lr": self.scheduler.get_last_lr()[0], "train/minibatches": num_minibatches}
 
-    def accumulate_gradients(self, batch: Rollouts, advantages: torch.Tensor, rows: torch.Tensor,
-                             stats: UpdateStats) -> float:
+    def old_log_probs(self, batch: Rollouts, first_epoch: list[torch.Tensor], stats: UpdateStats) -> torch.Tensor:
+        """pi_old of the ratio (--old-log-probs): the rollout's log-probs, or the update's own forward over every
+        step in the first epoch's micro-batches before any optimizer step (then the first ratio is exactly 1 and
+        train/rollout_logprob_mismatch is measured over all steps)."""
+        if not self.recompute_old_log_probs:
+            return batch.log_probs
+        recomputed = torch.empty_like(batch.log_probs)
+        with torch.no_grad(), fsdp.gathered(self.units):
+            for rows in first_epoch:
+                for part in torch.arange(len(rows)).split(self.config.optim.micro_batch_size):
+                    index = rows[part]
+                    recomputed[index] = self.policy.log_probs(*self.step_inputs(batch, index))[0].float().cpu()
+        stats.mean("rollout_logprob_mismatch", (recomputed - batch.log_probs).abs().mean(), recomputed.numel())
+        return recomputed
+
+    def step_inputs(self, batch: Rollouts, rows: torch.Tensor) -> tuple:
+        """policy.log_probs arguments of some stored steps."""
+        index = rows.numpy()
+        return (batch.agentview[index], [batch.instructions[i] for i in index], batch.token_ids[rows],
+                batch.wrist[index] if self.inputs.wrist else None,
+                batch.proprio[index] if self.inputs.proprio else None, self.config.grpo.temperature)
+
+    def accumulate_gradients(self, batch: Rollouts, advantages: torch.Tensor, rows: torch.Tensor, stats: UpdateStats,
+                             old_log_probs: torch.Tensor | None = None, measure_mismatch: bool = False) -> float:
         """Gradients of one mini-batch (`rows` of this rank's steps; together with the other ranks' rows it is
         the global mini-batch) summed over ranks, through micro-batches whose losses add up to the mini-batch
-        loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes."""
+        loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes.
+        `old_log_probs`: pi_old of every step (None: the rollout's). `measure_mismatch`: these forwards precede
+        every optimizer step, so they measure how far the rollout's log-probs are from the update's."""
         traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
         mask = torch.ones((len(rows), batch.token_ids.shape[1]), dtype=torch.bool)  # stored steps are all real
         weights = distributed.token_weights(mask, traj_ids, self.config.grpo.aggregation, self.ctx)
@@ -176,7 +206,8 @@ class GRPOTrainer:
         if self.units:  # a sharded model's passes are collectives: every rank makes as many as the busiest one
             passes = int(distributed.reduce_values({"passes": passes}, self.ctx, "max")["passes"])
         for part in parts:
-            micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats)
+            micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats,
+                                               old_log_probs, measure_mismatch)
             micro_loss.backward()
             loss += float(micro_loss.detach())
         for _ in range(passes - len(parts)):
@@ -185,26 +216,28 @@ class GRPOTrainer:
             distributed.sum_gradients(self.params, self.ctx)
         return loss
 
-    def micro_batch_loss(self, batch: Rollouts, rows: torch.Tensor, advantages: torch.Tensor,
-                         weights: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
-        """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights)."""
+    def micro_batch_loss(self, batch: Rollouts, rows: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+                         stats: UpdateStats, old_log_probs: torch.Tensor | None = None,
+                         measure_mismatch: bool = False) -> torch.Tensor:
+        """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights) against
+        pi_old `old_log_probs` (None: the rollout's log-probs)."""
         cfg = self.config.grpo
-        index = rows.numpy()
-        inputs = dict(wrist=batch.wrist[index] if self.inputs.wrist else None,
-                      proprio=batch.proprio[index] if self.inputs.proprio else None, temperature=cfg.temperature)
-        instructions = [batch.instructions[i] for i in index]
-        logp, entropy = self.policy.log_probs(batch.agentview[index], instructions, batch.token_ids[rows], **inputs)
+        inputs = self.step_inputs(batch, rows)
+        logp, entropy = self.policy.log_probs(*inputs)
         device = logp.device
         mask, weights = torch.ones_like(logp, dtype=torch.bool), weights.to(device)
+        if measure_mismatch:
+            stats.mean("rollout_logprob_mismatch", (logp.detach().float().cpu() - batch.log_probs[rows]).abs().mean(),
+                       float(logp.numel()))
         loss, loss_stats = grpo.policy_loss(
-            logp, batch.log_probs[rows].to(device), advantages.to(device), weights, mask,
+            logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
+            advantages.to(device), weights, mask,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, log_ratio_clamp=cfg.log_ratio_clamp,
             advantage_clamp=cfg.advantage_clamp)
         tokens = float(mask.sum())
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.adapter_disabled():
-                base_logp, _ = self.policy.log_probs(batch.agentview[index], instructions, batch.token_ids[rows],
-                                                     **inputs)
+                base_logp, _ = self.policy.log_probs(*inputs)
             kl = grpo.kl_k3(logp, base_logp)
             loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights, mask)
             stats.mean("kl_to_base", grpo.masked_mean(kl.detach(), mask), tokens)
@@ -225,8 +258,7 @@ class GRPOTrainer:
             results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
                                progress=self.config.logging.progress)
-        return {"eval/success_rate": results.success_rate,
-                **{f"eval/task_{t}/success_rate": results.task_rate(t) for t in self.task_ids}}
+        return results.metrics("eval")
 
     def save(self) -> None:
         """Rank 0 writes one checkpoint holding every rank's random generators and group sampler (and, with full
@@ -268,8 +300,7 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device
                  full: bool = False) -> VLAPolicy:
     """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
     trainable; lora=None with no adapter and not full gives the plain SFT policy for eval."""
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32,
-             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[model.dtype]
+    dtype = resolve_dtype(model.dtype, model.checkpoint, device)
     unnorm_key = model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
     policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device), dtype=dtype,
                          attn_implementation=model.attn_implementation)
@@ -304,7 +335,8 @@ def rollout_metrics(counts: dict[str, float], task_ids: list[int]) -> dict[str, 
     return {
         "rollout/success_rate": counts["successes"] / episodes,
         "rollout/episode_length": counts["episode_length_sum"] / episodes,
-        "rollout/episodes": counts["episodes"], "rollout/lost_episodes": counts["lost_episodes"],
+        "rollout/episodes": counts["episodes"], "rollout/policy_queries": counts["policy_queries"],
+        "rollout/lost_episodes": counts["lost_episodes"],
         "rollout/groups_played": counts["groups_played"], "rollout/groups_kept": counts["groups_kept"],
         "rollout/groups_dropped_fraction": counts["groups_uninformative"] / groups,
         "rollout/groups_lost": counts["groups_lost"], "rollout/refill_rounds": counts["refill_rounds"],
@@ -313,12 +345,17 @@ def rollout_metrics(counts: dict[str, float], task_ids: list[int]) -> dict[str, 
     }
 
 
-def perf_metrics(env_steps: float, trained_steps: float, rollout_seconds: float, started: float,
+def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds: float, started: float,
                  ctx: distributed.DistContext) -> dict[str, float]:
-    """Throughput over all ranks: env actions per second of rollout, policy steps per second of update."""
+    """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; and where
+    a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators, the rest on the
+    host (batching observations, storing steps)."""
     seconds = time.perf_counter() - started
+    model, env = (counts[k] / ctx.world_size for k in ("rollout_model_seconds", "rollout_env_seconds"))
     metrics = {"perf/iteration_seconds": seconds, "perf/rollout_seconds": rollout_seconds,
-               "perf/actions_per_second": env_steps / rollout_seconds,
+               "perf/rollout_model_seconds": model, "perf/rollout_env_wait_seconds": env,
+               "perf/rollout_host_seconds": rollout_seconds - model - env,
+               "perf/actions_per_second": counts["episode_length_sum"] / rollout_seconds,
                "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds)}
     if ctx.device.type == "cuda":
         memory = {"gpu": torch.cuda.max_memory_allocated(ctx.device) / 2**30}
@@ -356,9 +393,11 @@ def run_evaluation(config: EvaluateConfig) -> Path:
         env.close()
         distributed.cleanup(ctx)
     if ctx.is_main:
-        write_results(results_dir, results, instructions, config_to_dict(config))
-        print(f"success rate {results.success_rate:.3f} over {sum(results.episodes.values())} episodes; "
-              f"table and videos in {results_dir}")
+        write_results(results_dir, results, instructions, config_to_dict(config), dtype_name(policy.dtype))
+        low, high = results.interval
+        print(f"success rate {results.success_rate:.3f} (95 % interval {low:.3f}-{high:.3f}) over "
+              f"{sum(results.episodes.values())} episodes in {dtype_name(policy.dtype)}; table and videos in "
+              f"{results_dir}")
     return results_dir
 
 

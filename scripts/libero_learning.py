@@ -47,6 +47,7 @@ from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration,
 from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
+from vla_actor.policy import checkpoint_dtype
 
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"
@@ -313,10 +314,12 @@ def export_iteration(export_dir: Path) -> int:
 
 
 def export_bfloat16(model_dir: Path, export_dir: Path) -> Path:
-    """The model cast to bfloat16 in shards of at most 15 MB (under the GPU machine's 16 MiB file limit)."""
+    """The model stored in bfloat16 in shards of at most 15 MB (under the GPU machine's 16 MiB file limit), with the
+    dtype it was trained in recorded, so that `--dtype auto` computes in that dtype again."""
     if not (export_dir / "config.json").is_file():
         shutil.rmtree(export_dir, ignore_errors=True)
-        load_policy(model_dir, dtype=torch.bfloat16).merge_and_export(export_dir, max_shard_bytes=15_000_000)
+        load_policy(model_dir, dtype=checkpoint_dtype(model_dir)).merge_and_export(
+            export_dir, max_shard_bytes=15_000_000, storage_dtype=torch.bfloat16)
     return export_dir
 
 

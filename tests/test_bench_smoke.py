@@ -2,6 +2,7 @@
 speed is measured on the GPU, see BENCHMARKS.md)."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -23,3 +24,21 @@ def test_bench_gpu_code_paths_run_on_cpu(tmp_path):
     assert results["rollout_batch"] in (2, 4) and results["update_micro_batch"] in (2, 4)
     assert set(saved["oft_setups"]) == {"2img_proprio", "1img"} and saved["oft_setup"] in saved["oft_setups"]
     assert results["logprob_mismatch"] < 1e-4  # float32 on the CPU: rollout and update agree
+
+
+def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
+    """bench_e2e on a tiny OFT look-alike and the toy suite, with this checkout as its own baseline."""
+    from bench.bench_e2e import E2EConfig
+    from bench.bench_e2e import main as e2e_main
+
+    output = tmp_path / "e2e.json"
+    results = e2e_main(E2EConfig(model="tiny", models=("oft",), task_suite="toy", num_envs=4, group_size=2,
+                                 groups_per_iteration=2, iterations=2, microbench_batch=2,
+                                 baseline_repo=Path(__file__).resolve().parents[1],
+                                 baseline_flags=("--old-log-probs", "rollout"),
+                                 extra_flags=("--old-log-probs", "recompute"), work_dir=tmp_path, output=output))
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    for suffix in ("", "_baseline"):
+        assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
+        assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host"}
+    assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4

@@ -163,7 +163,7 @@ def test_rollouts_select_and_concat_keep_steps_with_their_episodes():
 
 
 def test_rollout_metrics_report_success_per_task_drawn():
-    counts = {"episodes": 24, "successes": 9, "episode_length_sum": 2400, "lost_episodes": 0, "groups_played": 3,
+    counts = {"episodes": 24, "successes": 9, "episode_length_sum": 2400, "policy_queries": 2400, "lost_episodes": 0, "groups_played": 3,
               "groups_kept": 2, "groups_uninformative": 1, "groups_lost": 0, "refill_rounds": 0,
               "advantage_abs_sum": 12.0, "advantage_count": 16, "episodes_task_0": 16, "successes_task_0": 8,
               "episodes_task_3": 8, "successes_task_3": 1, "episodes_task_5": 0, "successes_task_5": 0}
@@ -370,3 +370,22 @@ def test_kl_to_the_base_model_is_logged_and_starts_at_zero(checkpoint, tmp_path)
     assert all(row["train/kl_to_base"] >= 0 for row in rows)
     assert rows[-1]["train/kl_to_base"] > rows[0]["train/kl_to_base"] >= 0
 
+
+
+@pytest.mark.parametrize("old_log_probs", ["rollout", "recompute"])
+def test_old_log_probs_and_the_rollout_mismatch_are_measured_before_the_first_step(checkpoint, tmp_path,
+                                                                                    old_log_probs):
+    """recompute: pi_old is the update's own forward in the first epoch's micro-batches, so the one mini-batch's
+    ratio is exactly 1; either way the rollout-vs-update log-prob gap is logged (float32: ~1e-6)."""
+    trainer = toy_trainer(checkpoint, tmp_path, "--old-log-probs", old_log_probs, "--mini-batch-size", "256",
+                          "--micro-batch-size", "8", "--eval-every", "0")
+    batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                              dynamic_sampling=True, max_refill_rounds=8)
+    advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+    metrics = trainer.update(batch, advantages)
+    trainer.close()
+    assert metrics["train/optimizer_steps"] == 1
+    assert 0 <= metrics["train/rollout_logprob_mismatch"] < 1e-4
+    if old_log_probs == "recompute":
+        assert metrics["train/ratio_min"] == metrics["train/ratio_max"] == 1.0
+    assert trainer.recompute_old_log_probs == (old_log_probs == "recompute")

@@ -71,8 +71,10 @@ def test_7b_rollout_teacher_forcing_and_lora_update(variant):
     assert out.token_ids.shape == (8, policy.tokens_per_query) and np.isfinite(out.actions).all()
     with torch.no_grad():
         log_probs, entropy = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
-    ratio = (log_probs.cpu() - out.log_probs).exp()
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.05)  # bf16: different kernels, same math
+    # bf16, KV-cached decode vs one teacher-forced forward: the same math through different kernels (0.016 mean,
+    # 0.062 max measured on an H200); the update does not use these as pi_old (--old-log-probs auto recomputes)
+    gap = (log_probs.cpu() - out.log_probs).abs()
+    assert gap.mean() < 0.02 and gap.max() < 0.15
     single = policy.sample(images[:1], instructions[:1], temperature=1.6, greedy=True)
     with torch.no_grad():
         single_log_probs, _ = policy.log_probs(images[:1], instructions[:1], single.token_ids, temperature=1.6)
@@ -83,7 +85,10 @@ def test_7b_rollout_teacher_forcing_and_lora_update(variant):
     policy.apply_lora(LoraSettings(rank=16, alpha=16))
     policy.gradient_checkpointing(True)
     torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():  # pi_old as --old-log-probs recompute takes it: the update's forward without gradients
+        old_log_probs, _ = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
     log_probs, entropy = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
+    assert torch.equal(log_probs.detach(), old_log_probs)  # the first PPO ratio is exactly 1
     (-(log_probs.mean() + 0.01 * entropy.mean())).backward()
     grads = [p.grad for p in policy.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

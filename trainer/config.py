@@ -44,7 +44,9 @@ class ModelConfig:
     device: str = "auto"
     """Torch device; auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """Weight dtype; auto: bfloat16 on CUDA (7B weights 15.1 GB fit a 24 GB card, DESIGN.md), float32 on CPU."""
+    """Compute dtype of the weights; auto: on CUDA the dtype the checkpoint was trained in (its config.json's
+    training_dtype, else torch_dtype: bfloat16 for the released 7B, whose 15.1 GB then fit a 24 GB card; float32
+    for the shipped small policy), float32 on the CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Llama attention kernel; flash_attention_2 needs flash-attn installed and OpenVLA (OFT's bidirectional mask
     needs sdpa or eager)."""
@@ -118,6 +120,13 @@ class GrpoConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL to the base model (the same model with the adapter disabled, REF 9.4); 0 as in every
     surveyed VLA recipe."""
+    old_log_probs: Literal["auto", "rollout", "recompute"] = "auto"
+    """pi_old of the PPO ratio. rollout: the log-probs the rollout sampled with; recompute: one gradient-free pass
+    of the update's own forward over the iteration's steps, in the first epoch's micro-batches, before any
+    optimizer step, so the first ratio is exactly 1 (bfloat16 decoding with a KV cache and the teacher-forced
+    forward round differently: 0.016 mean, 0.06 max |log-prob| apart on the 7B); auto: recompute when the policy
+    computes in bfloat16, rollout in float32 (the two paths agree to ~1e-5). Either way
+    train/rollout_logprob_mismatch logs the mean |rollout - update| log-prob before the first step."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is

@@ -1,6 +1,7 @@
 """Evaluation, greedy or sampled at a temperature: per-task success over a list of episodes, shared among ranks,
 with videos from rank 0."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,20 @@ from trainer.rollout import PolicyInputs, VectorEnv, play_episodes
 
 MAX_REPLAYS = 3
 """Times an eval episode whose env worker died is played again before the eval gives up."""
+Z_95 = 1.959963984540054
+"""Standard normal quantile of 0.975: two-sided 95 % intervals."""
+
+
+def wilson_interval(successes: int, episodes: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a success rate (Wilson 1927): unlike the normal approximation it stays inside
+    [0, 1] and does not collapse to a point at 0 or n successes, which small evals hit often."""
+    if episodes == 0:
+        return 0.0, 1.0
+    rate = successes / episodes
+    denominator = 1 + z * z / episodes
+    center = (rate + z * z / (2 * episodes)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / episodes + z * z / (4 * episodes * episodes)) / denominator
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 @dataclass
@@ -29,6 +44,26 @@ class TaskResults:
 
     def task_rate(self, task_id: int) -> float:
         return self.successes[task_id] / self.episodes[task_id]
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95 % Wilson interval of the overall success rate."""
+        return wilson_interval(sum(self.successes.values()), sum(self.episodes.values()))
+
+    def task_interval(self, task_id: int) -> tuple[float, float]:
+        return wilson_interval(self.successes[task_id], self.episodes[task_id])
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Success rates with their 95 % intervals, overall and per task, as `<prefix>/...` metrics."""
+        low, high = self.interval
+        metrics = {f"{prefix}/success_rate": self.success_rate, f"{prefix}/success_rate_ci95_low": low,
+                   f"{prefix}/success_rate_ci95_high": high, f"{prefix}/episodes": sum(self.episodes.values())}
+        for task in sorted(self.episodes):
+            low, high = self.task_interval(task)
+            metrics.update({f"{prefix}/task_{task}/success_rate": self.task_rate(task),
+                            f"{prefix}/task_{task}/success_rate_ci95_low": low,
+                            f"{prefix}/task_{task}/success_rate_ci95_high": high})
+        return metrics
 
 
 def evaluate(env: VectorEnv, policy: Any, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
@@ -73,18 +108,27 @@ def evaluate(env: VectorEnv, policy: Any, episodes: list[EpisodeSpec], inputs: P
 
 
 def write_results(results_dir: Path, results: TaskResults, instructions: dict[int, str],
-                  config: dict[str, Any]) -> None:
-    """results.json and results.md: success per task and overall, with the config that produced them."""
+                  config: dict[str, Any], dtype: str) -> None:
+    """results.json and results.md: success per task and overall with 95 % Wilson intervals, the dtype the policy
+    computed in, and the config that produced them."""
     rows = [{"task_id": t, "instruction": instructions[t], "successes": results.successes[t],
-             "episodes": results.episodes[t], "success_rate": results.task_rate(t)} for t in sorted(results.episodes)]
+             "episodes": results.episodes[t], "success_rate": results.task_rate(t),
+             "ci95": list(results.task_interval(t))} for t in sorted(results.episodes)]
     total = {"successes": sum(results.successes.values()), "episodes": sum(results.episodes.values()),
-             "success_rate": results.success_rate}
-    write_json(results_dir / "results.json", {"config": config, "tasks": rows, "overall": total})
+             "success_rate": results.success_rate, "ci95": list(results.interval)}
+    write_json(results_dir / "results.json", {"config": config, "dtype": dtype, "tasks": rows, "overall": total})
     actions = "greedy" if config["temperature"] is None else f"sampled at temperature {config['temperature']}"
     lines = [f"# {config['env']['task_suite']}: success, {actions} actions ({config['protocol']} protocol)", "",
-             f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`", "",
-             "| task | instruction | successes | episodes | success rate |", "|---:|---|---:|---:|---:|"]
+             f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`, computed in "
+             f"{dtype}; intervals are 95 % Wilson score intervals", "",
+             "| task | instruction | successes | episodes | success rate | 95 % interval |",
+             "|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['task_id']} | {r['instruction']} | {r['successes']} | {r['episodes']} | "
-              f"{100 * r['success_rate']:.1f} % |" for r in rows]
-    lines.append(f"| all | | {total['successes']} | {total['episodes']} | {100 * total['success_rate']:.1f} % |")
+              f"{100 * r['success_rate']:.1f} % | {_percent_range(r['ci95'])} |" for r in rows]
+    lines.append(f"| all | | {total['successes']} | {total['episodes']} | {100 * total['success_rate']:.1f} % | "
+                 f"{_percent_range(total['ci95'])} |")
     write_text(results_dir / "results.md", "\n".join(lines) + "\n")
+
+
+def _percent_range(bounds: list[float]) -> str:
+    return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f} %"

@@ -27,7 +27,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainer.rollout import PolicyInputs
 from vla_actor import ACTION_TOKEN_BEGIN, VLAPolicy
-from vla_actor.checkpoint import PROPRIO_FILE, dtype_name, load_weights, read_proprio_projector, write_checkpoint
+from vla_actor.checkpoint import (PROPRIO_FILE, TRAINING_DTYPE_KEY, dtype_name, load_weights, read_proprio_projector,
+                                  write_checkpoint)
 from vla_actor.model import IMAGE_SIZE, checkpoint_tensors, to_file_key, to_module_key
 
 PROPRIO_PREFIX = "proprio_projector."
@@ -126,6 +127,7 @@ def write_model(policy: VLAPolicy, state: dict[str, torch.Tensor], directory: Pa
     writes), in the dtype of its tensors (float32 master weights under mixed precision)."""
     config = copy.deepcopy(policy.config)
     config["torch_dtype"] = config["text_config"]["torch_dtype"] = dtype_name(next(iter(state.values())).dtype)
+    config[TRAINING_DTYPE_KEY] = dtype_name(policy.dtype)
     proprio = {k.removeprefix(PROPRIO_PREFIX): v for k, v in state.items() if k.startswith(PROPRIO_PREFIX)}
     tensors = ((to_file_key(k), v) for k, v in state.items() if not k.startswith(PROPRIO_PREFIX))
     write_checkpoint(directory, config, tensors, policy.tokenizer, policy.norm_stats, policy.preprocessor_config,

@@ -4,6 +4,7 @@ Only steps of still-running envs are sampled and stored. Images stay uint8 numpy
 normalises them on its device per call (DESIGN.md).
 """
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,6 +65,10 @@ class Rollouts:
     """bool [E]: the env worker died during the episode; its group cannot be used."""
     videos: dict[int, list[np.ndarray]] = field(default_factory=dict)
     """Recorded agentview frames by episode."""
+    model_seconds: float = 0.0
+    """Wall time spent in policy.sample (the GPU's part of the rollout)."""
+    env_seconds: float = 0.0
+    """Wall time spent in env.reset and env.step (waiting for the simulators)."""
 
     @property
     def num_steps(self) -> int:
@@ -88,6 +93,7 @@ class Rollouts:
             group_ids=self.group_ids[keep], task_ids=self.task_ids[keep], success=self.success[keep],
             lengths=self.lengths[keep], lost=self.lost[keep],
             videos={int(renumber[e]): v for e, v in self.videos.items() if keep[e]},
+            model_seconds=self.model_seconds, env_seconds=self.env_seconds,
         )
 
     @staticmethod
@@ -108,6 +114,7 @@ class Rollouts:
             lengths=np.concatenate([p.lengths for p in parts]),
             lost=np.concatenate([p.lost for p in parts]),
             videos={e + int(o): v for p, o in zip(parts, offsets) for e, v in p.videos.items()},
+            model_seconds=sum(p.model_seconds for p in parts), env_seconds=sum(p.env_seconds for p in parts),
         )
 
 
@@ -150,18 +157,23 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
             env_tasks[i] = specs[playing[i]].task_id
         return idle
 
+    model_seconds = env_seconds = 0.0
     first = start_episodes()
     if first:
+        started = time.perf_counter()
         obs = env.reset([specs[playing[i]] for i in first], envs=first)
+        env_seconds += time.perf_counter() - started
         running[first] = True
     while (playing >= 0).any():
         alive = np.flatnonzero(running)
         if alive.size:
             instructions = [obs.instructions[i] for i in alive]
+            started = time.perf_counter()
             out = policy.sample(obs.agentview[alive], instructions,
                                 wrist=obs.wrist[alive] if inputs.wrist else None,
                                 proprio=obs.proprio[alive] if inputs.proprio else None,
                                 temperature=temperature, greedy=greedy)
+            model_seconds += time.perf_counter() - started
             actions = np.zeros((n, *out.actions.shape[1:]), dtype=np.float32)
             actions[alive] = out.actions
             if keep_steps:
@@ -176,7 +188,9 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
                 steps["step_episode"].append(playing[alive])
         else:
             actions = np.zeros((n, 7), dtype=np.float32)  # every env is resetting: step() only waits for one
+        started = time.perf_counter()
         result = env.step(actions)
+        env_seconds += time.perf_counter() - started
         for i in alive[result.done[alive]]:
             episode = int(playing[i])
             success[episode], lost[episode], lengths[episode] = result.success[i], result.lost[i], result.steps[i]
@@ -188,7 +202,9 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
         obs = result.obs
         starting = start_episodes()
         if starting:
+            started = time.perf_counter()
             env.reset([specs[playing[i]] for i in starting], envs=starting, wait=False)
+            env_seconds += time.perf_counter() - started
     bar.close()
     return Rollouts(
         agentview=_stack(steps["agentview"], np.uint8, (0, 224, 224, 3)),
@@ -199,7 +215,8 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
         log_probs=torch.cat(steps["log_probs"]) if keep_steps else torch.zeros(0, 0),
         step_episode=_stack(steps["step_episode"], np.int64, (0,)),
         group_ids=np.asarray(group_ids, dtype=np.int64), task_ids=np.array([s.task_id for s in specs]),
-        success=success, lengths=lengths, lost=lost, videos=videos,
+        success=success, lengths=lengths, lost=lost, videos=videos, model_seconds=model_seconds,
+        env_seconds=env_seconds,
     )
 
 
@@ -248,6 +265,8 @@ def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: P
         "groups_uninformative": len(np.unique(group_ids[usable & ~informative])),
         "groups_lost": len(np.unique(group_ids[~usable])), "groups_kept": len(np.unique(group_ids[keep])),
         "refill_rounds": len(rounds) - 1,
+        "rollout_model_seconds": sum(r.model_seconds for r in rounds),
+        "rollout_env_seconds": sum(r.env_seconds for r in rounds),
         # every configured task has its keys (zeros if not drawn), so ranks sum the same keys
         **{f"episodes_task_{t}": int((task_ids == t).sum()) for t in sampler.task_ids},
         **{f"successes_task_{t}": int(success[task_ids == t].sum()) for t in sampler.task_ids},

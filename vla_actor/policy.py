@@ -32,9 +32,9 @@ from transformers.cache_utils import Cache
 from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA_VOCAB_SIZE, N_BINS, OFT_CHUNK,
                                      detokenize, find_stats, tokenize_normalized)
 from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CONFIG, PREPROCESSOR_FILE,
-                                  PROPRIO_PATTERN, atomic_directory, check_keys, dtype_name, find_one, load_weights,
-                                  read_json, read_norm_stats, read_proprio_projector, resolve_directory,
-                                  write_checkpoint)
+                                  PROPRIO_PATTERN, TRAINING_DTYPE_KEY, atomic_directory, check_keys, dtype_name,
+                                  find_one, load_weights, read_json, read_norm_stats, read_proprio_projector,
+                                  resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
 
@@ -46,6 +46,7 @@ OFT_PLACEHOLDER_ID = 1  # any id works: placeholder embeddings are zeroed (REF 6
 OFT_CONFIG_HINTS = ("num_images_in_input", "use_proprio", "proprio_dim")
 LLM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # transformers 5.24 (pinned) calls the KV cache argument `cache`; 5.17 (the GPU image) `past_key_values`, and
 # an unknown name is swallowed by **kwargs, so the name is read from the signature.
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -506,13 +507,20 @@ class VLAPolicy:
         check_keys({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()},
                    f"adapter {directory}")
 
-    def merge_and_export(self, directory: str | os.PathLike, max_shard_bytes: int = 5_000_000_000) -> Path:
-        """A full checkpoint (released layout) with the adapters merged into the weights; this policy keeps its
-        separate adapters. `load_policy(directory)` reproduces this policy's outputs."""
+    def merge_and_export(self, directory: str | os.PathLike, max_shard_bytes: int = 5_000_000_000,
+                         storage_dtype: torch.dtype | None = None) -> Path:
+        """A full checkpoint (released layout) with the adapters merged into the weights, stored in
+        `storage_dtype` (None: this policy's dtype), with this policy's dtype recorded as the one it was trained
+        in (TRAINING_DTYPE_KEY); this policy keeps its separate adapters. `load_policy(directory)` in the recorded
+        dtype reproduces this policy's outputs (exactly when nothing was rounded to a narrower storage dtype)."""
+        storage_dtype = storage_dtype or self.dtype
         config = copy.deepcopy(self.config)
-        config["torch_dtype"] = config["text_config"]["torch_dtype"] = dtype_name(self.dtype)
+        config["torch_dtype"] = config["text_config"]["torch_dtype"] = dtype_name(storage_dtype)
+        config[TRAINING_DTYPE_KEY] = dtype_name(self.dtype)
+        tensors = ((key, tensor.to(storage_dtype) if tensor.is_floating_point() else tensor)
+                   for key, tensor in merged_checkpoint_tensors(self.model))
         proprio = self.model.proprio_projector
-        return write_checkpoint(directory, config, merged_checkpoint_tensors(self.model), self.tokenizer,
+        return write_checkpoint(directory, config, tensors, self.tokenizer,
                                 self.norm_stats, self.preprocessor_config,
                                 proprio_state=None if proprio is None else proprio.state_dict(),
                                 max_shard_bytes=max_shard_bytes)
@@ -617,6 +625,24 @@ def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spa
     return VLAPolicy(model, tokenizer, config=config, norm_stats=norm_stats, unnorm_key=unnorm_key,
                      is_oft=is_oft, num_images=num_images, uses_proprio=uses_proprio,
                      preprocessor_config=preprocessor_config)
+
+
+def checkpoint_dtype(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> torch.dtype:
+    """The dtype a checkpoint was trained in (`trained_dtype_name` of its config.json)."""
+    directory = resolve_directory(path_or_hub_id, revision)
+    name = trained_dtype_name(read_json(directory / CONFIG_FILE))
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"{directory / CONFIG_FILE}: {TRAINING_DTYPE_KEY} / torch_dtype is {name!r}; expected one "
+                         f"of {', '.join(COMPUTE_DTYPES)} (or pass --dtype explicitly)")
+    return COMPUTE_DTYPES[name]
+
+
+def resolve_dtype(choice: str, path_or_hub_id: str | os.PathLike, device: torch.device) -> torch.dtype:
+    """--dtype: bfloat16 / float32 as given; auto: on CUDA the dtype the checkpoint was trained in (the 7B
+    bfloat16, the small from-scratch policies float32), on the CPU float32 (bfloat16 matmuls are slow there)."""
+    if choice != "auto":
+        return COMPUTE_DTYPES[choice]
+    return checkpoint_dtype(path_or_hub_id) if device.type == "cuda" else torch.float32
 
 
 def _check_config(config: dict, directory: Path) -> None:
