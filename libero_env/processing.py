@@ -36,7 +36,8 @@ def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     """tf.io.decode_image's defaults: libjpeg's fast integer IDCT (JDCT_IFAST) and fancy (smooth) chroma upsampling.
-    Pillow's decoder uses the accurate IDCT instead, up to 18 grey levels (1.1 on average) off TF on LIBERO frames."""
+    Pillow's decoder uses the accurate IDCT instead: up to 14 grey levels (1.1 on average) off TF on the LIBERO
+    frames of tests/fixtures/jpeg_tf_round_trip.npz (BENCHMARKS.md, JPEG round trip fidelity)."""
     return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
 
 
