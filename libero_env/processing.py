@@ -1,16 +1,16 @@
 """Conversions between LIBERO and the OpenVLA / OpenVLA-OFT policies: images (REF 5.3), actions (REF 5.2),
-proprio (REF 6.3). Pure numpy + Pillow, no simulator.
+proprio (REF 6.3). Pure numpy, Pillow and simplejpeg, no simulator.
 
-The reference preprocesses with TensorFlow; this file mirrors each TF op. Where a result can still differ by a grey
-level: (1) JPEG decoding, TF decodes with libjpeg's fast integer IDCT (JDCT_IFAST, its default for decode_image)
-while Pillow uses the accurate one (JDCT_ISLOW), and the two may bundle different libjpeg-turbo builds; (2) the
-Lanczos resize accumulates in float32 (TF) versus double (Pillow "F" mode), so values sitting on a .5 boundary
-can round the other way. The crop and the float -> uint8 conversion reproduce TF's arithmetic exactly.
+The reference preprocesses with TensorFlow; this file mirrors each TF op. The JPEG round trip and the crop reproduce
+TF's output exactly (tests/fixtures/jpeg_tf_round_trip.npz holds TF's round trip of real LIBERO frames). The Lanczos
+resize can still differ by a grey level: it accumulates in float32 (TF) versus double (Pillow "F" mode), so values
+sitting on a .5 boundary can round the other way.
 """
 
 import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 POLICY_IMAGE_SIZE = 224
@@ -26,11 +26,24 @@ def upright(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame[::-1, ::-1])
 
 
-def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
-    """Encodes to JPEG and decodes again, as the RLDS training images were stored (4:2:0 chroma, TF's default)."""
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """tf.io.encode_jpeg's defaults: baseline, 4:2:0 chroma, accurate integer forward DCT, standard Huffman tables.
+    The bytes equal TF's from the quantisation tables on; only the JFIF header's pixel density differs."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling="4:2:0")
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """tf.io.decode_image's defaults: libjpeg's fast integer IDCT (JDCT_IFAST) and fancy (smooth) chroma upsampling.
+    Pillow's decoder uses the accurate IDCT instead: up to 14 grey levels (1.1 on average) off TF on the LIBERO
+    frames of tests/fixtures/jpeg_tf_round_trip.npz (BENCHMARKS.md, JPEG round trip fidelity)."""
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    """Encodes to JPEG and decodes again as TF does, the way the RLDS training images were stored and read."""
+    return decode_jpeg(encode_jpeg(image, quality))
 
 
 def lanczos_resize(image: np.ndarray, size: int = POLICY_IMAGE_SIZE) -> np.ndarray:
