@@ -31,18 +31,19 @@ import grpo
 from libero_env import EpisodeSpec, init_state_split
 from trainer import distributed, fsdp
 from trainer.checkpoint import (checkpoint_iteration, latest_checkpoint, load_checkpoint,
-                                remove_partial_checkpoints, resolve_adapter, rng_state, save_checkpoint, write_json)
-from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
+                                remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
+from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.evaluation import evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
+from trainer.policy_builder import build_policy
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups
 from trainer.sampler import GroupSampler
 from trainer.sft import SftConfig, check_sft, run_sft
 from trainer.validation import check_eval, check_env, check_train
-from vla_actor import LoraSettings, VLAPolicy, load_policy
+from vla_actor import VLAPolicy
 
 UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
                          "approx_kl_k3", "kl_to_base", "grad_norm"),
@@ -67,8 +68,8 @@ class GRPOTrainer:
             write_json(self.run_dir / "config.json", config_to_dict(_as_saved(config)))
         seed_everything(config.seed)  # the same fresh adapter on every rank
         full = config.finetune == "full"
-        self.policy = build_policy(config.model, None if full else config.lora, config.env.task_suite,
-                                   self.ctx.device, full=full)
+        self.policy = build_policy(config.model, None if full else config.lora,
+                                   unnorm_key(config.model, config.env.task_suite), self.ctx.device, full=full)
         # FSDP units of a sharded model (full fine-tuning on several ranks); none otherwise
         self.units = fsdp.shard(self.policy) if full and self.ctx.enabled else []
         self.params = list(self.policy.trainable_parameters())
@@ -264,27 +265,10 @@ def warmup_factor(iteration: int, warmup: int) -> float:
     return min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
 
 
-def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device: torch.device,
-                 full: bool = False) -> VLAPolicy:
-    """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
-    trainable; lora=None with no adapter and not full gives the plain SFT policy for eval."""
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32,
-             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[model.dtype]
-    unnorm_key = model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
-    policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device), dtype=dtype,
-                         attn_implementation=model.attn_implementation)
-    if lora is not None:
-        target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
-        policy.apply_lora(LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
-                                       target=target, include_projector=lora.lora_projector,
-                                       include_vision=lora.lora_vision))
-    if model.adapter is not None:
-        policy.load_adapter(resolve_adapter(model.adapter))
-    if full:
-        fsdp.make_trainable(policy)
-    if model.gradient_checkpointing and (lora is not None or full):
-        policy.gradient_checkpointing(True)
-    return policy
+def unnorm_key(model: ModelConfig, suite: str) -> str:
+    """The action statistics of `suite` (REF 1.3), unless --unnorm-key names others; the toy task decodes with
+    libero_spatial's."""
+    return model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
 
 
 def policy_inputs(policy: VLAPolicy) -> PolicyInputs:
@@ -340,7 +324,7 @@ def run_evaluation(config: EvaluateConfig) -> Path:
     seed_everything(config.seed)
     if ctx.is_main:
         results_dir.mkdir(parents=True)
-    policy = build_policy(config.model, None, config.env.task_suite, ctx.device)
+    policy = build_policy(config.model, None, unnorm_key(config.model, config.env.task_suite), ctx.device)
     train_inits, heldout_inits = init_state_split(suite_shape(config.env.task_suite).num_init_states,
                                                   config.env.num_heldout, 0)
     inits = {"reference": list(range(config.trials_per_task)), "heldout": heldout_inits[:config.trials_per_task],
