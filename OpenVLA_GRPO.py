@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 import grpo
 from libero_env import EpisodeSpec, init_state_split
+from sft import check_sft, run_sft
 from trainer import distributed, fsdp
 from trainer.checkpoint import (checkpoint_iteration, latest_checkpoint, load_checkpoint,
                                 remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
-from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, TrainConfig,
+from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, SftConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.evaluation import evaluate, write_results
@@ -41,7 +42,6 @@ from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups
 from trainer.sampler import GroupSampler
-from trainer.sft import SftConfig, check_sft, run_sft
 from trainer.validation import check_eval, check_env, check_train
 from vla_actor import VLAPolicy
 
