@@ -15,6 +15,10 @@ from PIL import Image
 
 POLICY_IMAGE_SIZE = 224
 """Side of the square images the policies take."""
+ACTION_DIM = 7
+"""One action: eef position delta, axis-angle rotation delta, gripper (REF 5.2)."""
+PROPRIO_DIM = 8
+"""OFT's LIBERO proprio: eef position, eef axis-angle, 2 gripper joint positions (REF 6.3)."""
 JPEG_QUALITY = 95
 """tf.image.encode_jpeg's default quality, used by the reference (REF 5.3)."""
 CENTER_CROP_AREA = 0.9
@@ -111,5 +115,5 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
 
 
 def proprio_vector(eef_pos: np.ndarray, eef_quat: np.ndarray, gripper_qpos: np.ndarray) -> np.ndarray:
-    """OFT's 8-D LIBERO proprio (REF 6.3): eef position, axis-angle of the eef quaternion, 2 gripper joints."""
+    """OFT's PROPRIO_DIM-D LIBERO proprio (REF 6.3): eef position, axis-angle of the eef quaternion, 2 gripper joints."""
     return np.concatenate([eef_pos, quat_to_axis_angle(eef_quat), gripper_qpos]).astype(np.float32)

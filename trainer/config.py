@@ -23,7 +23,7 @@ from grpo import Aggregation
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-grpo"
 """The small OFT policy in the repo, trained from scratch on libero_spatial tasks 0-3: SFT on 12 scripted demos, then
-10 GRPO iterations on real LIBERO (BENCHMARKS.md, eleventh attempt)."""
+10 GRPO iterations on real LIBERO (BENCHMARKS.md)."""
 
 DataclassT = TypeVar("DataclassT")
 OmitPrefix = tyro.conf.OmitArgPrefixes
