@@ -168,8 +168,11 @@ class GRPOTrainer:
         the global mini-batch) summed over ranks, through micro-batches whose losses add up to the mini-batch
         loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes."""
         traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
-        mask = torch.ones((len(rows), batch.token_ids.shape[1]), dtype=torch.bool)  # stored steps are all real
-        weights = distributed.token_weights(mask, traj_ids, self.config.grpo.aggregation, self.ctx)
+        tokens, aggregation = batch.token_ids.shape[1], self.config.grpo.aggregation
+        # Dr. GRPO's constant is the configured mini-batch's token slots, whatever this mini-batch holds.
+        constant = (self.config.optim.mini_batch_size * self.ctx.world_size * tokens
+                    if aggregation == "constant" else None)
+        weights = distributed.token_weights(traj_ids, tokens, aggregation, self.ctx, constant)
         step_advantages = advantages[traj_ids]  # A_i on every step of episode i (REF 9.1.5)
         loss = 0.0
         parts = torch.arange(len(rows)).split(self.config.optim.micro_batch_size) if len(rows) else ()
@@ -196,22 +199,22 @@ class GRPOTrainer:
         instructions = [batch.instructions[i] for i in index]
         logp, entropy = self.policy.log_probs(batch.agentview[index], instructions, batch.token_ids[rows], **inputs)
         device = logp.device
-        mask, weights = torch.ones_like(logp, dtype=torch.bool), weights.to(device)
+        weights = weights.to(device)
         loss, loss_stats = grpo.policy_loss(
-            logp, batch.log_probs[rows].to(device), advantages.to(device), weights, mask,
+            logp, batch.log_probs[rows].to(device), advantages.to(device), weights,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, log_ratio_clamp=cfg.log_ratio_clamp,
             advantage_clamp=cfg.advantage_clamp)
-        tokens = float(mask.sum())
+        tokens = float(logp.numel())  # stored steps have no padding
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.adapter_disabled():
                 base_logp, _ = self.policy.log_probs(batch.agentview[index], instructions, batch.token_ids[rows],
                                                      **inputs)
             kl = grpo.kl_k3(logp, base_logp)
-            loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights, mask)
-            stats.mean("kl_to_base", grpo.masked_mean(kl.detach(), mask), tokens)
+            loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights)
+            stats.mean("kl_to_base", grpo.masked_mean(kl.detach()), tokens)
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * grpo.aggregate(entropy, weights, mask)
-        stats.mean("entropy", grpo.masked_mean(entropy.detach(), mask), tokens)
+            loss = loss - cfg.entropy_coef * grpo.aggregate(entropy, weights)
+        stats.mean("entropy", grpo.masked_mean(entropy.detach()), tokens)
         for name in ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1", "approx_kl_k3"):
             stats.mean(name, loss_stats[name], tokens)
         stats.minimum("ratio_min", loss_stats["ratio_min"])

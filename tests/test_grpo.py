@@ -283,3 +283,14 @@ def test_policy_loss_bad_inputs():
         policy_loss(logp, logp, torch.zeros(2), weights, mask, log_ratio_clamp=0.0)
     with pytest.raises(ValueError, match="no valid token"):
         policy_loss(logp, logp, torch.zeros(2), weights, torch.zeros(2, 7, dtype=torch.bool))
+
+
+def test_no_mask_means_every_token_is_valid():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]])
+    weights = torch.full((2, 2), 0.25)
+    # ratio 1 everywhere: loss = sum(0.25 * -A) = 0.25 * (-1 - 1 - 2 - 2) = -1.5
+    loss, stats = policy_loss(logp, logp, torch.tensor([1.0, 2.0]), weights)
+    assert loss.item() == pytest.approx(-1.5) and stats["ratio_mean"].item() == 1.0
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert aggregate(values, weights).item() == pytest.approx(2.5)  # 0.25 * 10
+    assert masked_mean(values).item() == pytest.approx(2.5)  # 10 / 4

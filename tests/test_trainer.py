@@ -370,3 +370,13 @@ def test_kl_to_the_base_model_is_logged_and_starts_at_zero(checkpoint, tmp_path)
     assert all(row["train/kl_to_base"] >= 0 for row in rows)
     assert rows[-1]["train/kl_to_base"] > rows[0]["train/kl_to_base"] >= 0
 
+
+
+def test_constant_aggregation_is_a_fixed_normaliser():
+    """Dr. GRPO: a mini-batch of 3 steps (7 tokens each) where 4 are configured weighs 3/4 of a full one, each token
+    1 / (4 x 7); token-mean would give each token 1 / (3 x 7), a sum of 1."""
+    ctx = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    traj_ids = torch.tensor([0, 0, 1])
+    constant = distributed.token_weights(traj_ids, 7, "constant", ctx, constant=4 * 7)
+    assert constant.shape == (3, 7) and torch.allclose(constant, torch.full((3, 7), 1 / 28))
+    assert torch.allclose(distributed.token_weights(traj_ids, 7, "token-mean", ctx), torch.full((3, 7), 1 / 21))

@@ -109,7 +109,10 @@ class GrpoConfig:
     """Divide by the group's unbiased std (GRPO); False: the Dr. GRPO advantage R - mean (REF 9.1.7)."""
     aggregation: Aggregation = "token-mean"
     """Loss aggregation over a mini-batch (REF 9.2.4): token-mean (DAPO), seq-mean-token-mean (GRPO), constant
-    (Dr. GRPO)."""
+    (Dr. GRPO: the token sum over mini_batch_size x ranks x action tokens per step, a fixed normaliser). Steps have
+    no padding, so constant differs from token-mean only where a mini-batch holds other than mini_batch_size
+    steps per rank (an iteration's steps split into max(1, steps // mini_batch_size) parts): fewer steps weigh
+    less, more weigh more."""
     clip_low: float = 0.2
     """PPO ratio clip eps_low (guide; REF 9.3)."""
     clip_high: float = 0.28
