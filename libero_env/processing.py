@@ -115,5 +115,5 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
 
 
 def proprio_vector(eef_pos: np.ndarray, eef_quat: np.ndarray, gripper_qpos: np.ndarray) -> np.ndarray:
-    """OFT's PROPRIO_DIM-D LIBERO proprio (REF 6.3): eef position, axis-angle of the eef quaternion, 2 gripper joints."""
+    """OFT's 8-D LIBERO proprio (REF 6.3): eef position, axis-angle of the eef quaternion, 2 gripper joints."""
     return np.concatenate([eef_pos, quat_to_axis_angle(eef_quat), gripper_qpos]).astype(np.float32)

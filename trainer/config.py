@@ -228,7 +228,7 @@ class TrainConfig:
     """Stop after this many iterations (updates) even if timesteps remain; None: timesteps alone decide."""
     max_seconds: float = 0.0
     """Stop after the first iteration that ends this many seconds after the process started (with its eval and a
-    checkpoint), e.g. to fit a machine lease; --resume continues. 0: no limit."""
+    checkpoint), e.g. to fit a machine lent for a fixed time; --resume continues. 0: no limit."""
     config: Path | None = None
     """YAML or JSON file of defaults, nested like a run's config.json or flat like the flags; flags override it."""
     resume: Path | None = None
