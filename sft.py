@@ -155,7 +155,6 @@ def use_statistics(policy: VLAPolicy, key: str, statistics: dict) -> None:
     policy.config = {**policy.config, "norm_stats": norm_stats}
 
 
-
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Multiplier of the peak lr for the optimizer step after `step` steps (LambdaLR's count, 0-based): linear
     warmup over `warmup_steps`, then constant or a cosine from 1 down to 0 at `total_steps`."""
