@@ -29,20 +29,21 @@ from tqdm import tqdm
 
 import grpo
 from libero_env import EpisodeSpec, init_state_split
+from sft import check_sft, run_sft
 from trainer import distributed, fsdp
 from trainer.checkpoint import (checkpoint_iteration, latest_checkpoint, load_checkpoint,
-                                remove_partial_checkpoints, resolve_adapter, rng_state, save_checkpoint, write_json)
-from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
+                                remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
+from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, SftConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.evaluation import evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
+from trainer.policy_builder import build_policy
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups
 from trainer.sampler import GroupSampler
-from trainer.sft import SftConfig, check_sft, run_sft
 from trainer.validation import check_eval, check_env, check_train
-from vla_actor import LoraSettings, VLAPolicy, load_policy, resolve_dtype
+from vla_actor import VLAPolicy
 from vla_actor.checkpoint import dtype_name
 
 UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
@@ -68,8 +69,8 @@ class GRPOTrainer:
             write_json(self.run_dir / "config.json", config_to_dict(_as_saved(config)))
         seed_everything(config.seed)  # the same fresh adapter on every rank
         full = config.finetune == "full"
-        self.policy = build_policy(config.model, None if full else config.lora, config.env.task_suite,
-                                   self.ctx.device, full=full)
+        self.policy = build_policy(config.model, None if full else config.lora,
+                                   unnorm_key(config.model, config.env.task_suite), self.ctx.device, full=full)
         # FSDP units of a sharded model (full fine-tuning on several ranks); none otherwise
         self.units = fsdp.shard(self.policy) if full and self.ctx.enabled else []
         self.params = list(self.policy.trainable_parameters())
@@ -197,8 +198,11 @@ class GRPOTrainer:
         `old_log_probs`: pi_old of every step (None: the rollout's). `measure_mismatch`: these forwards precede
         every optimizer step, so they measure how far the rollout's log-probs are from the update's."""
         traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
-        mask = torch.ones((len(rows), batch.token_ids.shape[1]), dtype=torch.bool)  # stored steps are all real
-        weights = distributed.token_weights(mask, traj_ids, self.config.grpo.aggregation, self.ctx)
+        tokens, aggregation = batch.token_ids.shape[1], self.config.grpo.aggregation
+        # Dr. GRPO's constant is the configured mini-batch's token slots, whatever this mini-batch holds.
+        constant = (self.config.optim.mini_batch_size * self.ctx.world_size * tokens
+                    if aggregation == "constant" else None)
+        weights = distributed.token_weights(traj_ids, tokens, aggregation, self.ctx, constant)
         step_advantages = advantages[traj_ids]  # A_i on every step of episode i (REF 9.1.5)
         loss = 0.0
         parts = torch.arange(len(rows)).split(self.config.optim.micro_batch_size) if len(rows) else ()
@@ -225,25 +229,25 @@ class GRPOTrainer:
         inputs = self.step_inputs(batch, rows)
         logp, entropy = self.policy.log_probs(*inputs)
         device = logp.device
-        mask, weights = torch.ones_like(logp, dtype=torch.bool), weights.to(device)
+        weights = weights.to(device)
         if measure_mismatch:
             stats.mean("rollout_logprob_mismatch", (logp.detach().float().cpu() - batch.log_probs[rows]).abs().mean(),
                        float(logp.numel()))
         loss, loss_stats = grpo.policy_loss(
             logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
-            advantages.to(device), weights, mask,
+            advantages.to(device), weights,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, log_ratio_clamp=cfg.log_ratio_clamp,
             advantage_clamp=cfg.advantage_clamp)
-        tokens = float(mask.sum())
+        tokens = float(logp.numel())  # stored steps have no padding
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.adapter_disabled():
                 base_logp, _ = self.policy.log_probs(*inputs)
             kl = grpo.kl_k3(logp, base_logp)
-            loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights, mask)
-            stats.mean("kl_to_base", grpo.masked_mean(kl.detach(), mask), tokens)
+            loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights)
+            stats.mean("kl_to_base", grpo.masked_mean(kl.detach()), tokens)
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * grpo.aggregate(entropy, weights, mask)
-        stats.mean("entropy", grpo.masked_mean(entropy.detach(), mask), tokens)
+            loss = loss - cfg.entropy_coef * grpo.aggregate(entropy, weights)
+        stats.mean("entropy", grpo.masked_mean(entropy.detach()), tokens)
         for name in ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1", "approx_kl_k3"):
             stats.mean(name, loss_stats[name], tokens)
         stats.minimum("ratio_min", loss_stats["ratio_min"])
@@ -296,26 +300,10 @@ def warmup_factor(iteration: int, warmup: int) -> float:
     return min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
 
 
-def build_policy(model: ModelConfig, lora: LoraConfig | None, suite: str, device: torch.device,
-                 full: bool = False) -> VLAPolicy:
-    """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
-    trainable; lora=None with no adapter and not full gives the plain SFT policy for eval."""
-    dtype = resolve_dtype(model.dtype, model.checkpoint, device)
-    unnorm_key = model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
-    policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device), dtype=dtype,
-                         attn_implementation=model.attn_implementation)
-    if lora is not None:
-        target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
-        policy.apply_lora(LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
-                                       target=target, include_projector=lora.lora_projector,
-                                       include_vision=lora.lora_vision))
-    if model.adapter is not None:
-        policy.load_adapter(resolve_adapter(model.adapter))
-    if full:
-        fsdp.make_trainable(policy)
-    if model.gradient_checkpointing and (lora is not None or full):
-        policy.gradient_checkpointing(True)
-    return policy
+def unnorm_key(model: ModelConfig, suite: str) -> str:
+    """The action statistics of `suite` (REF 1.3), unless --unnorm-key names others; the toy task decodes with
+    libero_spatial's."""
+    return model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
 
 
 def policy_inputs(policy: VLAPolicy) -> PolicyInputs:
@@ -377,7 +365,7 @@ def run_evaluation(config: EvaluateConfig) -> Path:
     seed_everything(config.seed)
     if ctx.is_main:
         results_dir.mkdir(parents=True)
-    policy = build_policy(config.model, None, config.env.task_suite, ctx.device)
+    policy = build_policy(config.model, None, unnorm_key(config.model, config.env.task_suite), ctx.device)
     train_inits, heldout_inits = init_state_split(suite_shape(config.env.task_suite).num_init_states,
                                                   config.env.num_heldout, 0)
     inits = {"reference": list(range(config.trials_per_task)), "heldout": heldout_inits[:config.trials_per_task],

@@ -5,10 +5,7 @@ core_algos.py). The trainer composes them; see DESIGN.md "grpo" and REF section 
 """
 
 from grpo.advantages import (
-    broadcast_advantages,
     count_groups,
-    dropped_group_fraction,
-    episode_step_mask,
     group_advantages,
     informative_groups,
     select_groups,
@@ -28,10 +25,7 @@ __all__ = [
     "AGGREGATION_MODES",
     "Aggregation",
     "aggregate",
-    "broadcast_advantages",
     "count_groups",
-    "dropped_group_fraction",
-    "episode_step_mask",
     "group_advantages",
     "informative_groups",
     "kl_k1",

@@ -1,4 +1,4 @@
-"""Outcome-reward GRPO: group-relative advantages, their broadcast to tokens, and dynamic sampling.
+"""Outcome-reward GRPO: group-relative advantages and dynamic sampling.
 
 A group is the G rollouts that started from the same initial condition (same task and init-state index,
 REF 9.1.1). `group_ids` may be any integer labels; only equality matters. Rewards are one number per episode
@@ -55,40 +55,6 @@ def group_advantages(
     return centred / (std[index] + eps)
 
 
-def episode_step_mask(lengths: torch.Tensor, max_steps: int) -> torch.Tensor:
-    """bool [N, max_steps]: True for the steps an episode actually took (step < length), False for padding."""
-    if lengths.dim() != 1 or lengths.dtype.is_floating_point:
-        raise ValueError(
-            f"lengths must be a 1-D integer tensor, got shape {tuple(lengths.shape)} and dtype {lengths.dtype}"
-        )
-    if (lengths < 0).any() or (lengths > max_steps).any():
-        raise ValueError(f"lengths must lie in [0, max_steps={max_steps}], got {lengths.tolist()}")
-    return torch.arange(max_steps, device=lengths.device) < lengths[:, None]
-
-
-def broadcast_advantages(
-    advantages: torch.Tensor, step_mask: torch.Tensor, tokens_per_step: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same A_i on every action token of every valid step of episode i (REF 9.1.5).
-
-    advantages [N], step_mask bool [N, S] (see `episode_step_mask`) -> (token_advantages [N, S, T],
-    token_mask bool [N, S, T]) with T = tokens_per_step (7 for OpenVLA, 56 for an OFT chunk). Steps after an
-    episode ended get advantage 0 and mask False, so they never reach the loss.
-    """
-    if advantages.dim() != 1 or step_mask.dim() != 2 or step_mask.shape[0] != advantages.shape[0]:
-        raise ValueError(
-            f"advantages must be [N] and step_mask [N, S], got {tuple(advantages.shape)} and {tuple(step_mask.shape)}"
-        )
-    if step_mask.dtype != torch.bool:
-        raise ValueError(f"step_mask must be a bool tensor, got dtype {step_mask.dtype}")
-    if tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step must be >= 1 (7 for OpenVLA, 56 for OFT), got {tokens_per_step}")
-    n, s = step_mask.shape
-    token_mask = step_mask[:, :, None].expand(n, s, tokens_per_step)
-    token_advantages = torch.where(token_mask, advantages[:, None, None], 0.0)
-    return token_advantages, token_mask.clone()
-
-
 def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """bool [N]: False for every episode of a group whose rewards are all equal (incl. singleton groups).
 
@@ -106,15 +72,6 @@ def count_groups(keep: torch.Tensor, group_ids: torch.Tensor) -> int:
     """Number of distinct groups with at least one kept episode."""
     _check_keep(keep, group_ids)
     return int(torch.unique(group_ids[keep]).numel())
-
-
-def dropped_group_fraction(keep: torch.Tensor, group_ids: torch.Tensor) -> float:
-    """Fraction of groups (not episodes) that `informative_groups` dropped; the dynamic-sampling log value."""
-    _check_keep(keep, group_ids)
-    total = int(torch.unique(group_ids).numel())
-    if total == 0:
-        raise ValueError("group_ids is empty: there are no groups to count")
-    return 1.0 - count_groups(keep, group_ids) / total
 
 
 def select_groups(keep: torch.Tensor, group_ids: torch.Tensor, max_groups: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ def token_weights(
     - "seq-mean-token-mean" (original GRPO): every trajectory present in the mini-batch weighs the same; its
       tokens share 1 / (trajectories present) equally, counted over its valid tokens in this mini-batch.
     - "constant" (Dr. GRPO): 1 / constant, default M * T (the mini-batch's token slots, padding included), so
-      the normaliser does not depend on episode lengths.
+      the normaliser does not depend on episode lengths. Dr. GRPO's constant is fixed ahead of the batch (the
+      trainer passes its configured mini-batch's token slots), so a smaller mini-batch weighs less.
     """
     _check_mask(mask)
     if traj_ids.dim() != 1 or traj_ids.shape[0] != mask.shape[0] or traj_ids.dtype.is_floating_point:
@@ -57,9 +58,16 @@ def token_weights(
     return valid / (trajectories * tokens_per_traj[index].clamp(min=1))[:, None]
 
 
-def aggregate(values: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum(weights * values) over valid tokens: the loss-side reduction for extra per-token terms
-    (entropy bonus, KL to the base model), consistent with `policy_loss` and exact under accumulation."""
+def _every_token(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`mask`, or all True (no padding) when it is None."""
+    return torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+
+
+def aggregate(values: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(weights * values) over valid tokens (mask None: every token is valid): the loss-side reduction for
+    extra per-token terms (entropy bonus, KL to the base model), consistent with `policy_loss` and exact under
+    accumulation."""
+    mask = _every_token(values, mask)
     if values.shape != mask.shape or weights.shape != mask.shape:
         raise ValueError(
             f"values, weights and mask must share one [M, T] shape, got {tuple(values.shape)}, "
@@ -68,8 +76,9 @@ def aggregate(values: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -
     return torch.where(mask, values * weights, 0.0).sum()
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over valid tokens (0 when there are none); for logging."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `values` over valid tokens (0 when there are none; mask None: every token); for logging."""
+    mask = _every_token(values, mask)
     if values.shape != mask.shape:
         raise ValueError(f"values and mask must have the same shape, got {tuple(values.shape)} and {tuple(mask.shape)}")
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
@@ -92,7 +101,7 @@ def policy_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     weights: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None = None,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     log_ratio_clamp: float = 5.0,
@@ -104,14 +113,15 @@ def policy_loss(
     1 + clip_high) A)) over valid tokens. The clamp on r is the same for both signs of A; the min leaves the
     gradient on where r is outside the range on the side that makes things worse.
 
-    logp (with grad), old_logp, weights, mask: [M, T]; advantages: [M] (one per row, the same on its T tokens)
-    or [M, T]. `advantage_clamp` limits |A| (None: no limit).
+    logp (with grad), old_logp, weights, mask: [M, T] (mask None: no padding); advantages: [M] (one per row, the
+    same on its T tokens) or [M, T]. `advantage_clamp` limits |A| (None: no limit).
 
     Returns the scalar loss and detached statistics over valid tokens: clip_frac_low (A < 0 and
     r < 1 - clip_low), clip_frac_high (A > 0 and r > 1 + clip_high), clip_frac (their sum), ratio_mean/min/max
     (the clamped ratio that enters the loss), approx_kl_k1 and approx_kl_k3 of KL(old || new) from the
     unclamped log-ratio (the rollout samples come from the old policy).
     """
+    mask = _every_token(logp, mask)
     _check_mask(mask)
     if logp.shape != mask.shape or old_logp.shape != mask.shape or weights.shape != mask.shape:
         raise ValueError(

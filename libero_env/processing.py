@@ -15,6 +15,10 @@ from PIL import Image
 
 POLICY_IMAGE_SIZE = 224
 """Side of the square images the policies take."""
+ACTION_DIM = 7
+"""One action: eef position delta, axis-angle rotation delta, gripper (REF 5.2)."""
+PROPRIO_DIM = 8
+"""OFT's LIBERO proprio: eef position, eef axis-angle, 2 gripper joint positions (REF 6.3)."""
 JPEG_QUALITY = 95
 """tf.image.encode_jpeg's default quality, used by the reference (REF 5.3)."""
 CENTER_CROP_AREA = 0.9

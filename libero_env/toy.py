@@ -29,8 +29,9 @@ from types import TracebackType
 import numpy as np
 
 from libero_env import EpisodeSpec, Observation, StepResult
+from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM
 
-IMAGE_SIZE = 224
+IMAGE_SIZE = POLICY_IMAGE_SIZE
 TASK_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (200, 30, 30),
     "green": (30, 140, 50),
@@ -159,9 +160,10 @@ class ToyVectorEnv:
         actions = np.asarray(actions)
         if actions.ndim == 2:
             actions = actions[:, None, :]
-        if actions.ndim != 3 or actions.shape[0] != self.num_envs or actions.shape[2] != 7 or actions.shape[1] < 1:
-            raise ValueError(f"actions must have shape [N={self.num_envs}, 7] or a chunk [N={self.num_envs}, K, 7], "
-                             f"got {np.shape(actions)}")
+        if (actions.ndim != 3 or actions.shape[0] != self.num_envs or actions.shape[2] != ACTION_DIM
+                or actions.shape[1] < 1):
+            raise ValueError(f"actions must have shape [N={self.num_envs}, {ACTION_DIM}] or a chunk "
+                             f"[N={self.num_envs}, K, {ACTION_DIM}], got {np.shape(actions)}")
         if not np.issubdtype(actions.dtype, np.number):
             raise ValueError(f"actions must be numeric, got dtype {actions.dtype}")
         if not np.isfinite(actions).all():
@@ -219,7 +221,7 @@ class ToyVectorEnv:
         cursors = self._cursors()
         agentview = np.stack([self._render(i, cursors[i], wrist=False) for i in range(self.num_envs)])
         wrist = np.stack([self._render(i, cursors[i], wrist=True) for i in range(self.num_envs)])
-        proprio = np.zeros((self.num_envs, 8), dtype=np.float32)
+        proprio = np.zeros((self.num_envs, PROPRIO_DIM), dtype=np.float32)
         proprio[:, :2] = cursors
         return Observation(agentview=agentview, wrist=wrist, proprio=proprio,
                            instructions=["" if s is None else self.instruction(s.task_id) for s in self._specs])

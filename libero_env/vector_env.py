@@ -15,7 +15,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 from libero_env._worker import worker_main
-from libero_env.processing import POLICY_IMAGE_SIZE, to_env_actions
+from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM, to_env_actions
 from libero_env.suites import ENV_HORIZON, NUM_INIT_STATES, NUM_WAIT_STEPS, EpisodeSpec, get_suite, load_tasks
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class LiberoVectorEnv:
         size = POLICY_IMAGE_SIZE
         self._agentview = np.zeros((num_envs, size, size, 3), np.uint8)
         self._wrist = np.zeros((num_envs, size, size, 3), np.uint8) if wrist else None
-        self._proprio = np.zeros((num_envs, 8), np.float32)
+        self._proprio = np.zeros((num_envs, PROPRIO_DIM), np.float32)
         self._specs: list[EpisodeSpec | None] = [None] * num_envs
         self._starting: dict[int, EpisodeSpec] = {}  # resets in flight
         self._started: set[int] = set()  # resets finished since the last step()
@@ -370,9 +370,9 @@ class LiberoVectorEnv:
         chunks = np.asarray(actions, dtype=np.float64)
         if chunks.ndim == 2:
             chunks = chunks[:, None, :]
-        if chunks.ndim != 3 or chunks.shape[0] != self.num_envs or chunks.shape[1] < 1 or chunks.shape[2] != 7:
-            raise ValueError(f"actions must have shape [{self.num_envs}, 7] or [{self.num_envs}, K, 7] with K >= 1, "
-                             f"got {list(np.shape(actions))}")
+        if chunks.ndim != 3 or chunks.shape[0] != self.num_envs or chunks.shape[1] < 1 or chunks.shape[2] != ACTION_DIM:
+            raise ValueError(f"actions must have shape [{self.num_envs}, {ACTION_DIM}] or [{self.num_envs}, K, "
+                             f"{ACTION_DIM}] with K >= 1, got {list(np.shape(actions))}")
         bad_envs = np.flatnonzero(~np.isfinite(chunks).all(axis=(1, 2)))
         if bad_envs.size:
             raise ValueError(f"non-finite actions (NaN or inf) for env(s) {bad_envs.tolist()}; nothing was sent "

@@ -6,10 +6,10 @@ Run from the repository root (on the GPU machine: ../shared/tools/make_libero_bu
     python -m scripts.libero_learning --work-dir runs/libero_learning --tasks 0 1 2 3 --workers 16
 
 Stages, each skipped when its output is complete and resumed from its own files otherwise, so the same command
-continues across machine leases:
+continues after a stop, here or on another machine:
   demos      python -m scripts.collect_demos collect (training init states only)
   init       python -m scripts.make_small_vla (random weights, the demos' statistics)
-  sft        python OpenVLA_GRPO.py sft --finetune full (resumable, --max-seconds per lease)
+  sft        python OpenVLA_GRPO.py sft --finetune full (resumable; --max-seconds for machines lent in slices of time)
   eval_sft   the SFT model cast to bfloat16 in 15 MB shards (the form that ships), then
              python OpenVLA_GRPO.py eval --protocol heldout / train on it, and --protocol train --temperature T
              (success with actions sampled as GRPO's rollouts sample them: the signal GRPO starts from)
@@ -23,7 +23,7 @@ Every command it runs is printed, so each stage can be reproduced by hand.
 Across machines: once sft_export (or a GRPO export) exists, the demos and the SFT run are no longer read.
 `--until grpo` runs only SFT (if needed) and GRPO, e.g. on the GPU machine with sft_export brought along; bring back
 the work directory (`python -m scripts.transfer pack` there, `unpack` here: the exports whole, with their .pt files,
-and the runs' metrics), and the same command without --until evaluates and records here. Carried to the next lease,
+and the runs' metrics), and the same command without --until evaluates and records here. Carried to another machine,
 grpo<N>_export lets `--until grpo` continue GRPO in grpo_from<N>/ (fresh optimizer state). stage_devices.json says
 where each stage ran.
 """
@@ -121,7 +121,7 @@ class Experiment:
     """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model.
     grpo: SFT if needed, then GRPO and its export, without any eval (the GPU part; bring back grpo<N>_export and
     the runs' metrics.jsonl, and the same command without --until evaluates and records them; with grpo<N>_export
-    carried to a new lease it continues GRPO from there)."""
+    carried to another machine it continues GRPO from there)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_start_success <= 1:
@@ -240,7 +240,7 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
     Without checkpoints but with an export, GRPO ran on another machine and grpo<N>_export (with the runs'
     metrics.jsonl) was brought back. Then that export is GRPO's result, unless `until` is grpo and fewer than
     grpo_iterations are done: a new run grpo_from<N>/ continues from the export (fresh optimizer state, seed N),
-    so GRPO goes on across leases that can only bring back the bfloat16 export."""
+    so GRPO goes on across machines from which only the bfloat16 export comes back."""
     start, run_dir = grpo_runs(ex.work_dir)[-1]
     source = sft_export if start == 0 else grpo_export_dir(ex.work_dir, start)
     brought_back = grpo_exports(ex.work_dir)
@@ -314,8 +314,9 @@ def export_iteration(export_dir: Path) -> int:
 
 
 def export_bfloat16(model_dir: Path, export_dir: Path) -> Path:
-    """The model stored in bfloat16 in shards of at most 15 MB (under the GPU machine's 16 MiB file limit), with the
-    dtype it was trained in recorded, so that `--dtype auto` computes in that dtype again."""
+    """The model stored in bfloat16 in shards of at most 15 MB (under the 16 MiB file limit of a machine that returns
+    only small files, scripts/transfer.py), with the dtype it was trained in recorded, so that `--dtype auto`
+    computes in that dtype again."""
     if not (export_dir / "config.json").is_file():
         shutil.rmtree(export_dir, ignore_errors=True)
         load_policy(model_dir, dtype=checkpoint_dtype(model_dir)).merge_and_export(

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import tyro
 
-from trainer.sft import demo_statistics
+from sft import demo_statistics
 from vla_actor import make_tiny_checkpoint
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.model import ModelSpec, build_model

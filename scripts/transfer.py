@@ -1,14 +1,15 @@
-"""Carries an experiment's work directory off a machine that returns only a few files of limited size (the GPU
-machine: at most 8 files of 16 MiB): `pack` writes what the later stages read as a gzipped tar split into parts
-and a manifest; `unpack` checks the parts against the manifest and extracts them.
+"""Moves a run or experiment directory between machines when the way back carries only a few files of limited size
+(a lent GPU machine that returns at most 8 files of 16 MiB, say): `pack` writes the directory as a gzipped tar split
+into parts and a manifest; `unpack` checks the parts against the manifest and extracts them. Any directory packs;
+--exclude leaves out what only resumes a stage on the machine that ran it.
 
-    python -m scripts.transfer pack --work-dir runs/ll12 --out-dir $OUT          # on the GPU machine
+    python -m scripts.transfer pack --work-dir runs/ll12 --out-dir $OUT          # on the machine that ran it
     python -m scripts.transfer unpack --parts-dir /path/of/the/returned/files --dest runs
 
-Packed: everything under the work directory except what only resumes a stage on the machine that ran it and is
-too large to carry anyway (the demos, the random initial model, SFT's float32 model and resume state, GRPO's
-float32 checkpoints). sft_export/ and grpo<N>_export/ come whole, with their proprio projector and action head
-files, so the evals and a GRPO continuation run from them.
+The default exclusions fit a scripts/libero_learning.py work directory: the demos, the random initial model,
+SFT's float32 model and every run's checkpoints/ (float32 resume state, too large to carry) stay behind.
+sft_export/ and grpo<N>_export/ come whole, with their proprio projector and action head files, so the evals and a
+GRPO continuation run from them.
 """
 
 import fnmatch
@@ -34,12 +35,12 @@ class Pack:
     work_dir: Path
     """The experiment's work directory (e.g. runs/ll12)."""
     out_dir: Path
-    """Where the parts and the manifest go ($OUT on the GPU machine)."""
+    """Where the parts and the manifest go (e.g. the folder the machine returns)."""
     part_bytes: int = 15_000_000
-    """Largest part (the GPU machine returns files of at most 16 MiB)."""
+    """Largest part (e.g. 15 MB for a machine that returns files of at most 16 MiB)."""
     max_parts: int = 7
-    """Refuse to write more parts than this (the GPU machine returns 8 files, the manifest is one)."""
-    exclude: tuple[str, ...] = ("demos", "init", f"sft/{MODEL_DIR}", "sft/checkpoint", f"*/{CHECKPOINTS}")
+    """Refuse to write more parts than this (e.g. 7 for a machine that returns 8 files: the manifest is one)."""
+    exclude: tuple[str, ...] = ("demos", "init", f"sft/{MODEL_DIR}", f"*/{CHECKPOINTS}")
     """Paths relative to work_dir (glob patterns) left out with everything under them."""
 
 

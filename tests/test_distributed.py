@@ -95,8 +95,10 @@ def test_resume_restores_every_rank(checkpoint, straight_run, tmp_path):
 def test_two_ranks_with_half_the_groups_equal_one_rank_with_all(checkpoint, tmp_path):
     reference = {}
     for aggregation in AGGREGATIONS:
+        # --mini-batch-size is per rank: one rank's mini-batch holds the two ranks' 2 x 8 steps (what "constant"
+        # normalises by)
         trainer = GRPOTrainer(parse_command(toy_args(checkpoint, tmp_path, "--run-name", f"one-{aggregation}",
-                                                     "--aggregation", aggregation)))
+                                                     "--aggregation", aggregation, "--mini-batch-size", "16")))
         if aggregation == AGGREGATIONS[0]:
             batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 4, 1.6,
                                       dynamic_sampling=True, max_refill_rounds=10)

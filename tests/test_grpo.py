@@ -8,10 +8,7 @@ import torch
 from grpo import (
     AGGREGATION_MODES,
     aggregate,
-    broadcast_advantages,
     count_groups,
-    dropped_group_fraction,
-    episode_step_mask,
     group_advantages,
     informative_groups,
     kl_k1,
@@ -74,23 +71,6 @@ def test_group_advantages_bad_inputs():
         group_advantages(torch.ones(0), torch.zeros(0, dtype=torch.long))
 
 
-def test_broadcast_advantages_masks_steps_after_the_end():
-    step_mask = episode_step_mask(torch.tensor([2, 0, 3]), max_steps=3)
-    assert step_mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
-    token_adv, token_mask = broadcast_advantages(torch.tensor([1.5, -2.0, -0.5]), step_mask, tokens_per_step=2)
-    assert token_adv.shape == token_mask.shape == (3, 3, 2)
-    assert token_adv.tolist() == [[[1.5, 1.5], [1.5, 1.5], [0.0, 0.0]],
-                                  [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
-                                  [[-0.5, -0.5], [-0.5, -0.5], [-0.5, -0.5]]]
-    assert token_mask.sum().item() == 2 * 2 + 0 + 3 * 2
-    with pytest.raises(ValueError, match="max_steps=3"):
-        episode_step_mask(torch.tensor([4]), max_steps=3)
-    with pytest.raises(ValueError, match="tokens_per_step"):
-        broadcast_advantages(torch.ones(3), step_mask, tokens_per_step=0)
-    with pytest.raises(ValueError, match="step_mask"):
-        broadcast_advantages(torch.ones(2), step_mask, tokens_per_step=7)
-
-
 def test_informative_groups_and_dynamic_sampling():
     # groups: 0 all success, 1 mixed, 2 all fail, 3 mixed, 4 singleton
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
@@ -98,7 +78,6 @@ def test_informative_groups_and_dynamic_sampling():
     keep = informative_groups(rewards, groups)
     assert keep.tolist() == [False, False, True, True, False, False, True, True, False]
     assert count_groups(keep, groups) == 2
-    assert dropped_group_fraction(keep, groups) == pytest.approx(3 / 5)
     # Refill: a second round appends groups 5 (mixed) and 6 (mixed); a cap of 3 takes 1, 3, then 5.
     rewards = torch.cat([rewards, torch.tensor([0.0, 1.0, 1.0, 0.0])])
     groups = torch.cat([groups, torch.tensor([5, 5, 6, 6])])
@@ -304,3 +283,14 @@ def test_policy_loss_bad_inputs():
         policy_loss(logp, logp, torch.zeros(2), weights, mask, log_ratio_clamp=0.0)
     with pytest.raises(ValueError, match="no valid token"):
         policy_loss(logp, logp, torch.zeros(2), weights, torch.zeros(2, 7, dtype=torch.bool))
+
+
+def test_no_mask_means_every_token_is_valid():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]])
+    weights = torch.full((2, 2), 0.25)
+    # ratio 1 everywhere: loss = sum(0.25 * -A) = 0.25 * (-1 - 1 - 2 - 2) = -1.5
+    loss, stats = policy_loss(logp, logp, torch.tensor([1.0, 2.0]), weights)
+    assert loss.item() == pytest.approx(-1.5) and stats["ratio_mean"].item() == 1.0
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert aggregate(values, weights).item() == pytest.approx(2.5)  # 0.25 * 10
+    assert masked_mean(values).item() == pytest.approx(2.5)  # 10 / 4

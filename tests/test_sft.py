@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,10 @@ from libero_env.demos import (Episode, episode_key, episode_paths, load_episode,
                               write_dataset_statistics)
 from libero_env.toy import ToyVectorEnv
 from scripts.make_small_vla import SmallVla, make_small_vla
-from trainer.sft import (CROP_SHIFT, DemoBatches, SftConfig, action_chunks, augment, config_dict,
-                         image_augmentation, latest_checkpoint, lr_factor, read_demo_steps, run_sft)
+from sft import lr_factor, run_sft
+from trainer.checkpoint import checkpoint_dirs, checkpoint_iteration
+from trainer.config import SftConfig, config_to_dict
+from trainer.demo_batches import CROP_SHIFT, DemoBatches, action_chunks, augment, image_augmentation, read_demo_steps
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.action_tokens import detokenize
 
@@ -29,6 +31,16 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
                 "Open the drawer", "put the bowl on the stove"]
+
+
+def sft_config(**flat):
+    """An SftConfig from flat field names, as its flags spell them (each group omits its prefix)."""
+    groups = {}
+    for group in ("model", "lora", "optim"):
+        default = getattr(SftConfig(demos=Path(), output_dir=Path()), group)
+        names = {field.name for field in dataclasses.fields(default)}
+        groups[group] = dataclasses.replace(default, **{k: flat.pop(k) for k in list(flat) if k in names})
+    return SftConfig(**flat, **groups)
 
 
 def images(batch, seed=0):
@@ -141,7 +153,7 @@ def read_jsonl(path):
 def test_lora_sft_learns_and_exports_with_the_demos_statistics(tmp_path):
     base = make_tiny_checkpoint(tmp_path / "base")
     statistics = write_toy_demos(tmp_path / "demos", task_ids=range(4), init_indices=range(2))
-    config = SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "sft", checkpoint=str(base), lora_rank=8,
+    config = sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "sft", checkpoint=str(base), lora_rank=8,
                        lora_alpha=16, lr=3e-3, batch_size=8, steps=40, log_every=5, save_every=20,
                        gradient_checkpointing=False, device="cpu")
     exported = run_sft(config)
@@ -177,7 +189,7 @@ def test_lora_sft_learns_and_exports_with_the_demos_statistics(tmp_path):
 def test_full_oft_sft_uses_chunks_wrist_and_proprio(tmp_path):
     base = make_tiny_checkpoint(tmp_path / "base", variant="oft")
     statistics = write_toy_demos(tmp_path / "demos", task_ids=range(2), init_indices=range(2), pushes_to_goal=9)
-    config = SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "sft", checkpoint=str(base),
+    config = sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "sft", checkpoint=str(base),
                        finetune="full", lr=1e-3, batch_size=4, steps=6, log_every=3, save_every=3,
                        gradient_checkpointing=False, device="cpu")
     exported = run_sft(config)
@@ -193,35 +205,43 @@ def test_full_oft_sft_uses_chunks_wrist_and_proprio(tmp_path):
 
 
 def test_bad_inputs_raise_one_clear_error(tmp_path):
-    base = str(tmp_path / "no-model-needed")
+    base = str(tmp_path / "no-model-needed")  # these errors come before the checkpoint is read
+    (tmp_path / "no-model-needed").mkdir()
+    (tmp_path / "no-model-needed" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="demo directory .* does not exist"):
-        run_sft(SftConfig(demos=tmp_path / "missing", output_dir=tmp_path / "out", checkpoint=base))
+        run_sft(sft_config(demos=tmp_path / "missing", output_dir=tmp_path / "out", checkpoint=base))
     (tmp_path / "empty" / "episodes").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no episodes in"):
-        run_sft(SftConfig(demos=tmp_path / "empty", output_dir=tmp_path / "out", checkpoint=base))
+        run_sft(sft_config(demos=tmp_path / "empty", output_dir=tmp_path / "out", checkpoint=base))
     write_toy_demos(tmp_path / "demos", task_ids=[0], init_indices=[0])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("not a run")
     with pytest.raises(FileExistsError, match="already exists; pass --resume"):
-        run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "taken", checkpoint=base))
+        run_sft(sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "taken", checkpoint=base))
     with pytest.raises(FileExistsError, match="is not an SFT output directory"):
-        run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "taken", checkpoint=base, resume=True))
+        run_sft(sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "taken", checkpoint=base, resume=True))
     with pytest.raises(ValueError, match="unnorm_key 'libero_spatial' is not in"):
-        run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base,
+        run_sft(sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base,
                           unnorm_key="libero_spatial"))
     with pytest.raises(ValueError, match="warmup_steps must be a finite number >= 0, got -1"):
-        run_sft(SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base, warmup_steps=-1))
+        run_sft(sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base, warmup_steps=-1))
     assert not (tmp_path / "out").exists()
 
     # A run directory continues only with its own settings, and not from a checkpoint past `steps`.
-    run = SftConfig(demos=tmp_path / "demos", output_dir=tmp_path / "run", checkpoint=base, lr=1e-3, steps=20)
-    (tmp_path / "run" / "checkpoint" / "step_000010").mkdir(parents=True)
-    (tmp_path / "run" / "config.json").write_text(json.dumps(config_dict(run)))
-    (tmp_path / "run" / "checkpoint" / "step_000010" / "state.json").write_text('{"step": 10, "window_losses": []}')
+    run = sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "run", checkpoint=base, lr=1e-3, steps=20)
+    (tmp_path / "run" / "checkpoints" / "iter_000010").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config_to_dict(run)))
     with pytest.raises(ValueError, match=r"these differ: lr \(saved 0.001, now 0.002\)"):
-        run_sft(SftConfig(**{**asdict(run), "lr": 2e-3, "resume": True}))
-    with pytest.raises(ValueError, match="step_000010 is past steps=5; pass --steps 10 or more"):
-        run_sft(SftConfig(**{**asdict(run), "steps": 5, "resume": True}))
+        run_sft(dataclasses.replace(run, optim=dataclasses.replace(run.optim, lr=2e-3), resume=True))
+    with pytest.raises(ValueError, match="iter_000010 is past steps=5; pass --steps 10 or more"):
+        run_sft(dataclasses.replace(run, steps=5, resume=True))
+
+    # A run directory of the earlier SFT layout is refused in one line that names the way out.
+    (tmp_path / "earlier" / "checkpoint" / "step_000010").mkdir(parents=True)
+    (tmp_path / "earlier" / "config.json").write_text(json.dumps({"steps": 20}))
+    with pytest.raises(ValueError, match=r"earlier layout \(checkpoint/step_N\).*choose a new output_dir") as error:
+        run_sft(dataclasses.replace(run, output_dir=tmp_path / "earlier", resume=True))
+    assert "\n" not in str(error.value)
 
 
 def test_lr_factor_by_hand():
@@ -310,11 +330,11 @@ def test_stopped_oft_run_with_augmentation_and_cosine_resumes_exactly(tmp_path):
     write_toy_demos(tmp_path / "demos", task_ids=range(2), init_indices=range(2), pushes_to_goal=9)
     settings = sft_settings(tmp_path, base, finetune="full", lr=1e-3, lr_schedule="cosine", warmup_steps=2,
                             weight_decay=0.1, image_aug=True, batch_size=4, steps=6, log_every=2, save_every=4)
-    stopped = run_sft(SftConfig(**settings, output_dir=tmp_path / "sft", max_seconds=1e-9))
-    assert stopped == tmp_path / "sft" / "checkpoint" / "step_000001"
+    stopped = run_sft(sft_config(**settings, output_dir=tmp_path / "sft", max_seconds=1e-9))
+    assert stopped == tmp_path / "sft" / "checkpoints" / "iter_000001"
     assert not (tmp_path / "sft" / "model").exists() and not (tmp_path / "sft" / "metrics.jsonl").exists()
-    resumed = run_sft(SftConfig(**settings, output_dir=tmp_path / "sft", resume=True))
-    reference = run_sft(SftConfig(**settings, output_dir=tmp_path / "reference"))
+    resumed = run_sft(sft_config(**settings, output_dir=tmp_path / "sft", resume=True))
+    reference = run_sft(sft_config(**settings, output_dir=tmp_path / "reference"))
 
     assert_same_tensors(read_tensors(resumed), read_tensors(reference))
     metrics = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
@@ -322,30 +342,31 @@ def test_stopped_oft_run_with_augmentation_and_cosine_resumes_exactly(tmp_path):
     expected_lr = [1e-3 * f for f in (2 / 3, 0.5 * (1 + math.cos(math.pi / 4)), 0.5 * (1 + math.cos(3 * math.pi / 4)))]
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert np.allclose([m["sft/lr"] for m in metrics], expected_lr, rtol=1e-12)
-    assert sorted(p.name for p in (tmp_path / "sft" / "checkpoint").iterdir()) == ["step_000006"]
+    assert sorted(p.name for p in (tmp_path / "sft" / "checkpoints").iterdir()) == ["iter_000006"]
     reloaded = load_policy(resumed, unnorm_key="toy")
     assert reloaded.is_oft and reloaded.num_images == 2 and reloaded.uses_proprio
 
-    again = run_sft(SftConfig(**settings, output_dir=tmp_path / "sft", resume=True))  # finished: exports only
+    again = run_sft(sft_config(**settings, output_dir=tmp_path / "sft", resume=True))  # finished: exports only
     assert again == resumed and len(read_jsonl(tmp_path / "sft" / "metrics.jsonl")) == 3
 
 
 CHILD = """
 import json, sys
 from pathlib import Path
-from trainer.sft import SftConfig, run_sft
+from sft import run_sft
+from tests.test_sft import sft_config
 settings = json.loads(sys.argv[1])
-run_sft(SftConfig(**{**settings, "demos": Path(settings["demos"]), "output_dir": Path(settings["output_dir"])}))
+run_sft(sft_config(**{**settings, "demos": Path(settings["demos"]), "output_dir": Path(settings["output_dir"])}))
 """
 
 
 def logged_past_checkpoint(output_dir):
     """True once the run has a checkpoint and a metrics line after it (that a kill now leaves to be dropped)."""
-    last, metrics = latest_checkpoint(output_dir), output_dir / "metrics.jsonl"
-    if last is None or not metrics.is_file():
+    saved, metrics = checkpoint_dirs(output_dir), output_dir / "metrics.jsonl"
+    if not saved or not metrics.is_file():
         return False
     complete_lines = metrics.read_text().split("\n")[:-1]
-    return bool(complete_lines) and json.loads(complete_lines[-1])["step"] > int(last.name.removeprefix("step_"))
+    return bool(complete_lines) and json.loads(complete_lines[-1])["step"] > checkpoint_iteration(saved[-1])
 
 
 def test_killed_lora_run_resumes_exactly(tmp_path):
@@ -363,13 +384,13 @@ def test_killed_lora_run_resumes_exactly(tmp_path):
             time.sleep(0.02)
         child.kill()
         child.wait()
-    killed_at = latest_checkpoint(output_dir)
-    assert killed_at is not None, (tmp_path / "child.log").read_text()
-    assert json.loads((killed_at / "state.json").read_text())["step"] < 30  # killed mid-run
+    saved = checkpoint_dirs(output_dir)
+    assert saved, (tmp_path / "child.log").read_text()
+    assert json.loads((saved[-1] / "trainer_state.json").read_text())["iteration"] < 30  # killed mid-run
 
     # A loader worker process makes the same batches as the main process does.
-    resumed = run_sft(SftConfig(**settings, output_dir=output_dir, resume=True, loader_workers=1))
-    reference = run_sft(SftConfig(**settings, output_dir=tmp_path / "reference"))
+    resumed = run_sft(sft_config(**settings, output_dir=output_dir, resume=True, loader_workers=1))
+    reference = run_sft(sft_config(**settings, output_dir=tmp_path / "reference"))
     assert_same_tensors(read_tensors(output_dir / "adapter"), read_tensors(tmp_path / "reference" / "adapter"))
     assert_same_tensors(read_tensors(resumed), read_tensors(reference))
     metrics = read_jsonl(output_dir / "metrics.jsonl")

@@ -389,3 +389,13 @@ def test_old_log_probs_and_the_rollout_mismatch_are_measured_before_the_first_st
     if old_log_probs == "recompute":
         assert metrics["train/ratio_min"] == metrics["train/ratio_max"] == 1.0
     assert trainer.recompute_old_log_probs == (old_log_probs == "recompute")
+
+
+def test_constant_aggregation_is_a_fixed_normaliser():
+    """Dr. GRPO: a mini-batch of 3 steps (7 tokens each) where 4 are configured weighs 3/4 of a full one, each token
+    1 / (4 x 7); token-mean would give each token 1 / (3 x 7), a sum of 1."""
+    ctx = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    traj_ids = torch.tensor([0, 0, 1])
+    constant = distributed.token_weights(traj_ids, 7, "constant", ctx, constant=4 * 7)
+    assert constant.shape == (3, 7) and torch.allclose(constant, torch.full((3, 7), 1 / 28))
+    assert torch.allclose(distributed.token_weights(traj_ids, 7, "token-mean", ctx), torch.full((3, 7), 1 / 21))

@@ -14,7 +14,7 @@ KEPT = ("sft_export/config.json", "sft_export/model-00001-of-00001.safetensors",
         "grpo15_export/model-00001-of-00001.safetensors", "grpo/metrics.jsonl", "sft/metrics.jsonl",
         "eval_sft_heldout/results.json", "stage_seconds.json")
 LEFT_OUT = ("demos/task0_init0/frames.npz", "init/config.json", "sft/model/model.safetensors",
-            "sft/checkpoint/optimizer.pt", "grpo/checkpoints/iter_000015/model/model.safetensors")
+            "sft/checkpoints/iter_003000/optimizer.pt", "grpo/checkpoints/iter_000015/model/model.safetensors")
 
 
 @pytest.fixture

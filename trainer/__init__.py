@@ -1,5 +1,6 @@
-"""The trainer's parts that are not the loop: config and CLI, rollouts, checkpoints, metrics, eval, distributed.
+"""Run infrastructure, not loops: config and CLI, the policy builder, rollouts, SFT's demo batches, checkpoints,
+metrics, eval, distributed.
 
 `OpenVLA_GRPO.py` holds the GRPO loop itself and is the only module that knows libero_env, vla_actor and grpo
-together; these modules keep that loop short.
+together; `sft.py` holds the SFT loop. Both share these modules, which keep the loops short.
 """

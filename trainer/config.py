@@ -23,7 +23,7 @@ from grpo import Aggregation
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-grpo"
 """The small OFT policy in the repo, trained from scratch on libero_spatial tasks 0-3: SFT on 12 scripted demos, then
-10 GRPO iterations on real LIBERO (BENCHMARKS.md, eleventh attempt)."""
+10 GRPO iterations on real LIBERO (BENCHMARKS.md)."""
 
 DataclassT = TypeVar("DataclassT")
 OmitPrefix = tyro.conf.OmitArgPrefixes
@@ -31,16 +31,19 @@ OmitPrefix = tyro.conf.OmitArgPrefixes
 
 @dataclass
 class ModelConfig:
-    """The SFT policy to improve."""
+    """The policy checkpoint to start from."""
 
     checkpoint: str = "openvla/openvla-7b-finetuned-libero-spatial"
-    """Local directory or hub id of the SFT checkpoint (REF 1.1). For OFT use the token-head checkpoint, not the
-    L1-regression one (REF 9.6)."""
+    """Local directory or hub id of the checkpoint (REF 1.1): for train and eval an SFT checkpoint; for OFT the
+    token-head one, not the L1-regression one (REF 9.6). sft may also start from a base or a randomly initialised
+    one (scripts/make_small_vla.py trains a small VLA from scratch)."""
     adapter: Path | None = None
     """Start from a saved LoRA adapter: an adapter directory, a checkpoint directory, or a run directory (its
     latest checkpoint). None: a fresh adapter."""
     unnorm_key: str | None = None
-    """Action statistics to un-normalise with (REF 1.3); None: the task suite's name (libero_spatial for toy)."""
+    """Action statistics to un-normalise with (REF 1.3); None: the task suite's name (libero_spatial for toy). sft:
+    the key of the demos' dataset_statistics.json whose statistics replace the checkpoint's under that key (and its
+    _no_noops twin); None: the file's only key."""
     device: str = "auto"
     """Torch device; auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -108,7 +111,10 @@ class GrpoConfig:
     """Divide by the group's unbiased std (GRPO); False: the Dr. GRPO advantage R - mean (REF 9.1.7)."""
     aggregation: Aggregation = "token-mean"
     """Loss aggregation over a mini-batch (REF 9.2.4): token-mean (DAPO), seq-mean-token-mean (GRPO), constant
-    (Dr. GRPO)."""
+    (Dr. GRPO: the token sum over mini_batch_size x ranks x action tokens per step, a fixed normaliser). Steps have
+    no padding, so constant differs from token-mean only where a mini-batch holds other than mini_batch_size
+    steps per rank (an iteration's steps split into max(1, steps // mini_batch_size) parts): fewer steps weigh
+    less, more weigh more."""
     clip_low: float = 0.2
     """PPO ratio clip eps_low (guide; REF 9.3)."""
     clip_high: float = 0.28
@@ -134,13 +140,20 @@ class GrpoConfig:
 
 
 @dataclass
-class OptimConfig:
-    """The update."""
+class AdamWConfig:
+    """The optimizer (GRPO and SFT)."""
 
     lr: float = 1e-5
-    """AdamW learning rate of the trained parameters (guide: AdamW)."""
+    """AdamW learning rate of the trained parameters (guide: AdamW; sft: peak lr, OpenVLA's LIBERO LoRA recipe
+    5e-4 constant, REF 5.4)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW's decoupled weight decay, on every trained parameter."""
+
+
+@dataclass
+class OptimConfig(AdamWConfig):
+    """The update."""
+
     warmup_iterations: int = 0
     """Linear learning-rate warm-up over this many iterations, constant afterwards."""
     ppo_epochs: int = 1
@@ -224,7 +237,7 @@ class TrainConfig:
     """Stop after this many iterations (updates) even if timesteps remain; None: timesteps alone decide."""
     max_seconds: float = 0.0
     """Stop after the first iteration that ends this many seconds after the process started (with its eval and a
-    checkpoint), e.g. to fit a machine lease; --resume continues. 0: no limit."""
+    checkpoint), e.g. to fit a machine lent for a fixed time; --resume continues. 0: no limit."""
     config: Path | None = None
     """YAML or JSON file of defaults, nested like a run's config.json or flat like the flags; flags override it."""
     resume: Path | None = None
@@ -269,6 +282,53 @@ class EvaluateConfig:
     """Progress bar over episodes (shown on a terminal only)."""
     config: Path | None = None
     """YAML or JSON file of defaults; flags override it."""
+
+
+@dataclass
+class SftConfig:
+    """Supervised fine-tuning (SFT) of an OpenVLA / OpenVLA-OFT checkpoint on expert demos, LoRA or full: the warm
+    start GRPO improves on."""
+
+    demos: Path
+    """Demo directory in the libero_env.demos format: episodes/task*_init*.npz and dataset_statistics.json."""
+    output_dir: Path
+    """Run directory this run creates (config.json, metrics.jsonl, checkpoints/, adapter/, model/); an existing one
+    is an error unless `resume` is set."""
+    finetune: Literal["lora", "full"] = "lora"
+    """lora: train a PEFT LoRA adapter (the --lora-* flags), the rest frozen; full: train every weight the policy
+    uses (for small models; the 7B needs far more than 24 GB for it)."""
+    model: OmitPrefix[ModelConfig] = field(default_factory=lambda: ModelConfig(checkpoint="openvla/openvla-7b"))
+    lora: OmitPrefix[LoraConfig] = field(default_factory=lambda: LoraConfig(lora_rank=32))
+    optim: OmitPrefix[AdamWConfig] = field(default_factory=lambda: AdamWConfig(lr=5e-4))
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the warmup: constant (OpenVLA's LIBERO recipe) or a cosine decay from lr to 0 at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warmup: step k (1-based) of the warmup uses lr * k / (warmup_steps + 1)."""
+    batch_size: int = 8
+    """Samples (demo steps) per optimizer step, drawn without replacement from a fresh shuffle every epoch."""
+    steps: int = 1000
+    """Optimizer steps of the whole run (a resumed run may raise it; the cosine then spreads over the new total)."""
+    seed: int = 0
+    """Seed of the LoRA initialisation, of the shuffling and of the image augmentation."""
+    image_aug: bool = False
+    """Augment every training image on its own as OpenVLA's LIBERO fine-tunes did (all released LIBERO models were
+    trained with it, REF 5.3): a random position of the 0.9-area crop, then brightness, contrast, saturation and
+    hue jitter. The demos hold the evaluation's centre crop, so the crop is a shift of up to 6 pixels (edges
+    repeated): the random 0.9-area crop expressed around that centre crop, at the same scale."""
+    log_every: int = 10
+    """Steps between metrics lines (the loss is the mean over these steps)."""
+    save_every: int = 500
+    """Steps between resumable checkpoints (checkpoints/iter_<step>); the last step always saves and exports."""
+    resume: bool = False
+    """Continue an existing output_dir from its last checkpoint exactly: weights, AdamW and scheduler states, step,
+    the batch sequence and metrics.jsonl (lines past the checkpoint are dropped). Its config must be equal except
+    for sft.RESUME_MAY_CHANGE. Without a checkpoint yet (or without output_dir) the run starts from step 0."""
+    max_seconds: float = 0.0
+    """Save a checkpoint and return after this many seconds of wall time (model loading included), even before
+    `steps`; a later run with resume continues. For machines lent in fixed slices of time. 0: no limit."""
+    loader_workers: int = 0
+    """Processes that decode (and augment) batches ahead of the training step; 0 does it in the main process.
+    JPEG decoding costs about 1 ms an image and the augmentation 4-8 ms (one core, 224x224)."""
 
 
 @dataclass

@@ -109,15 +109,17 @@ def all_gather_rows(tensor: torch.Tensor, ctx: DistContext) -> tuple[torch.Tenso
     return gathered, int(sizes[:ctx.rank].sum())
 
 
-def token_weights(mask: torch.Tensor, traj_ids: torch.Tensor, mode: grpo.Aggregation,
-                  ctx: DistContext) -> torch.Tensor:
-    """grpo.token_weights over the global mini-batch (the union of every rank's rows), for this rank's rows,
-    so that the per-rank losses add up to the loss of one process holding all the groups."""
+def token_weights(traj_ids: torch.Tensor, tokens_per_step: int, mode: grpo.Aggregation, ctx: DistContext,
+                  constant: float | None = None) -> torch.Tensor:
+    """grpo.token_weights [M, tokens_per_step] over the global mini-batch (the union of every rank's rows), for
+    this rank's M rows (`traj_ids`), so that the per-rank losses add up to the loss of one process holding all
+    the groups. Stored steps have no padding: every token is valid."""
+    mask = torch.ones((len(traj_ids), tokens_per_step), dtype=torch.bool)
     if not ctx.enabled:
-        return grpo.token_weights(mask, traj_ids, mode)
+        return grpo.token_weights(mask, traj_ids, mode, constant)
     all_masks, start = all_gather_rows(mask, ctx)
     all_ids, _ = all_gather_rows(traj_ids + (ctx.rank << 32), ctx)  # trajectories never span ranks
-    return grpo.token_weights(all_masks, all_ids, mode)[start:start + mask.shape[0]]
+    return grpo.token_weights(all_masks, all_ids, mode, constant)[start:start + mask.shape[0]]
 
 
 def reduce_values(values: dict[str, float], ctx: DistContext, op: str = "sum") -> dict[str, float]:

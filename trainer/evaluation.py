@@ -11,7 +11,7 @@ import numpy as np
 from libero_env import EpisodeSpec, write_video
 from trainer.checkpoint import write_json, write_text
 from trainer.distributed import DistContext, reduce_values
-from trainer.rollout import PolicyInputs, VectorEnv, play_episodes
+from trainer.rollout import Policy, PolicyInputs, VectorEnv, play_episodes
 
 MAX_REPLAYS = 3
 """Times an eval episode whose env worker died is played again before the eval gives up."""
@@ -66,7 +66,7 @@ class TaskResults:
         return metrics
 
 
-def evaluate(env: VectorEnv, policy: Any, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
+def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
              video_dir: Path | None, video_prefix: str, num_videos: int, progress: bool = False,
              temperature: float | None = None) -> TaskResults:
     """Plays `episodes` greedily (or sampled at `temperature`), rank r taking every world_size-th one. Rank 0

@@ -1,6 +1,8 @@
-"""Metrics: one JSON line per iteration in <run>/metrics.jsonl (always), optionally wandb, and a console line.
+"""Metrics: one JSON line per iteration (SFT: per logged step) in <run>/metrics.jsonl (always), optionally wandb,
+and a console line.
 
-Keys are namespaced rollout/, train/, eval/ and perf/; every line has "iteration" and "env_steps".
+GRPO's keys are namespaced rollout/, train/, eval/ and perf/, and every line has "iteration" and "env_steps"; SFT's
+are sft/ with "step".
 """
 
 import json
@@ -17,9 +19,9 @@ from trainer.distributed import DistContext, reduce_values
 
 METRICS_FILE = "metrics.jsonl"
 CONSOLE_KEYS = {
-    "rollout/success_rate": "success", "eval/success_rate": "eval", "train/loss": "loss",
-    "train/grad_norm": "grad", "rollout/groups_dropped_fraction": "dropped", "train/entropy": "entropy",
-    "perf/iteration_seconds": "s",
+    "iteration": "iter", "env_steps": "env steps", "rollout/success_rate": "success", "eval/success_rate": "eval",
+    "train/loss": "loss", "train/grad_norm": "grad", "rollout/groups_dropped_fraction": "dropped",
+    "train/entropy": "entropy", "perf/iteration_seconds": "s",
 }
 
 
@@ -31,11 +33,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Appends metrics of rank 0 to metrics.jsonl (and wandb); other ranks' loggers do nothing."""
+    """Appends metrics of rank 0 to metrics.jsonl (and wandb); other ranks' loggers do nothing. Every line holds
+    `step_key` (GRPO: iteration, SFT: step), which orders the lines and is wandb's step."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], settings: LogConfig, enabled: bool,
-                 resume_iteration: int | None) -> None:
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, config: dict[str, Any], settings: LogConfig | None, enabled: bool,
+                 resume_iteration: int | None, step_key: str = "iteration",
+                 console: dict[str, str] | None = CONSOLE_KEYS) -> None:
+        """settings None: no wandb. console: the keys (with their short names) of the console line; None: all."""
+        self.enabled, self.step_key, self.console = enabled, step_key, console
         self.path = run_dir / METRICS_FILE
         self.run = None
         if not enabled:
@@ -44,9 +49,9 @@ class MetricsLogger:
             # Lines logged after the checkpoint are replayed by the resumed run; drop them so each iteration
             # appears once.
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= resume_iteration]
+                    if line.strip() and json.loads(line)[step_key] <= resume_iteration]
             write_text(self.path, "".join(line + "\n" for line in kept))
-        if settings.use_wandb:
+        if settings is not None and settings.use_wandb:
             import wandb
 
             id_file = run_dir / "wandb_id.txt"
@@ -63,14 +68,18 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=int(metrics["iteration"]))
-        shown = " | ".join(f"{short} {metrics[key]:.3g}" for key, short in CONSOLE_KEYS.items()
-                           if metrics.get(key) is not None)
-        print(f"iter {metrics['iteration']} | env steps {metrics['env_steps']} | {shown}", flush=True)
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=int(metrics[self.step_key]))
+        shown = self.console or {key: key for key in metrics}
+        print(" | ".join(f"{short} {_number(metrics[key])}" for key, short in shown.items()
+                         if metrics.get(key) is not None), flush=True)
 
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
 class UpdateStats:

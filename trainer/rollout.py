@@ -14,7 +14,13 @@ from tqdm import tqdm
 
 import grpo
 from libero_env import EpisodeSpec
+from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM
 from trainer.sampler import GroupSampler
+from vla_actor import SampleOutput
+
+
+IMAGES = (0, POLICY_IMAGE_SIZE, POLICY_IMAGE_SIZE, 3)
+"""Shape of an empty batch of camera images."""
 
 
 class VectorEnv(Protocol):
@@ -25,6 +31,13 @@ class VectorEnv(Protocol):
     def reset(self, specs: list[EpisodeSpec], envs: list[int] | None = None, wait: bool = True) -> Any: ...
     def step(self, actions: np.ndarray) -> Any: ...
     def frames(self, i: int) -> list[np.ndarray]: ...
+
+
+class Policy(Protocol):
+    """What rollouts and evals use of VLAPolicy (DESIGN.md)."""
+
+    def sample(self, images: np.ndarray, instructions: list[str], wrist: np.ndarray | None = None,
+               proprio: np.ndarray | None = None, temperature: float = 1.0, greedy: bool = False) -> SampleOutput: ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,7 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
     return pending[last_task].pop(0)
 
 
-def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_ids: np.ndarray,
+def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
                   progress: bool = False) -> Rollouts:
     """Plays `specs` on env.num_envs envs and returns their outcomes, plus every policy step when `keep_steps`.
@@ -187,7 +200,7 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
                 steps["log_probs"].append(out.log_probs.float().cpu())
                 steps["step_episode"].append(playing[alive])
         else:
-            actions = np.zeros((n, 7), dtype=np.float32)  # every env is resetting: step() only waits for one
+            actions = np.zeros((n, ACTION_DIM), dtype=np.float32)  # every env is resetting: step() only waits for one
         started = time.perf_counter()
         result = env.step(actions)
         env_seconds += time.perf_counter() - started
@@ -207,9 +220,9 @@ def play_episodes(env: VectorEnv, policy: Any, specs: list[EpisodeSpec], group_i
             env_seconds += time.perf_counter() - started
     bar.close()
     return Rollouts(
-        agentview=_stack(steps["agentview"], np.uint8, (0, 224, 224, 3)),
-        wrist=_stack(steps["wrist"], np.uint8, (0, 224, 224, 3)) if inputs.wrist else None,
-        proprio=_stack(steps["proprio"], np.float32, (0, 8)) if inputs.proprio else None,
+        agentview=_stack(steps["agentview"], np.uint8, IMAGES),
+        wrist=_stack(steps["wrist"], np.uint8, IMAGES) if inputs.wrist else None,
+        proprio=_stack(steps["proprio"], np.float32, (0, PROPRIO_DIM)) if inputs.proprio else None,
         instructions=steps["instructions"],
         token_ids=torch.cat(steps["token_ids"]) if keep_steps else torch.zeros(0, 0, dtype=torch.long),
         log_probs=torch.cat(steps["log_probs"]) if keep_steps else torch.zeros(0, 0),
@@ -231,7 +244,12 @@ def refill_groups(missing: int, num_envs: int, group_size: int) -> int:
     return max(missing, num_envs // group_size)
 
 
-def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
+def count_groups(where: np.ndarray, group_ids: np.ndarray) -> int:
+    """Groups with at least one episode `where` (bool [E]) is True."""
+    return grpo.count_groups(torch.from_numpy(where), torch.from_numpy(group_ids))
+
+
+def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
                    progress: bool = False) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
@@ -251,7 +269,7 @@ def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: P
         usable = ~np.isin(group_ids, group_ids[lost])
         informative = usable & grpo.informative_groups(torch.from_numpy(success),
                                                        torch.from_numpy(group_ids)).numpy()
-        missing = groups_per_iteration - len(np.unique(group_ids[informative]))
+        missing = groups_per_iteration - count_groups(informative, group_ids)
         if not dynamic_sampling or missing <= 0:
             break
         wanted = refill_groups(missing, env.num_envs, group_size)
@@ -262,8 +280,8 @@ def collect_groups(env: VectorEnv, policy: Any, sampler: GroupSampler, inputs: P
         "episodes": len(group_ids), "successes": int(success.sum()), "lost_episodes": int(lost.sum()),
         "episode_length_sum": int(sum(r.lengths.sum() for r in rounds)),
         "policy_queries": sum(r.num_steps for r in rounds), "groups_played": next_group,
-        "groups_uninformative": len(np.unique(group_ids[usable & ~informative])),
-        "groups_lost": len(np.unique(group_ids[~usable])), "groups_kept": len(np.unique(group_ids[keep])),
+        "groups_uninformative": count_groups(usable & ~informative, group_ids),
+        "groups_lost": count_groups(~usable, group_ids), "groups_kept": count_groups(keep, group_ids),
         "refill_rounds": len(rounds) - 1,
         "rollout_model_seconds": sum(r.model_seconds for r in rounds),
         "rollout_env_seconds": sum(r.env_seconds for r in rounds),

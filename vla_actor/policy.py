@@ -298,12 +298,13 @@ class VLAPolicy:
 
     @torch.no_grad()
     def sample(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], wrist=None, proprio=None,
-               temperature: float = 1.6, greedy: bool = False,
+               temperature: float = 1.0, greedy: bool = False,
                generator: torch.Generator | None = None) -> SampleOutput:
         """Action tokens for B observations (uint8 [B, 224, 224, 3] images, one instruction each).
 
         Each sample's result equals running it alone. `generator` (on the policy's device) makes the
-        multinomial draws reproducible; greedy takes the argmax of the same 256 action logits.
+        multinomial draws reproducible; greedy takes the argmax of the same 256 action logits. `temperature`
+        divides the logits (1.0: the model's own distribution; GRPO passes its --temperature).
         """
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
@@ -363,7 +364,7 @@ class VLAPolicy:
         return self._readout(inputs, self._hidden(inputs), count, temperature)
 
     def log_probs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], token_ids: torch.Tensor,
-                  wrist=None, proprio=None, temperature: float = 1.6) -> tuple[torch.Tensor, torch.Tensor]:
+                  wrist=None, proprio=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs float32 [B, T] of `token_ids` and the entropy [B, T] of the 256-way
         distributions, with the same slicing and temperature as `sample`. Differentiable w.r.t. the adapters;
         runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled."""

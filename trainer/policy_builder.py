@@ -1,0 +1,31 @@
+"""The one way a run turns a ModelConfig (and a LoraConfig) into a VLAPolicy: train, eval and sft all call
+`build_policy`."""
+
+import torch
+
+from trainer import fsdp
+from trainer.checkpoint import resolve_adapter
+from trainer.config import LoraConfig, ModelConfig
+from vla_actor import LoraSettings, VLAPolicy, load_policy, resolve_dtype
+
+
+def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, device: torch.device,
+                 full: bool = False) -> VLAPolicy:
+    """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
+    trainable; lora=None with no adapter and not full gives the plain policy for eval. `unnorm_key` names the
+    checkpoint's action statistics to decode with (REF 1.3)."""
+    policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device),
+                         dtype=resolve_dtype(model.dtype, model.checkpoint, device),
+                         attn_implementation=model.attn_implementation)
+    if lora is not None:
+        target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
+        policy.apply_lora(LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+                                       target=target, include_projector=lora.lora_projector,
+                                       include_vision=lora.lora_vision))
+    if model.adapter is not None:
+        policy.load_adapter(resolve_adapter(model.adapter))
+    if full:
+        fsdp.make_trainable(policy)
+    if model.gradient_checkpointing and (lora is not None or full):
+        policy.gradient_checkpointing(True)
+    return policy
