@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig
 
 from sentencepiece_writer import PROMPTS, write_llama_sentencepiece
+from trainer.fsdp import write_model
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.checkpoint import ADDED_TOKENS, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG
 from vla_actor.policy import prompt_text
@@ -81,11 +82,14 @@ def test_export_carries_tokenizer_and_remote_code_files(tiny, sentencepiece_mode
     config["auto_map"] = {"AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}
     (source / "config.json").write_text(json.dumps(config))
     policy = load_policy(source)
+    full = tmp_path / "full_fine_tuning"
+    write_model(policy, policy.model.state_dict(), full)
     policy.apply_lora(LoraSettings(rank=2))
     export = policy.merge_and_export(tmp_path / "export")
     for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
                  "modeling_prismatic.py"):
         assert (export / name).read_bytes() == (source / name).read_bytes(), name
+        assert (full / name).read_bytes() == (source / name).read_bytes(), name
     assert json.loads((export / "config.json").read_text())["auto_map"] == config["auto_map"]
     # the source had no tokenizer.json: the export gets one, in the legacy merge form, encoding as the source
     merges = json.loads((export / "tokenizer.json").read_text())["model"]["merges"]
