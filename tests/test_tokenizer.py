@@ -48,6 +48,7 @@ def test_tokenizer_model_alone_encodes_as_sentencepiece(sentencepiece_model, tmp
     assert (len(tokenizer), tokenizer.bos_token_id, tokenizer.pad_token_id) == (32001, 1, 32000)
     for prompt in PROMPTS:
         assert tokenizer(prompt).input_ids == [1] + reference.encode(prompt), prompt
+    assert {198, 172} <= set(tokenizer("café").input_ids)  # <0xC3> <0xA9>: "é" is not a piece, byte fallback
     # "▁▁" is piece 259 with score -1e9: ranked by vocabulary order it would be merged first
     double_space = tokenizer("moka pots  on").input_ids
     assert tokenizer.convert_ids_to_tokens(double_space[-2:]) == ["▁", "▁on"] and 259 not in double_space
