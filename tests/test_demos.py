@@ -3,6 +3,7 @@ LIBERO demonstration files read and replayed."""
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -164,7 +165,6 @@ def test_read_libero_hdf5(tmp_path):
         np.testing.assert_array_equal(demo.actions, actions)
         np.testing.assert_array_equal(demo.first_state, states[0])
     other = tmp_path / "other.hdf5"
-    import h5py
     with h5py.File(other, "w") as file:
         file.create_group("observations")
     with pytest.raises(ValueError, match="is not a LIBERO demo file: expected a 'data' group"):
