@@ -458,6 +458,18 @@ def read_libero_hdf5(path: str | os.PathLike) -> tuple[str, list[LiberoDemo]]:
     return instruction, demos
 
 
+def task_of_file(path: str | os.PathLike, instruction: str, tasks: Sequence, suite: str) -> int:
+    """The task a LIBERO demo file belongs to: by its name (<task name>_demo.hdf5, the task name being its BDDL
+    file's), else by its instruction."""
+    by_name = {Path(task.bddl_file).stem: index for index, task in enumerate(tasks)}
+    by_instruction = {task.language.strip(): index for index, task in enumerate(tasks)}
+    task_id = by_name.get(Path(path).stem.removesuffix("_demo"), by_instruction.get(instruction.strip()))
+    if task_id is None:
+        raise ValueError(f"{path}: neither its name nor its instruction {instruction!r} is a task of {suite}; "
+                         f"pass the suite it belongs to (--suite)")
+    return task_id
+
+
 def replay_demo(env, demo: LiberoDemo) -> tuple[list[dict], np.ndarray, bool]:
     """Replays `demo` in `env` (built with cameras) as OpenVLA's regenerate_libero_dataset does, after the reset
     of evaluation (reset, first state, NUM_WAIT_STEPS wait steps): no-op actions are skipped, not executed.
@@ -477,21 +489,17 @@ def replay_demo(env, demo: LiberoDemo) -> tuple[list[dict], np.ndarray, bool]:
 
 def replay_libero_demos(paths: Sequence[str | os.PathLike], suite: str, out_dir: str | os.PathLike,
                         max_demos: int = 0, image_format: str = "jpeg") -> dict:
-    """Replays the demos of official LIBERO HDF5 files (one task each, matched to `suite` by instruction) into
+    """Replays the demos of official LIBERO HDF5 files (one task each, see `task_of_file`) into
     the demo directory `out_dir`, skipping those its attempts.json records as tried, then rewrites
     dataset_statistics.json. `max_demos` > 0 keeps only the first demos of each file.
     Returns {"attempts": {key: "success" | "failure"}, "statistics": {suite: ...}}."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     tasks = load_tasks(suite)
-    task_of = {task.language.strip(): index for index, task in enumerate(tasks)}
     files = []
     for path in paths:
         instruction, demos = read_libero_hdf5(path)
-        if instruction.strip() not in task_of:
-            raise ValueError(f"{path}: its instruction {instruction!r} is no task of {suite}; pass the suite it "
-                             f"belongs to (--suite)")
-        files.append((task_of[instruction.strip()], demos[:max_demos] if max_demos > 0 else demos))
+        files.append((task_of_file(path, instruction, tasks, suite), demos[:max_demos] if max_demos > 0 else demos))
     out_dir = Path(out_dir)
     attempts_path = out_dir / ATTEMPTS_FILE
     attempts = json.loads(attempts_path.read_text()) if attempts_path.exists() else {}

@@ -150,4 +150,7 @@ def replay(args: Replay) -> None:
 
 if __name__ == "__main__":
     command = tyro.extras.subcommand_cli_from_dict({"measure": Measure, "collect": Collect, "replay": Replay})
-    {Measure: measure, Collect: collect, Replay: replay}[type(command)](command)
+    try:
+        {Measure: measure, Collect: collect, Replay: replay}[type(command)](command)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")

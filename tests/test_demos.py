@@ -2,6 +2,7 @@
 LIBERO demonstration files read and replayed."""
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -21,10 +22,11 @@ from libero_env.demos import (
     replay_demo,
     replay_libero_demos,
     save_episode,
+    task_of_file,
     write_dataset_statistics,
 )
 from libero_env.processing import to_dataset_actions, to_env_actions
-from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION
+from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION, load_tasks
 from libero_hdf5_writer import write_libero_hdf5
 
 
@@ -171,6 +173,16 @@ def test_read_libero_hdf5(tmp_path):
         read_libero_hdf5(other)
     with pytest.raises(FileNotFoundError, match="not found"):
         read_libero_hdf5(tmp_path / "missing.hdf5")
+
+
+def test_task_of_file_by_name_then_instruction():
+    tasks = load_tasks("libero_spatial")
+    name = Path(tasks[3].bddl_file).stem
+    assert task_of_file(f"/data/{name}_demo.hdf5", "", tasks, "libero_spatial") == 3
+    assert task_of_file("/data/renamed.hdf5", f" {tasks[5].language} ", tasks, "libero_spatial") == 5
+    with pytest.raises(ValueError, match="neither its name nor its instruction 'stack the cups' is a task of "
+                                         "libero_spatial; pass the suite"):
+        task_of_file("/data/renamed.hdf5", "stack the cups", tasks, "libero_spatial")
 
 
 class ScriptedEnv:
