@@ -4,6 +4,7 @@ A demo directory:
 
     <dir>/
       episodes/task03_init017.npz   one successful expert episode (task 3, init state 17), no-op steps removed
+      episodes/task03_demo017.npz   or one replayed demonstration of an official LIBERO HDF5 file (its demo_17)
       attempts.json                 {"task03_init017": "success" | "failure", ...}: what collection has tried, so
                                     an interrupted or partial collection resumes where it stopped
       dataset_statistics.json       OpenVLA's layout (REF 1.3) under the suite key, from every episode in episodes/
@@ -13,7 +14,8 @@ for T kept steps:
 
     suite              str              e.g. "libero_spatial"
     task_id            int64 []         task index in the suite
-    init_index         int64 []         index of the task's fixed initial state (0..49)
+    init_index         int64 []         index of the task's fixed initial state (0..49); N of demo_N for a
+                                        replayed LIBERO demonstration
     instruction        str              raw `task.language`
     actions            float32 [T,7]    dataset convention: xyz and rotation deltas in the OSC controller's
                                         normalised [-1,1], gripper 1 = open, 0 = close (REF 5.2)
@@ -31,6 +33,11 @@ Episodes are reset as LiberoVectorEnv resets them (reset, init state, 10 wait st
 the bowl rests on the plate once the expert has let go and retreated. No-op steps are then dropped as OpenVLA's
 regenerated LIBERO data did (||a[:6]|| < 1e-4 and the same gripper value as the last kept action); unlike that
 replay, the dropped steps had been executed, which changes nothing the next kept image shows.
+
+`replay_libero_demos` turns the official LIBERO demonstration files (HDF5: data/demo_N/{actions, states, obs/...},
+data.attrs problem_info / env_args) into such episodes as OpenVLA regenerated its LIBERO data: each demo is
+replayed from its first state at 256x256 with both cameras, after the same 10 wait steps as evaluation, no-op
+actions are skipped (not executed), and a demo whose last step does not report success is dropped.
 """
 
 import io
@@ -48,8 +55,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from libero_env.expert import ExpertConfig, make_env, run_expert
-from libero_env.processing import preprocess_image, proprio_vector
-from libero_env.suites import get_suite, load_tasks
+from libero_env.processing import preprocess_image, proprio_vector, to_dataset_actions
+from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION, get_suite, load_tasks
 
 IMAGE_FORMATS = ("jpeg", "png")
 """Encodings an episode's images may be stored in."""
@@ -86,6 +93,10 @@ class Episode:
 
 def episode_key(task_id: int, init_index: int) -> str:
     return f"task{task_id:02d}_init{init_index:03d}"
+
+
+def replayed_key(task_id: int, demo_index: int) -> str:
+    return f"task{task_id:02d}_demo{demo_index:03d}"
 
 
 def noop_mask(actions: np.ndarray, threshold: float = NOOP_THRESHOLD) -> np.ndarray:
@@ -182,8 +193,8 @@ def load_episode(path: str | os.PathLike, images: bool = True) -> Episode:
 
 
 def episode_paths(directory: str | os.PathLike) -> list[Path]:
-    """The episode files of a demo directory, sorted by task then init state."""
-    return sorted((Path(directory) / EPISODES_DIR).glob("task*_init*.npz"))
+    """The episode files of a demo directory, sorted by task then init state (or demo number)."""
+    return sorted((Path(directory) / EPISODES_DIR).glob("task*_*.npz"))
 
 
 def _summary(values: np.ndarray) -> dict[str, list[float]]:
@@ -228,6 +239,19 @@ def write_dataset_statistics(directory: str | os.PathLike) -> dict:
     return statistics
 
 
+def episode_from_observations(suite: str, task_id: int, init_index: int, instruction: str,
+                              observations: Sequence[dict], actions: np.ndarray) -> Episode:
+    """An episode from the env observation each (dataset-convention) action was chosen at."""
+    return Episode(
+        suite=suite, task_id=task_id, init_index=init_index, instruction=instruction,
+        agentview=np.stack([preprocess_image(o["agentview_image"]) for o in observations]),
+        wrist=np.stack([preprocess_image(o["robot0_eye_in_hand_image"]) for o in observations]),
+        proprio=np.stack([proprio_vector(o["robot0_eef_pos"], o["robot0_eef_quat"], o["robot0_gripper_qpos"])
+                          for o in observations]),
+        actions=np.asarray(actions, dtype=np.float32),
+    )
+
+
 def record_demo(env, suite: str, task_id: int, init_index: int, instruction: str, init_state: np.ndarray,
                 config: ExpertConfig = ExpertConfig()) -> tuple[Episode | None, int]:
     """Runs the expert in `env` (built with cameras) and returns (the processed episode without no-ops, or None if
@@ -236,15 +260,8 @@ def record_demo(env, suite: str, task_id: int, init_index: int, instruction: str
     if not run.settled:
         return None, len(run.actions)
     kept = np.flatnonzero(~noop_mask(run.actions))
-    observations = [run.observations[t] for t in kept]
-    episode = Episode(
-        suite=suite, task_id=task_id, init_index=init_index, instruction=instruction,
-        agentview=np.stack([preprocess_image(o["agentview_image"]) for o in observations]),
-        wrist=np.stack([preprocess_image(o["robot0_eye_in_hand_image"]) for o in observations]),
-        proprio=np.stack([proprio_vector(o["robot0_eef_pos"], o["robot0_eef_quat"], o["robot0_gripper_qpos"])
-                          for o in observations]),
-        actions=run.actions[kept],
-    )
+    episode = episode_from_observations(suite, task_id, init_index, instruction,
+                                        [run.observations[t] for t in kept], run.actions[kept])
     return episode, len(run.actions)
 
 
@@ -402,3 +419,108 @@ def measure_expert(suite: str, task_ids: Iterable[int], init_indices: Sequence[i
         "mean_steps_success": float(np.mean([o.steps for o in outcomes if o.success])) if successes else None,
         "episode_seconds": float(np.mean([o.seconds for o in outcomes])),
     }
+
+
+@dataclass
+class LiberoDemo:
+    """One demonstration of an official LIBERO HDF5 file."""
+
+    index: int
+    """N of its group data/demo_N."""
+    actions: np.ndarray
+    """float64 [T,7] actions in the LIBERO env convention (gripper -1 = open, +1 = close)."""
+    first_state: np.ndarray
+    """float64 [D] flattened MuJoCo state the demo starts from (states[0])."""
+
+
+def read_libero_hdf5(path: str | os.PathLike) -> tuple[str, list[LiberoDemo]]:
+    """(language instruction from data.attrs["problem_info"], demos by number) of an official LIBERO demo file."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LIBERO demo file {path} not found")
+    with h5py.File(path, "r") as file:
+        if "data" not in file or "problem_info" not in file["data"].attrs:
+            raise ValueError(f"{path} is not a LIBERO demo file: expected a 'data' group with a problem_info attribute")
+        data = file["data"]
+        instruction = "".join(json.loads(data.attrs["problem_info"])["language_instruction"]).strip('"')
+        names = sorted((name for name in data if name.startswith("demo_")), key=lambda name: int(name[5:]))
+        demos = []
+        for name in names:
+            actions, states = data[name]["actions"][()], data[name]["states"][()]
+            if actions.ndim != 2 or actions.shape[1] != 7 or len(actions) == 0 or len(states) == 0:
+                raise ValueError(f"{path}: {name} must hold actions [T, 7] and states [T, D], got "
+                                 f"{actions.shape} and {states.shape}")
+            demos.append(LiberoDemo(int(name[5:]), actions.astype(np.float64), states[0].astype(np.float64)))
+    if not demos:
+        raise ValueError(f"{path} holds no data/demo_N groups")
+    return instruction, demos
+
+
+def task_of_file(path: str | os.PathLike, instruction: str, tasks: Sequence, suite: str) -> int:
+    """The task a LIBERO demo file belongs to: by its name (<task name>_demo.hdf5, the task name being its BDDL
+    file's), else by its instruction."""
+    by_name = {Path(task.bddl_file).stem: index for index, task in enumerate(tasks)}
+    by_instruction = {task.language.strip(): index for index, task in enumerate(tasks)}
+    task_id = by_name.get(Path(path).stem.removesuffix("_demo"), by_instruction.get(instruction.strip()))
+    if task_id is None:
+        raise ValueError(f"{path}: neither its name nor its instruction {instruction!r} is a task of {suite}; "
+                         f"pass the suite it belongs to (--suite)")
+    return task_id
+
+
+def replay_demo(env, demo: LiberoDemo) -> tuple[list[dict], np.ndarray, bool]:
+    """Replays `demo` in `env` (built with cameras) as OpenVLA's regenerate_libero_dataset does, after the reset
+    of evaluation (reset, first state, NUM_WAIT_STEPS wait steps): no-op actions are skipped, not executed.
+    Returns (the observation each kept action was taken at, the kept env-convention actions [K,7], whether the
+    env reported success at the last step)."""
+    env.reset()
+    obs = env.set_init_state(demo.first_state)
+    for _ in range(NUM_WAIT_STEPS):
+        obs, _, _, _ = env.step(list(WAIT_ACTION))
+    kept = demo.actions[~noop_mask(demo.actions)]
+    observations, done = [], False
+    for action in kept:
+        observations.append(obs)
+        obs, _, done, _ = env.step(action.tolist())
+    return observations, kept, bool(done)
+
+
+def replay_libero_demos(paths: Sequence[str | os.PathLike], suite: str, out_dir: str | os.PathLike,
+                        max_demos: int = 0, image_format: str = "jpeg") -> dict:
+    """Replays the demos of official LIBERO HDF5 files (one task each, see `task_of_file`) into
+    the demo directory `out_dir`, skipping those its attempts.json records as tried, then rewrites
+    dataset_statistics.json. `max_demos` > 0 keeps only the first demos of each file.
+    Returns {"attempts": {key: "success" | "failure"}, "statistics": {suite: ...}}."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    tasks = load_tasks(suite)
+    files = []
+    for path in paths:
+        instruction, demos = read_libero_hdf5(path)
+        files.append((task_of_file(path, instruction, tasks, suite), demos[:max_demos] if max_demos > 0 else demos))
+    out_dir = Path(out_dir)
+    attempts_path = out_dir / ATTEMPTS_FILE
+    attempts = json.loads(attempts_path.read_text()) if attempts_path.exists() else {}
+    pending = [(task_id, [d for d in demos if replayed_key(task_id, d.index) not in attempts])
+               for task_id, demos in files]
+    with tqdm(total=sum(len(demos) for _, demos in pending), desc="replays", unit="demo") as progress:
+        for task_id, demos in pending:
+            if not demos:
+                continue
+            env = make_env(tasks[task_id].bddl_file, cameras=True)
+            try:
+                for demo in demos:
+                    observations, actions, success = replay_demo(env, demo)
+                    key = replayed_key(task_id, demo.index)
+                    if success:
+                        episode = episode_from_observations(suite, task_id, demo.index, tasks[task_id].language,
+                                                            observations, to_dataset_actions(actions))
+                        save_episode(out_dir / EPISODES_DIR / f"{key}.npz", episode, image_format)
+                    attempts[key] = "success" if success else "failure"
+                    write_json(attempts_path, dict(sorted(attempts.items())))
+                    progress.update(1)
+            finally:
+                env.close()
+    return {"attempts": attempts, "statistics": write_dataset_statistics(out_dir)}

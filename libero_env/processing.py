@@ -114,6 +114,14 @@ def to_env_actions(actions: np.ndarray) -> np.ndarray:
     return converted
 
 
+def to_dataset_actions(env_actions: np.ndarray) -> np.ndarray:
+    """LIBERO env convention (gripper -1 = open, +1 = close) -> dataset convention (1 = open, 0 = close), as
+    OpenVLA's LIBERO dataset transform does (REF 5.2): clip the gripper to [0, 1], then invert. Returns float32."""
+    converted = np.array(env_actions, dtype=np.float32)
+    converted[..., 6] = 1.0 - np.clip(converted[..., 6], 0.0, 1.0)
+    return converted
+
+
 def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
     """robosuite's quat2axisangle for an (x, y, z, w) quaternion, without its in-place clipping of the input.
 

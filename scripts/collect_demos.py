@@ -1,14 +1,18 @@
-"""The scripted libero_spatial expert: measure its success rate, or collect demos and their dataset statistics.
+"""The scripted libero_spatial expert: measure its success rate, or collect demos and their dataset statistics;
+or replay the official LIBERO demonstration files (HDF5) into the same demo format.
 
 Run from the repository root (MUJOCO_GL=egl for the camera renders of `collect`):
 
     python -m scripts.collect_demos measure --init-states 0-4            # 5 init states x 10 tasks, no rendering
     python -m scripts.collect_demos measure --workers 16                 # all 500 episodes on a 16-core machine
     python -m scripts.collect_demos collect --out-dir demos/libero_spatial --init-states train --per-task 1
+    python -m scripts.collect_demos replay --hdf5 libero_spatial/*_demo.hdf5 --out-dir demos/replayed
 
 `measure` writes bench/results/expert_libero_spatial.json (per-task successes / trials, totals, the command and
 its wall time). `collect` writes the demo directory described in libero_env/demos.py; re-running it resumes.
 Demos come from the training init states by default, so held-out states stay unseen (init_state_split).
+`replay` replays each file's demos at 256x256 with both cameras as OpenVLA regenerated its LIBERO data (no-op
+actions skipped, failed replays dropped) and writes the same demo directory; re-running it resumes.
 """
 
 import os
@@ -21,7 +25,7 @@ from typing import Literal
 
 import tyro
 
-from libero_env.demos import collect_demos, measure_expert, write_json
+from libero_env.demos import collect_demos, measure_expert, replay_libero_demos, write_json
 from libero_env.expert import ExpertConfig
 from libero_env.suites import NUM_INIT_STATES, get_suite, init_state_split
 
@@ -86,6 +90,22 @@ class Collect:
     """Image encoding in the episode files: jpeg (quality 95, compact) or png (lossless)."""
 
 
+@dataclass
+class Replay:
+    """Official LIBERO demonstrations (HDF5) replayed into a demo directory, plus dataset_statistics.json."""
+
+    hdf5: tuple[str, ...]
+    """LIBERO demo files (<task name>_demo.hdf5), each matched to a task of --suite by its instruction."""
+    out_dir: str
+    """Demo directory (created; an existing one is resumed)."""
+    suite: str = "libero_spatial"
+    """LIBERO suite the files belong to."""
+    max_demos: int = 0
+    """Replay only the first this many demos of each file (0: all of them)."""
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    """Image encoding in the episode files: jpeg (quality 95, compact) or png (lossless)."""
+
+
 def measure(args: Measure) -> None:
     spec = get_suite(args.suite)
     start = time.perf_counter()
@@ -118,6 +138,19 @@ def collect(args: Collect) -> None:
     print(f"{kept}/{len(result['attempts'])} episodes kept, {stats['num_transitions']} transitions -> {args.out_dir}")
 
 
+def replay(args: Replay) -> None:
+    get_suite(args.suite)
+    if args.max_demos < 0:
+        raise ValueError(f"max_demos must be >= 0 (0 = all demos of each file), got {args.max_demos}")
+    result = replay_libero_demos(args.hdf5, args.suite, args.out_dir, args.max_demos, args.image_format)
+    kept = sum(v == "success" for v in result["attempts"].values())
+    stats = result["statistics"][args.suite]
+    print(f"{kept}/{len(result['attempts'])} replays kept, {stats['num_transitions']} transitions -> {args.out_dir}")
+
+
 if __name__ == "__main__":
-    command = tyro.extras.subcommand_cli_from_dict({"measure": Measure, "collect": Collect})
-    measure(command) if isinstance(command, Measure) else collect(command)
+    command = tyro.extras.subcommand_cli_from_dict({"measure": Measure, "collect": Collect, "replay": Replay})
+    try:
+        {Measure: measure, Collect: collect, Replay: replay}[type(command)](command)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")

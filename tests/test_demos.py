@@ -1,7 +1,10 @@
-"""Demo files and statistics: no-op filtering and statistics by hand, the on-disk format round trip."""
+"""Demo files and statistics: no-op filtering and statistics by hand, the on-disk format round trip; official
+LIBERO demonstration files read and replayed."""
 
 import json
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -12,11 +15,19 @@ from libero_env.demos import (
     dataset_statistics,
     episode_key,
     episode_paths,
+    LiberoDemo,
     load_episode,
     noop_mask,
+    read_libero_hdf5,
+    replay_demo,
+    replay_libero_demos,
     save_episode,
+    task_of_file,
     write_dataset_statistics,
 )
+from libero_env.processing import to_dataset_actions, to_env_actions
+from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION, load_tasks
+from libero_hdf5_writer import write_libero_hdf5
 
 
 def test_noop_mask_by_hand():
@@ -135,3 +146,111 @@ def test_statistics_file_in_openvla_layout(tmp_path):
     np.testing.assert_allclose(suite["action"]["q99"], expected["action"]["q99"])
     with pytest.raises(FileNotFoundError, match="collect demos first"):
         write_dataset_statistics(tmp_path / "empty")
+
+
+def test_to_dataset_actions_by_hand():
+    env_actions = np.array([[0.5, 0, 0, 0, 0, 0, -1.0], [0, 0, 0, 0, 0, 0.25, 1.0], [0, 0, 0, 0, 0, 0, 0.3]])
+    # gripper: clip to [0, 1], then 1 - g: -1 (open) -> 1, +1 (close) -> 0, 0.3 -> 0.7
+    np.testing.assert_allclose(to_dataset_actions(env_actions)[:, 6], [1.0, 0.0, 0.7])
+    np.testing.assert_array_equal(to_dataset_actions(env_actions)[:, :6], env_actions[:, :6])
+    dataset = np.array([[0.1] * 6 + [1.0], [0.2] * 6 + [0.0]], np.float32)
+    np.testing.assert_array_equal(to_dataset_actions(to_env_actions(dataset)), dataset)
+
+
+def test_read_libero_hdf5(tmp_path):
+    rng = np.random.default_rng(0)
+    demos = [(rng.uniform(-1, 1, (4 + i, 7)), rng.normal(size=(4 + i, 9))) for i in range(3)]
+    path = write_libero_hdf5(tmp_path / "PICK_demo.hdf5", "pick up the black bowl", "task.bddl", demos)
+    instruction, read = read_libero_hdf5(path)
+    assert instruction == "pick up the black bowl" and [d.index for d in read] == [0, 1, 2]
+    for (actions, states), demo in zip(demos, read):
+        np.testing.assert_array_equal(demo.actions, actions)
+        np.testing.assert_array_equal(demo.first_state, states[0])
+    other = tmp_path / "other.hdf5"
+    with h5py.File(other, "w") as file:
+        file.create_group("observations")
+    with pytest.raises(ValueError, match="is not a LIBERO demo file: expected a 'data' group"):
+        read_libero_hdf5(other)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_libero_hdf5(tmp_path / "missing.hdf5")
+
+
+def test_task_of_file_by_name_then_instruction():
+    tasks = load_tasks("libero_spatial")
+    name = Path(tasks[3].bddl_file).stem
+    assert task_of_file(f"/data/{name}_demo.hdf5", "", tasks, "libero_spatial") == 3
+    assert task_of_file("/data/renamed.hdf5", f" {tasks[5].language} ", tasks, "libero_spatial") == 5
+    with pytest.raises(ValueError, match="neither its name nor its instruction 'stack the cups' is a task of "
+                                         "libero_spatial; pass the suite"):
+        task_of_file("/data/renamed.hdf5", "stack the cups", tasks, "libero_spatial")
+
+
+class ScriptedEnv:
+    """Stands in for the LIBERO env: keeps the actions it is stepped with; reports success from the given step."""
+
+    def __init__(self, success_from_step: int):
+        self.success_from_step = success_from_step
+        self.stepped: list[list[float]] = []
+        self.state = None
+
+    def reset(self):
+        self.stepped = []
+
+    def set_init_state(self, state):
+        self.state = state
+        return {"steps": 0}
+
+    def step(self, action):
+        self.stepped.append(action)
+        return {"steps": len(self.stepped)}, 0.0, len(self.stepped) >= self.success_from_step, {}
+
+
+def test_replay_skips_noops_without_executing_them():
+    actions = np.zeros((6, 7))
+    actions[:, 6] = -1.0
+    actions[1, 0] = 0.5           # 0: still, first -> skipped; 1: moves -> kept
+    actions[2, 6] = 1.0           # 2: still, gripper closes -> kept; 3: still, same gripper as 2 -> skipped
+    actions[3, 6] = 1.0
+    actions[4, 6], actions[5, 2] = 1.0, 0.3   # 4: still, same gripper -> skipped; 5: moves -> kept
+    demo = LiberoDemo(index=4, actions=actions, first_state=np.arange(3.0))
+    env = ScriptedEnv(success_from_step=NUM_WAIT_STEPS + 3)
+    observations, kept, success = replay_demo(env, demo)
+    np.testing.assert_array_equal(kept, actions[[1, 2, 5]])
+    assert env.stepped == [list(WAIT_ACTION)] * NUM_WAIT_STEPS + kept.tolist()
+    assert [o["steps"] for o in observations] == [NUM_WAIT_STEPS, NUM_WAIT_STEPS + 1, NUM_WAIT_STEPS + 2]
+    assert success and env.state.tolist() == [0.0, 1.0, 2.0]
+    assert not replay_demo(ScriptedEnv(success_from_step=NUM_WAIT_STEPS + 4), demo)[2]
+
+
+@pytest.mark.slow
+@pytest.mark.libero
+def test_replay_official_layout_from_expert_episode(tmp_path):
+    """An expert episode written as a LIBERO demo file (with no-ops added) replays into one kept episode whose
+    actions are the expert's; its first five actions alone (a failed replay) are dropped."""
+    from libero_env.expert import make_env, run_expert
+    from libero_env.suites import get_suite, load_tasks
+
+    task = load_tasks("libero_spatial")[0]
+    env = make_env(task.bddl_file, cameras=False)
+    try:
+        run = run_expert(env, task.init_states[0], get_suite("libero_spatial").max_steps)
+    finally:
+        env.close()
+    assert run.settled
+    expert_actions = run.actions[~noop_mask(run.actions)]
+    env_actions = to_env_actions(run.actions)
+    still = np.array([0.0] * 6 + [-1.0])
+    with_noops = np.concatenate([[still, still], env_actions[:5], [env_actions[4] * [0, 0, 0, 0, 0, 0, 1]],
+                                 env_actions[5:]])
+    states = np.repeat(task.init_states[0][None], len(with_noops), axis=0)  # the replay reads states[0] only
+    path = write_libero_hdf5(tmp_path / "task_demo.hdf5", task.language, task.bddl_file,
+                             [(with_noops, states), (env_actions[:5], states[:5])])
+    result = replay_libero_demos([path], "libero_spatial", tmp_path / "demos")
+    assert result["attempts"] == {"task00_demo000": "success", "task00_demo001": "failure"}
+    [episode_path] = episode_paths(tmp_path / "demos")
+    episode = load_episode(episode_path)
+    np.testing.assert_array_equal(episode.actions, expert_actions)
+    assert episode.agentview.shape == episode.wrist.shape == (len(expert_actions), 224, 224, 3)
+    assert (episode.task_id, episode.init_index, episode.instruction) == (0, 0, task.language)
+    statistics = json.loads((tmp_path / "demos" / STATISTICS_FILE).read_text())["libero_spatial"]
+    assert statistics["num_transitions"] == len(expert_actions) and statistics["num_trajectories"] == 1

@@ -131,7 +131,7 @@ def write_model(policy: VLAPolicy, state: dict[str, torch.Tensor], directory: Pa
     proprio = {k.removeprefix(PROPRIO_PREFIX): v for k, v in state.items() if k.startswith(PROPRIO_PREFIX)}
     tensors = ((to_file_key(k), v) for k, v in state.items() if not k.startswith(PROPRIO_PREFIX))
     write_checkpoint(directory, config, tensors, policy.tokenizer, policy.norm_stats, policy.preprocessor_config,
-                     proprio_state=proprio or None)
+                     proprio_state=proprio or None, carried_files=policy.carried_files)
 
 
 def read_model(policy: VLAPolicy, directory: Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vla_actor.tokenizer import TOKENIZER_JSON, legacy_tokenizer_json
+
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -304,8 +306,14 @@ def write_shards(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
 def write_checkpoint(directory: str | os.PathLike, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
                      tokenizer, norm_stats: dict, preprocessor_config: dict,
                      proprio_state: dict[str, torch.Tensor] | None = None,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a complete checkpoint directory in the released layout, atomically."""
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, carried_files: dict[str, bytes] | None = None) -> Path:
+    """Write a complete checkpoint directory in the released layout, atomically.
+
+    carried_files: the source checkpoint's tokenizer and remote-code files (name -> bytes), written verbatim; the
+      tokenizer files it lacks are written from `tokenizer` and the released constants, tokenizer.json with the
+      merges in the form tokenizers 0.19 (OpenVLA's stack) reads.
+    """
+    carried_files = carried_files or {}
     with atomic_directory(directory) as staging:
         write_shards(staging, tensors, max_shard_bytes)
         write_json(staging / CONFIG_FILE, config)
@@ -313,10 +321,14 @@ def write_checkpoint(directory: str | os.PathLike, config: dict, tensors: Iterab
         write_json(staging / PREPROCESSOR_FILE, preprocessor_config)
         write_json(staging / "processor_config.json", PROCESSOR_CONFIG)
         write_json(staging / "generation_config.json", GENERATION_CONFIG)
-        tokenizer.save_pretrained(staging)
-        write_json(staging / "tokenizer_config.json", TOKENIZER_CONFIG)
-        write_json(staging / "added_tokens.json", ADDED_TOKENS)
-        write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
+        for name, content in carried_files.items():
+            (staging / name).write_bytes(content)
+        if TOKENIZER_JSON not in carried_files:
+            (staging / TOKENIZER_JSON).write_text(legacy_tokenizer_json(tokenizer))
+        for name, content in (("tokenizer_config.json", TOKENIZER_CONFIG), ("added_tokens.json", ADDED_TOKENS),
+                              ("special_tokens_map.json", SPECIAL_TOKENS_MAP)):
+            if name not in carried_files:
+                write_json(staging / name, content)
         if proprio_state is not None:
             torch.save({k: v.detach().to("cpu").contiguous() for k, v in proprio_state.items()},
                        staging / PROPRIO_FILE)

@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoTokenizer, LlamaModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import LlamaModel, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA_VOCAB_SIZE, N_BINS, OFT_CHUNK,
@@ -37,6 +37,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
+from vla_actor.tokenizer import carried_files, load_tokenizer
 
 BOS_ID = 1
 STOP_ID = 2
@@ -131,12 +132,16 @@ class VLAPolicy:
 
     `graph_decode` (default True): on CUDA, OpenVLA's decode steps are replayed from a CUDA graph
     (`fast_decode.GraphDecoder`, same results); set it to False for eager steps.
+    `carried_files`: the source checkpoint's tokenizer and remote-code files (name -> bytes), which exports write
+    back verbatim; empty for a policy built in memory, whose exports get a tokenizer.json written from `tokenizer`.
     """
 
     def __init__(self, model: OpenVLAModel, tokenizer: PreTrainedTokenizerBase, *, config: dict, norm_stats: dict,
-                 unnorm_key: str, is_oft: bool, num_images: int, uses_proprio: bool, preprocessor_config: dict):
+                 unnorm_key: str, is_oft: bool, num_images: int, uses_proprio: bool, preprocessor_config: dict,
+                 carried_files: dict[str, bytes] | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.carried_files = carried_files or {}
         self.config = config
         self.norm_stats = norm_stats
         self.unnorm_key, self.stats = find_stats(norm_stats, unnorm_key, "the policy's statistics")
@@ -524,7 +529,7 @@ class VLAPolicy:
         return write_checkpoint(directory, config, tensors, self.tokenizer,
                                 self.norm_stats, self.preprocessor_config,
                                 proprio_state=None if proprio is None else proprio.state_dict(),
-                                max_shard_bytes=max_shard_bytes)
+                                max_shard_bytes=max_shard_bytes, carried_files=self.carried_files)
 
 
 _VIT_BLOCK = re.compile(r"^vision_backbone\.(featurizer|fused_featurizer)\.blocks\.(\d+)\.")
@@ -625,7 +630,7 @@ def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spa
     tokenizer = _load_tokenizer(directory, model.language_model.config)
     return VLAPolicy(model, tokenizer, config=config, norm_stats=norm_stats, unnorm_key=unnorm_key,
                      is_oft=is_oft, num_images=num_images, uses_proprio=uses_proprio,
-                     preprocessor_config=preprocessor_config)
+                     preprocessor_config=preprocessor_config, carried_files=carried_files(directory))
 
 
 def checkpoint_dtype(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> torch.dtype:
@@ -658,8 +663,8 @@ def _check_config(config: dict, directory: Path) -> None:
 
 
 def _load_tokenizer(directory: Path, llama_config: PretrainedConfig) -> PreTrainedTokenizerBase:
-    """AutoTokenizer with the Llama config handed over, so config.json's remote-code auto_map is never read."""
-    tokenizer = AutoTokenizer.from_pretrained(directory, config=llama_config, trust_remote_code=False)
+    """The checkpoint's tokenizer, checked for the Llama-2 ids the prompt and action code rely on."""
+    tokenizer = load_tokenizer(directory, llama_config)
     found = (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.convert_ids_to_tokens(SPACE_PIECE_ID))
     if found != (BOS_ID, PAD_ID, "▁"):
         raise ValueError(f"tokenizer in {directory} has (bos id, pad id, piece 29871) = {found}; expected "
