@@ -1,4 +1,4 @@
-"""An OpenVLA look-alike checkpoint written straight from REFERENCE sections 1-2, without vla_actor.
+"""An OpenVLA look-alike checkpoint written straight from REF sections 1-2, without vla_actor.
 
 The key list below is transcribed from REF 2.1-2.5 (not derived from any model object), the config is a
 hand-written dict of REF 1.2 fields, and the tokenizer is built here with the `tokenizers` library, so that a

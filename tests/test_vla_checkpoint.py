@@ -224,7 +224,7 @@ def test_hub_id_is_not_fetched_for_a_local_directory(tiny, tmp_path, monkeypatch
 
 
 def test_independently_written_checkpoint(tmp_path):
-    """A checkpoint written from the REFERENCE key list (bf16, 3 shards, hand-written config) loads, and its
+    """A checkpoint written from the REF 2 key list (bf16, 3 shards, hand-written config) loads, and its
     first action token's log-probs equal a reference forward written here from REF 2.3 and 3.2."""
     directory = tmp_path / "lookalike"
     written = write_lookalike_checkpoint(directory)

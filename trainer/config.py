@@ -2,7 +2,7 @@
 
 Every field becomes a flat flag (`--task-suite`, `--lr`, ...): the nested classes only group the help. Where a
 default comes from is said in its docstring: "guide" is the original OpenVLA_GRPO guide this trainer replaces,
-REF x.y is ../shared/REFERENCE.md. Precedence: dataclass defaults < a resumed run's config.json < `--config`
+REF x.y is section x.y of docs/reference.md. Precedence: dataclass defaults < a resumed run's config.json < `--config`
 file < command-line flags.
 """
 
@@ -23,7 +23,7 @@ from grpo import Aggregation
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-grpo"
 """The small OFT policy in the repo, trained from scratch on libero_spatial tasks 0-3: SFT on 12 scripted demos, then
-10 GRPO iterations on real LIBERO (BENCHMARKS.md)."""
+10 GRPO iterations on real LIBERO (BENCHMARKS.md, "Small VLA from scratch on real LIBERO")."""
 
 DataclassT = TypeVar("DataclassT")
 OmitPrefix = tyro.conf.OmitArgPrefixes
