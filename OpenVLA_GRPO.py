@@ -336,12 +336,14 @@ def rollout_metrics(counts: dict[str, float], task_ids: list[int]) -> dict[str, 
 def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds: float, started: float,
                  ctx: distributed.DistContext) -> dict[str, float]:
     """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; and where
-    a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators, the rest on the
-    host (batching observations, storing steps)."""
+    a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators (of which the first
+    blocking reset of each round: scene builds), the rest on the host (batching observations, storing steps)."""
     seconds = time.perf_counter() - started
-    model, env = (counts[k] / ctx.world_size for k in ("rollout_model_seconds", "rollout_env_seconds"))
+    model, env, reset = (counts[k] / ctx.world_size
+                         for k in ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds"))
     metrics = {"perf/iteration_seconds": seconds, "perf/rollout_seconds": rollout_seconds,
                "perf/rollout_model_seconds": model, "perf/rollout_env_wait_seconds": env,
+               "perf/rollout_first_reset_seconds": reset,
                "perf/rollout_host_seconds": rollout_seconds - model - env,
                "perf/actions_per_second": counts["episode_length_sum"] / rollout_seconds,
                "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds)}

@@ -164,7 +164,8 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
         "iteration_seconds_128_episodes_estimate": 128 * (env_steps / sum(r["rollout/episodes"] for r in steady))
         / (env_steps / seconds),
     }
-    breakdown = ("perf/rollout_model_seconds", "perf/rollout_env_wait_seconds", "perf/rollout_host_seconds")
+    breakdown = ("perf/rollout_model_seconds", "perf/rollout_env_wait_seconds", "perf/rollout_host_seconds",
+                 "perf/rollout_first_reset_seconds")
     if all(key in steady[0] for key in breakdown):
         summary["rollout_breakdown_seconds"] = {key.split("/")[1].removeprefix("rollout_").removesuffix("_seconds"):
                                                 sum(r[key] for r in steady) for key in breakdown}

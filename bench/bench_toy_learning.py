@@ -5,7 +5,7 @@ these learned fastest (LoRA, larger mini-batches and the 4-step toy stayed near 
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_toy_learning
 
-Issue 5 asks for <= 30 % before and >= 80 % after in a few CPU minutes; the result JSON records what happens.
+The target is <= 30 % before and >= 80 % after in a few CPU minutes; the result JSON records what happens.
 One run's outcome at 60 iterations depends on the seed and on the CPU's float rounding (0.5 to 0.95 seen), so
 two seeds train side by side, one process each, and the record keeps both.
 """

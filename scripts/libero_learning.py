@@ -1,7 +1,8 @@
-"""Issue 9's experiment on real LIBERO: scripted demos -> a small VLA trained from scratch by SFT -> GRPO, with
+"""The small-VLA experiment on real LIBERO: scripted demos -> a small VLA trained from scratch by SFT -> GRPO, with
 greedy success on held-out and training init states before and after GRPO.
 
-Run from the repository root (on the GPU machine: ../shared/tools/make_libero_bundle.sh, then the same command):
+Run from the repository root (on a GPU machine without network, LIBERO and its assets travel as a bundle of the
+pure-Python packages plus a mujoco wheel; then the same command):
 
     python -m scripts.libero_learning --work-dir runs/libero_learning --tasks 0 1 2 3 --workers 16
 

@@ -40,5 +40,5 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     for suffix in ("", "_baseline"):
         assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
-        assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host"}
+        assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset"}
     assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4

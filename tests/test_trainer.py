@@ -213,7 +213,7 @@ def test_a_refill_round_fills_the_envs(missing, num_envs, group_size, expected):
 
 
 def test_micro_batches_add_up_to_the_mini_batch_gradient(checkpoint, tmp_path):
-    """micro-batch 1 (the guide's per-sample backward) == micro-batch 8 == the whole mini-batch at once."""
+    """micro-batch 1 (the per-sample backward mode) == micro-batch 8 == the whole mini-batch at once."""
     grads = []
     batch = None
     for micro in ("1", "8", "32"):

@@ -1,8 +1,8 @@
 """Config dataclasses (a docstring per field: that is the CLI help), config files, and their merging.
 
 Every field becomes a flat flag (`--task-suite`, `--lr`, ...): the nested classes only group the help. Where a
-default comes from is said in its docstring: "guide" is the original OpenVLA_GRPO guide this trainer replaces,
-REF x.y is section x.y of docs/reference.md. Precedence: dataclass defaults < a resumed run's config.json < `--config`
+default comes from is said in its docstring: REF x.y is section x.y of docs/reference.md (9.8: the defaults of
+this trainer's specification). Precedence: dataclass defaults < a resumed run's config.json < `--config`
 file < command-line flags.
 """
 
@@ -62,9 +62,9 @@ class LoraConfig:
     """The LoRA adapter (PEFT); only its parameters train."""
 
     lora_rank: int = 16
-    """LoRA rank r (guide: 16; the released LIBERO SFT adapters used 32, REF 5.4)."""
+    """LoRA rank r (REF 9.8: 16; the released LIBERO SFT adapters used 32, REF 5.4)."""
     lora_alpha: int = 16
-    """LoRA alpha (guide: 16, so the scale alpha/r is 1)."""
+    """LoRA alpha (REF 9.8: 16, so the scale alpha/r is 1)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input; 0 keeps rollout and update log-probs identical (ratio 1 on the first step)."""
     lora_target: tuple[str, ...] = ("all-linear",)
@@ -116,13 +116,13 @@ class GrpoConfig:
     steps per rank (an iteration's steps split into max(1, steps // mini_batch_size) parts): fewer steps weigh
     less, more weigh more."""
     clip_low: float = 0.2
-    """PPO ratio clip eps_low (guide; REF 9.3)."""
+    """PPO ratio clip eps_low (REF 9.3, 9.8)."""
     clip_high: float = 0.28
-    """Clip-higher eps_high (guide, DAPO; REF 9.3)."""
+    """Clip-higher eps_high (DAPO; REF 9.3, 9.8)."""
     log_ratio_clamp: float = 5.0
-    """Clamp of log(pi / pi_old) before exp (guide)."""
+    """Clamp of log(pi / pi_old) before exp (REF 9.8)."""
     advantage_clamp: float = 10.0
-    """Clamp of |advantage| (guide)."""
+    """Clamp of |advantage| (REF 9.8)."""
     kl_coef: float = 0.0
     """Weight of the k3 KL to the base model (the same model with the adapter disabled, REF 9.4); 0 as in every
     surveyed VLA recipe."""
@@ -136,7 +136,7 @@ class GrpoConfig:
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
-    the GRPO of the guide."""
+    plain GRPO (REF 9.8)."""
 
 
 @dataclass
@@ -144,7 +144,7 @@ class AdamWConfig:
     """The optimizer (GRPO and SFT)."""
 
     lr: float = 1e-5
-    """AdamW learning rate of the trained parameters (guide: AdamW; sft: peak lr, OpenVLA's LIBERO LoRA recipe
+    """AdamW learning rate of the trained parameters (REF 9.8: AdamW; sft: peak lr, OpenVLA's LIBERO LoRA recipe
     5e-4 constant, REF 5.4)."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay, on every trained parameter."""
@@ -162,13 +162,13 @@ class OptimConfig(AdamWConfig):
     """Policy steps per optimizer step (per rank). An iteration's steps are shuffled and split into
     max(1, steps // mini_batch_size) mini-batches."""
     micro_batch_size: int = 16
-    """Steps per forward/backward, gradients accumulate over the mini-batch; 1 reproduces the guide's per-sample
-    backward. Must divide mini_batch_size."""
+    """Steps per forward/backward, gradients accumulate over the mini-batch; 1 is the per-sample
+    backward mode (REF 9.8). Must divide mini_batch_size."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm (guide)."""
+    """Gradient clipping norm (REF 9.8)."""
     skip_grad_norm: float = 100.0
     """Skip the optimizer step (and count it) when the gradient norm before clipping is above this or not finite
-    (guide's skip threshold)."""
+    (REF 9.8)."""
 
 
 @dataclass
@@ -345,8 +345,8 @@ def demo_defaults() -> DemoConfig:
     """What `make train` runs: the shipped small OFT policy (SFT on scripted demos, then GRPO; BENCHMARKS.md) is
     evaluated and trained further with GRPO on real LIBERO on the CPU, with every output of a real run, in minutes.
     Task 0 at the temperature and learning rate that trained the policy: its groups of 4 rollouts mostly mix
-    successes and failures, so the update has a signal (on task 1, at temperature 1.3 or at 0.5 with lr 5e-5,
-    most groups failed throughout)."""
+    successes and failures, so the update has a signal (docs/experiments.md, "make train demo defaults": task 1
+    gave all-fail groups)."""
     return DemoConfig(
         finetune="full",
         model=ModelConfig(checkpoint=str(SHIPPED_CHECKPOINT), dtype="float32", gradient_checkpointing=False),

@@ -81,7 +81,9 @@ class Rollouts:
     model_seconds: float = 0.0
     """Wall time spent in policy.sample (the GPU's part of the rollout)."""
     env_seconds: float = 0.0
-    """Wall time spent in env.reset and env.step (waiting for the simulators)."""
+    """Wall time spent in env.reset and env.step (waiting for the simulators), reset_seconds included."""
+    reset_seconds: float = 0.0
+    """Of env_seconds, the first blocking reset of the envs (scene builds when a worker's task changes)."""
 
     @property
     def num_steps(self) -> int:
@@ -106,7 +108,7 @@ class Rollouts:
             group_ids=self.group_ids[keep], task_ids=self.task_ids[keep], success=self.success[keep],
             lengths=self.lengths[keep], lost=self.lost[keep],
             videos={int(renumber[e]): v for e, v in self.videos.items() if keep[e]},
-            model_seconds=self.model_seconds, env_seconds=self.env_seconds,
+            model_seconds=self.model_seconds, env_seconds=self.env_seconds, reset_seconds=self.reset_seconds,
         )
 
     @staticmethod
@@ -128,6 +130,7 @@ class Rollouts:
             lost=np.concatenate([p.lost for p in parts]),
             videos={e + int(o): v for p, o in zip(parts, offsets) for e, v in p.videos.items()},
             model_seconds=sum(p.model_seconds for p in parts), env_seconds=sum(p.env_seconds for p in parts),
+            reset_seconds=sum(p.reset_seconds for p in parts),
         )
 
 
@@ -170,12 +173,12 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
             env_tasks[i] = specs[playing[i]].task_id
         return idle
 
-    model_seconds = env_seconds = 0.0
+    model_seconds = env_seconds = reset_seconds = 0.0
     first = start_episodes()
     if first:
         started = time.perf_counter()
         obs = env.reset([specs[playing[i]] for i in first], envs=first)
-        env_seconds += time.perf_counter() - started
+        env_seconds = reset_seconds = time.perf_counter() - started
         running[first] = True
     while (playing >= 0).any():
         alive = np.flatnonzero(running)
@@ -229,7 +232,7 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
         step_episode=_stack(steps["step_episode"], np.int64, (0,)),
         group_ids=np.asarray(group_ids, dtype=np.int64), task_ids=np.array([s.task_id for s in specs]),
         success=success, lengths=lengths, lost=lost, videos=videos, model_seconds=model_seconds,
-        env_seconds=env_seconds,
+        env_seconds=env_seconds, reset_seconds=reset_seconds,
     )
 
 
@@ -285,6 +288,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         "refill_rounds": len(rounds) - 1,
         "rollout_model_seconds": sum(r.model_seconds for r in rounds),
         "rollout_env_seconds": sum(r.env_seconds for r in rounds),
+        "rollout_reset_seconds": sum(r.reset_seconds for r in rounds),
         # every configured task has its keys (zeros if not drawn), so ranks sum the same keys
         **{f"episodes_task_{t}": int((task_ids == t).sum()) for t in sampler.task_ids},
         **{f"successes_task_{t}": int(success[task_ids == t].sum()) for t in sampler.task_ids},
