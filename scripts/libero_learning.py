@@ -41,9 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import tyro
 
+from libero_env.suites import NUM_INIT_STATES, init_state_split
 from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint, write_json
 from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
@@ -65,6 +67,13 @@ class Experiment:
     """LIBERO suite (the scripted expert handles libero_spatial)."""
     tasks: tuple[int, ...] = (0, 1, 2, 3)
     """Task ids of the suite used for demos, training and evaluation."""
+    seed: int = 0
+    """Seed of the whole experiment: which training init states are demonstrated (0: the first demos_per_task of
+    them, as the recorded single-seed runs; s > 0: demos_per_task drawn with numpy's default_rng(s)), and the seeds
+    of SFT and of GRPO. Independent seeds need their own --work-dir."""
+    num_heldout: int = 10
+    """Init states per task held out of demos and training (libero_env.init_state_split); every held-out eval plays
+    all of them: 25 with 4 tasks gives 100 episodes per eval."""
     demos_per_task: int = 20
     """Expert demos per task, from the first training init states (held-out ones are never demonstrated)."""
     workers: int = 16
@@ -164,7 +173,21 @@ def python(*args: str) -> list[str]:
 def env_flags(ex: Experiment, num_envs: int | None = None) -> list[str]:
     horizon = [] if ex.max_steps is None else ["--max-steps", str(ex.max_steps)]
     return ["--task-suite", ex.suite, "--task-ids", *map(str, ex.tasks), "--num-envs", str(num_envs or ex.workers),
-            *horizon]
+            "--num-heldout", str(ex.num_heldout), *horizon]
+
+
+def demo_init_states(ex: Experiment) -> list[int]:
+    """The training init states each task is demonstrated from (see Experiment.seed)."""
+    train, _ = init_state_split(NUM_INIT_STATES, ex.num_heldout)
+    if ex.seed == 0:
+        return train[:ex.demos_per_task]
+    return sorted(np.random.default_rng(ex.seed).choice(train, ex.demos_per_task, replace=False).tolist())
+
+
+def grpo_seed(ex: Experiment, start: int) -> int:
+    """GRPO's --seed: distinct for every experiment seed and for every run that continues from an export at
+    iteration `start`."""
+    return ex.seed * 100_000 + start
 
 
 EvalKind = Literal["heldout", "train", "sampled"]
@@ -176,7 +199,7 @@ def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: EvalKind) ->
     results = ex.work_dir / name / "results.json"
     if not results.is_file():
         shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
-        trials = [] if protocol == "heldout" else ["--trials-per-task", str(ex.train_eval_per_task)]
+        trials = ["--trials-per-task", str(ex.num_heldout if protocol == "heldout" else ex.train_eval_per_task)]
         sampling = ["--temperature", str(ex.temperature)] if protocol == "sampled" else []
         videos = len(ex.tasks) if ex.eval_videos and protocol == "heldout" else 0
         run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex),
@@ -216,9 +239,9 @@ def supervised_fine_tuning(ex: Experiment) -> Path | None:
     """Demos, the random small VLA and SFT (each resumed); the SFT model, or None if SFT stopped early."""
     demos, init, sft = (ex.work_dir / name for name in ("demos", "init", "sft"))
     tasks = ",".join(map(str, ex.tasks))
+    states = ",".join(map(str, demo_init_states(ex)))
     run(python("-m", "scripts.collect_demos", "collect", "--out-dir", str(demos), "--suite", ex.suite, "--tasks", tasks,
-               "--init-states", "train", "--per-task", str(ex.demos_per_task), "--workers", str(ex.workers)),
-        "demos", ex.work_dir)
+               "--init-states", states, "--workers", str(ex.workers)), "demos", ex.work_dir)
     if not (init / "config.json").is_file():
         shutil.rmtree(init, ignore_errors=True)
         run(python("-m", "scripts.make_small_vla", "--output-dir", str(init), "--demos", str(demos)), "init",
@@ -230,6 +253,7 @@ def supervised_fine_tuning(ex: Experiment) -> Path | None:
                    "--batch-size", str(ex.sft_batch_size), "--steps", str(ex.sft_steps), "--lr", str(ex.sft_lr),
                    "--lr-schedule", "cosine", "--warmup-steps", "200", "--image-aug",
                    "--loader-workers", str(ex.loader_workers), "--save-every", "500", "--log-every", "100",
+                   "--seed", str(ex.seed),
                    "--resume", *shlex.split(ex.extra_sft)), "sft", ex.work_dir)
     return sft_model if (sft_model / "config.json").is_file() else None
 
@@ -264,7 +288,7 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
              "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups // ex.gpus),
              "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
              "--mini-batch-size", str(mini_batch), "--micro-batch-size", str(math.gcd(64, mini_batch)),
-             "--iterations", str(ex.grpo_iterations - start), "--seed", str(start),
+             "--iterations", str(ex.grpo_iterations - start), "--seed", str(grpo_seed(ex, start)),
              "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
              "--output-dir", str(ex.work_dir), "--run-name", run_dir.name, "--no-progress", *resume,
              *shlex.split(ex.extra_grpo)], "grpo", ex.work_dir)
@@ -335,13 +359,16 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
     restarts = [start for start, _ in grpo_runs(ex.work_dir)[1:]]
     timings, devices = read_json(ex.work_dir / TIMINGS_FILE), read_json(ex.work_dir / DEVICES_FILE)
     curve = {str(row["iteration"]): row["eval/success_rate"] for row in rows if "eval/success_rate" in row}
-    episodes = json.loads(after["heldout"].read_text())["overall"]["episodes"]
-    result = {"suite": ex.suite, "tasks": list(ex.tasks),
+    heldout_after = json.loads(after["heldout"].read_text())
+    result = {"suite": ex.suite, "tasks": list(ex.tasks), "seed": ex.seed, "num_heldout": ex.num_heldout,
+              "dtype": heldout_after.get("dtype"),
               "heldout_success_sft": success_rate(before["heldout"]),
               "heldout_success_grpo": success_rate(after["heldout"]),
+              "heldout_ci95_sft": json.loads(before["heldout"].read_text())["overall"].get("ci95"),
+              "heldout_ci95_grpo": heldout_after["overall"].get("ci95"),
               "train_success_sft": success_rate(before["train"]),
               "train_success_grpo": success_rate(after["train"]),
-              "episodes_eval": episodes, "grpo_iterations": rows[-1]["iteration"],
+              "episodes_eval": heldout_after["overall"]["episodes"], "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
               **({"rollout_temperature": ex.temperature,
                   "train_success_sft_sampled": success_rate(before["sampled"]),
@@ -352,8 +379,9 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
                   "grpo_continued_note": "at these iterations GRPO continued from its bfloat16 export in a new run "
                                          "(fresh optimizer state, seed = the iteration) on a new machine lease"}
                  if restarts else {}),
-              "evaluated_models": "bfloat16 copies (sft_export, grpo<N>_export), as shipped; the learning curve "
-                                  "is GRPO's own periodic eval of the float32 model it trains",
+              "evaluated_models": "sft_export and grpo<N>_export, stored in bfloat16 as shipped and computed in the "
+                                  "dtype they were trained in (float32); the learning curve is GRPO's own periodic "
+                                  "eval of the model it trains",
               "command": "python -m scripts.libero_learning " + shlex.join(
                   sys.argv[1:]), "device": "; ".join(sorted({name for names in devices.values() for name in names})),
               "stage_devices": devices}

@@ -170,3 +170,38 @@ def test_before_after_videos_show_an_episode_grpo_turned_into_a_success(tmp_path
     assert before_after_videos(before, after) == (before / "eval_task00_init02_failure.mp4",
                                                   after / "eval_task00_init02_failure.mp4")
     assert before_after_videos(before, tmp_path / "missing") == ()
+
+
+def test_seeds_demonstrate_training_init_states_only_and_differ():
+    from libero_env.suites import init_state_split
+    from scripts.libero_learning import demo_init_states, grpo_seed
+
+    train, heldout = init_state_split(50, 25)
+    first = demo_init_states(Experiment(demos_per_task=3, num_heldout=25))
+    assert first == train[:3]  # seed 0: the recorded runs' choice
+    drawn = [demo_init_states(Experiment(demos_per_task=3, num_heldout=25, seed=s)) for s in (1, 2, 3)]
+    assert all(len(d) == 3 and set(d) <= set(train) and not set(d) & set(heldout) for d in drawn)
+    assert len({tuple(d) for d in [first, *drawn]}) == 4
+    assert grpo_seed(Experiment(seed=2), 0) != grpo_seed(Experiment(seed=0), 2)
+
+
+def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
+    from scripts.libero_seeds import Seeds, main
+
+    paths = []
+    for seed, (before, after) in enumerate([(0.20, 0.50), (0.25, 0.45), (0.15, 0.40)], start=1):
+        record = {"seed": seed, "suite": "libero_spatial", "tasks": [0, 1, 2, 3], "num_heldout": 25,
+                  "dtype": "float32", "heldout_success_sft": before, "heldout_success_grpo": after,
+                  "episodes_eval": 100, "grpo_iterations": 10, "device": "NVIDIA H200", "wall_seconds": 1500.0,
+                  "command": f"python -m scripts.libero_learning --seed {seed}",
+                  "heldout_success_by_iteration": {"0": before, "10": after}}
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps(record))
+    result = main(Seeds(records=tuple(paths), output=tmp_path / "combined.json", curves=tmp_path / "curves.png"))
+    # lifts 0.30, 0.20, 0.25: mean 0.25, sd 0.05, t(0.975, 2) = 4.3027 -> half width 4.3027 * 0.05 / sqrt(3)
+    assert result["mean_lift"] == pytest.approx(0.25) and result["min_lift"] == pytest.approx(0.20)
+    assert result["lift_ci95"] == pytest.approx([0.25 - 0.124208, 0.25 + 0.124208], abs=1e-5)
+    assert [s["seed"] for s in result["seeds"]] == [1, 2, 3] and result["wall_seconds"] == 4500.0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        main(Seeds(records=tuple(paths[:1]), output=tmp_path / "one.json", curves=tmp_path / "one.png"))

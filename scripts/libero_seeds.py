@@ -1,0 +1,107 @@
+"""Several seeds of the small-VLA experiment (scripts/libero_learning.py) as one record: each seed's held-out
+success before and after GRPO on the same held-out episodes, the mean and smallest lift, and a 95 % interval of
+the mean lift over seeds (Student's t on the per-seed lifts, which pairs each seed's before and after).
+
+    for s in 1 2 3; do python -m scripts.libero_learning --seed $s --num-heldout 25 --work-dir runs/ll_seed$s \\
+        --result-json runs/ll_seed$s/record.json --media-dir runs/ll_seed$s/media; done
+    python -m scripts.libero_seeds runs/ll_seed1/record.json runs/ll_seed2/record.json runs/ll_seed3/record.json
+
+writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed).
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+from scipy import stats
+
+from trainer.checkpoint import write_json
+
+SEED_KEYS = ("seed", "heldout_success_sft", "heldout_success_grpo", "episodes_eval", "grpo_iterations", "dtype")
+
+
+@dataclass
+class Seeds:
+    """Combine per-seed records into one."""
+
+    records: tyro.conf.Positional[tuple[Path, ...]]
+    """Each seed's record JSON (libero_learning's --result-json)."""
+    output: Path = Path("bench/results/libero_learning.json")
+    """The combined record."""
+    curves: Path = Path("docs/media/libero_learning_curves.png")
+    """Held-out success over GRPO iterations, one line per seed."""
+
+
+def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of `values` (n >= 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def combine(records: list[dict]) -> dict:
+    """The combined record of per-seed records that share one recipe."""
+    if len(records) < 2:
+        raise ValueError(f"a lift interval needs at least 2 seeds, got {len(records)}")
+    seeds = [record["seed"] for record in records]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {seeds}; each record must come from its own --seed")
+    for key in ("suite", "tasks", "num_heldout", "dtype"):
+        found = {json.dumps(record.get(key)) for record in records}
+        if len(found) > 1:
+            raise ValueError(f"the records differ in {key}: {sorted(found)}; one recipe per combined record")
+    lifts = [record["heldout_success_grpo"] - record["heldout_success_sft"] for record in records]
+    low, high = mean_interval(lifts)
+    return {
+        "seeds": [{key: record.get(key) for key in SEED_KEYS} for record in records],
+        "mean_lift": sum(lifts) / len(lifts), "min_lift": min(lifts), "lift_ci95": [low, high],
+        "suite": records[0]["suite"], "tasks": records[0]["tasks"], "num_heldout": records[0]["num_heldout"],
+        "device": "; ".join(sorted({record["device"] for record in records})),
+        "wall_seconds": round(sum(record["wall_seconds"] for record in records), 1),
+        "commands": [record["command"] for record in records],
+        "per_seed": records,
+    }
+
+
+def plot_seeds(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for record in records:
+        curve = sorted((int(k), v) for k, v in record["heldout_success_by_iteration"].items())
+        axes.plot([i for i, _ in curve], [v for _, v in curve], marker="o", label=f"seed {record['seed']}")
+    axes.set(xlabel="GRPO iteration", ylabel="held-out greedy success", ylim=(0, 1))
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def main(args: Seeds) -> dict:
+    records = []
+    for path in args.records:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run scripts.libero_learning with --result-json {path}")
+        records.append(json.loads(path.read_text()))
+    result = combine(records)
+    write_json(args.output, result)
+    plot_seeds(records, args.curves)
+    low, high = result["lift_ci95"]
+    print(f"{len(records)} seeds: mean lift {result['mean_lift']:+.3f} (95 % interval {low:+.3f} to {high:+.3f}), "
+          f"smallest {result['min_lift']:+.3f} -> {args.output}, {args.curves}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Seeds))
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"libero_seeds: error: {error}")
