@@ -32,7 +32,7 @@ from tqdm import tqdm
 import grpo
 from libero_env import EpisodeSpec, init_state_split
 from trainer import distributed, fsdp
-from trainer.checkpoint import (MODEL_DIR, checkpoint_dirs, latest_checkpoint, load_checkpoint,
+from trainer.checkpoint import (MODEL_DIR, checkpoint_dirs, latest_checkpoint, load_checkpoint, outermost_missing,
                                 remove_partial_checkpoints, resolve_adapter, rng_state, save_checkpoint, set_rng_state,
                                 write_json)
 from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
@@ -94,6 +94,7 @@ class GRPOTrainer:
             self.skipped_steps, self.skipped_in_a_row = state["skipped_steps"], state.get("skipped_in_a_row", 0)
             self.sampler.load_state_dict(state["samplers"][self.ctx.rank])
         restored_rng = rng_state()  # the logger's wandb.init must not move the restored generators
+        self.created = None if self.resumed else outermost_missing(self.run_dir)  # what a failed run removes
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
             remove_partial_checkpoints(self.run_dir)
@@ -150,8 +151,8 @@ class GRPOTrainer:
     def remove_if_unresumable(self) -> None:
         """Removes a new run's directory that holds no checkpoint (it failed in its first iterations): it cannot be
         resumed, and it would block the same command ("already exists")."""
-        if self.ctx.is_main and not self.resumed and self.run_dir.is_dir() and not checkpoint_dirs(self.run_dir):
-            shutil.rmtree(self.run_dir)
+        if self.ctx.is_main and self.created is not None and not checkpoint_dirs(self.run_dir):
+            shutil.rmtree(self.created, ignore_errors=True)
 
     def update(self, batch: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches of steps, one clipped optimizer step per mini-batch, skipped
@@ -409,6 +410,7 @@ def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path
              "train": train_inits[:config.trials_per_task]}[config.protocol]
     inputs = policy_inputs(policy)
     env = make_env(config.env, wrist=inputs.wrist)
+    created = outermost_missing(results_dir)  # what a failed eval removes
     if ctx.is_main:
         results_dir.mkdir(parents=True)
     try:
@@ -420,7 +422,7 @@ def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path
             write_results(results_dir, results, instructions, config_to_dict(config))
     except BaseException:  # a results directory without results would only block its --run-name
         if ctx.is_main:
-            shutil.rmtree(results_dir, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         env.close()

@@ -44,6 +44,14 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def outermost_missing(path: Path) -> Path:
+    """The directory that `path.mkdir(parents=True)` creates first (`path` itself when its parent exists): what
+    to remove to leave the disk as it was."""
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
 def default_run_name(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 

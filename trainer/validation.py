@@ -200,6 +200,9 @@ def check_numbers(config: TrainConfig) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if optim.lr > 1:
+        raise ValueError(f"--lr must be <= 1 (an AdamW step moves each weight by about lr; LIBERO GRPO uses "
+                         f"1e-6..1e-4), got {optim.lr}")
     if not 0 <= lora.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {lora.lora_dropout}")
     if optim.mini_batch_size % optim.micro_batch_size:
