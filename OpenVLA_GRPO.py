@@ -156,7 +156,8 @@ class GRPOTrainer:
 
     def update(self, batch: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches of steps, one clipped optimizer step per mini-batch, skipped
-        (and counted) when the gradient norm is not finite or above --skip-grad-norm."""
+        (and counted) when the gradient norm is not finite or above --skip-grad-norm, or undone (and counted the
+        same way) when it made a trained weight non-finite."""
         cfg, ctx = self.config, self.ctx
         total_steps = int(distributed.reduce_values({"steps": batch.num_steps}, ctx)["steps"])
         if total_steps == 0:  # every group was dropped on every rank: nothing to learn from

@@ -145,7 +145,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise ValueError(f"{path} is not valid JSON ({error}); restore the file or copy it again") from error
 
 
 def read_norm_stats(directory: Path, config: dict) -> tuple[dict, str]:
@@ -217,7 +217,8 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
     if wrong:
         problems.append(f"shape mismatch for {len(wrong)} tensors ({'; '.join(wrong[:8])})")
     if problems:
-        raise ValueError(f"{source} does not match the model built from its config: {'; '.join(problems)}")
+        raise ValueError(f"{source} does not match the model built from its config: {'; '.join(problems)}. The "
+                         f"config and the weights must come from the same checkpoint")
 
 
 @torch.no_grad()
