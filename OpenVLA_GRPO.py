@@ -38,7 +38,7 @@ from trainer.checkpoint import (MODEL_DIR, checkpoint_dirs, latest_checkpoint, l
 from trainer.config import (DemoConfig, EvaluateConfig, LoraConfig, ModelConfig, PlotConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
-from trainer.errors import UserError, one_line_errors, traceback_requested
+from trainer.errors import USER_ERRORS, UserError, one_line_errors, traceback_requested
 from trainer.evaluation import evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
@@ -475,14 +475,16 @@ def run_command(command: TrainConfig | EvaluateConfig | PlotConfig | SftConfig) 
             print(plan.run_dir)
             return
         trainer = GRPOTrainer(command, plan)
-        finished = False
+        stopped_by_user = False  # a user error or Ctrl-C; a bug keeps its run directory for the bug report
         try:
             trainer.train()
-            finished = True
+        except (*USER_ERRORS, KeyboardInterrupt):
+            stopped_by_user = True
+            raise
         finally:
             trainer.close()
             distributed.cleanup(trainer.ctx)
-            if not finished:
+            if stopped_by_user:
                 trainer.remove_if_unresumable()
         if trainer.ctx.is_main:
             print(f"run finished: {plan.run_dir} (metrics.jsonl, checkpoints/, videos/); curves: "

@@ -33,8 +33,8 @@ from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA
                                      detokenize, find_stats, tokenize_normalized)
 from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CONFIG, PREPROCESSOR_FILE,
                                   PROPRIO_PATTERN, atomic_directory, check_keys, dtype_name, find_one, load_weights,
-                                  open_safetensors, read_json, read_norm_stats, read_proprio_projector, resolve_directory,
-                                  write_checkpoint)
+                                  open_safetensors, read_json, read_norm_stats, read_proprio_projector,
+                                  resolve_directory, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
 
