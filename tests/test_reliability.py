@@ -258,7 +258,7 @@ def test_lost_resets_are_counted(checkpoint, tmp_path):
     "config-not-yaml", "config-missing", "resume-no-config", "lora-dropout", "max-seconds", "num-envs",
     "adapter-missing", "checkpoint-config-not-json", "weight-decay", "eval-trials", "eval-temperature-inf",
     "plot-no-metrics", "optimizer-truncated", "trainer-state-garbled", "resume-finetune", "sft-no-demos",
-    "demo-lr-nan",
+    "demo-lr-nan", "device",
 ])
 def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
     runs = tmp_path / "new-runs"
@@ -301,6 +301,8 @@ def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
         "sft-no-demos": (["sft", "--demos", str(tmp_path / "demos"), "--output-dir", str(runs), "--checkpoint",
                           str(checkpoint)], f"demo directory {tmp_path / 'demos'} does not exist; collect demos"),
         "demo-lr-nan": (["demo", "--lr", "nan", "--output-dir", str(runs)], "--lr must be a finite number, got nan"),
+        "device": (["eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--device", "gpu0",
+                    "--output-dir", str(runs)], "--device 'gpu0' is not a torch device ("),
         "resume-finetune": (["train", "--resume", str(run), "--finetune", "full", "--kl-coef", "0"],
                             f"{run / CHECKPOINTS / 'iter_000001'} has no model/: the run was trained with "
                             f"--finetune lora"),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE, default_run_name, latest_checkpoint,
                                 resolve_adapter)
 from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, TrainConfig, config_to_dict
@@ -63,6 +65,17 @@ def check_model(model: ModelConfig) -> None:
                                 f"`OpenVLA_GRPO.py demo` builds a tiny local one")
     if model.adapter is not None:
         resolve_adapter(model.adapter)
+    if model.device != "auto":
+        try:
+            device = torch.device(model.device)
+        except RuntimeError as error:
+            raise ValueError(f"--device {model.device!r} is not a torch device ({error}); use auto, cpu, cuda or "
+                             f"cuda:N") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {model.device}: no CUDA device is visible here; use --device cpu (or auto)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {model.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 def check_env(env: EnvConfig) -> list[int]:
