@@ -42,6 +42,7 @@ from torchvision.transforms import v2
 from libero_env.demos import STATISTICS_FILE, decode_images, episode_paths, load_episode, write_json
 from libero_env.processing import CENTER_CROP_AREA, POLICY_IMAGE_SIZE
 from trainer.checkpoint import write_text
+from trainer.errors import UserError
 from vla_actor import LoraSettings, VLAPolicy, load_policy
 from vla_actor.action_tokens import find_stats
 from vla_actor.checkpoint import CONFIG_FILE, read_json, read_norm_stats, resolve_directory
@@ -466,7 +467,7 @@ def run_sft(config: SftConfig) -> Path:
         extra = {name: batch[name] for name in ("wrist", "proprio") if name in batch}
         loss = policy.token_cross_entropy(batch["images"], batch["instructions"], batch["targets"], **extra)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"the SFT loss is {loss.item()} at step {step}; lower lr (now {config.lr})")
+            raise UserError(f"the SFT loss is {loss.item()} at step {step}; lower lr (now {config.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
