@@ -1,4 +1,5 @@
-"""GRPO + LoRA (or full) fine-tuning of OpenVLA / OpenVLA-OFT policies in the LIBERO simulator.
+"""GRPO + LoRA (or full) fine-tuning of OpenVLA / OpenVLA-OFT policies in the LIBERO simulator. A failure prints
+one line; add --traceback (or set OPENVLA_GRPO_TRACEBACK=1) for the full traceback.
 
     python OpenVLA_GRPO.py train --checkpoint openvla/openvla-7b-finetuned-libero-spatial --task-suite libero_spatial
     python OpenVLA_GRPO.py eval --checkpoint ... --adapter runs/<run>      # published protocol: 50 trials, seed 7
@@ -14,6 +15,7 @@ vla_actor (the model) and grpo (the math) together. DESIGN.md shows how they mee
 
 import dataclasses
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -29,20 +31,23 @@ from tqdm import tqdm
 
 import grpo
 from libero_env import EpisodeSpec, init_state_split
-from sft import check_sft, run_sft
+from sft import run_sft
 from trainer import distributed, fsdp
-from trainer.checkpoint import (checkpoint_iteration, latest_checkpoint, load_checkpoint,
-                                remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
+from trainer.checkpoint import (MODEL_DIR, checkpoint_dirs, latest_checkpoint, load_checkpoint,
+                                outermost_missing, remove_partial_checkpoints, rng_state, save_checkpoint,
+                                set_rng_state, write_json)
 from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, SftConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
+from trainer.errors import USER_ERRORS, UserError, one_line_errors, traceback_requested
 from trainer.evaluation import evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups
 from trainer.sampler import GroupSampler
-from trainer.validation import check_eval, check_env, check_train
+from trainer.validation import (EvalPlan, TrainPlan, check_eval, check_output_space, check_train,
+                                checkpoint_bytes)
 from vla_actor import VLAPolicy
 from vla_actor.checkpoint import dtype_name
 
@@ -54,19 +59,16 @@ UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_hig
 class GRPOTrainer:
     """Turns an SFT checkpoint and a LIBERO suite into a better policy with GRPO + LoRA (or full fine-tuning)."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, plan: TrainPlan | None = None) -> None:
+        """`plan` is what main resolved from `config` (check_train); tests and benchmarks that build a trainer
+        directly leave it out and it is resolved here. The run directory is written only once the model, the
+        adapter and the checkpoint to resume have loaded, so a failure before leaves the disk as it was."""
         self.started, self.out_of_time = time.monotonic(), False  # for --max-seconds
-        self.run_dir = check_train(config, distributed.launched_rank())
         self.config, self.ctx = config, distributed.setup(config.model.device)
-        self.task_ids = check_env(config.env)
+        plan = plan or check_train(config, self.ctx.rank)
+        self.run_dir, self.task_ids, self.resumed = plan.run_dir, plan.task_ids, plan.resume_from is not None
         train_inits, self.heldout_inits = init_state_split(suite_shape(config.env.task_suite).num_init_states,
                                                            config.env.num_heldout, seed=0)
-        resume_from = latest_checkpoint(config.resume) if config.resume is not None else None
-        if self.ctx.is_main and resume_from is None:
-            self.run_dir.mkdir(parents=True)
-        if self.ctx.is_main:
-            remove_partial_checkpoints(self.run_dir)
-            write_json(self.run_dir / "config.json", config_to_dict(_as_saved(config)))
         seed_everything(config.seed)  # the same fresh adapter on every rank
         full = config.finetune == "full"
         self.policy = build_policy(config.model, None if full else config.lora,
@@ -76,6 +78,9 @@ class GRPOTrainer:
         self.params = list(self.policy.trainable_parameters())
         if not full:  # every rank loaded the same checkpoint; only a fresh adapter differs
             distributed.broadcast_parameters(self.params, self.ctx)
+        if self.ctx.is_main:  # before the first rollout: room for the checkpoint this model will write
+            check_output_space(self.run_dir, checkpoint_bytes(sum(p.numel() for p in self.params),
+                                                              self.params[0].element_size()), "run directory")
         seed_everything(config.seed + self.ctx.rank)  # each rank samples its own actions
         self.inputs = policy_inputs(self.policy)
         self.recompute_old_log_probs = (config.grpo.old_log_probs == "recompute" or
@@ -84,16 +89,23 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(warmup_factor, warmup=config.optim.warmup_iterations))
         self.sampler = GroupSampler(self.task_ids, train_inits, seed=[config.seed, self.ctx.rank])
-        self.iteration = self.env_steps = self.skipped_steps = 0
+        self.iteration = self.env_steps = self.skipped_steps = self.skipped_in_a_row = 0
         self.env = make_env(config.env, wrist=self.inputs.wrist)
-        self.logger = MetricsLogger(self.run_dir, config_to_dict(config), config.logging, self.ctx.is_main,
-                                    resume_iteration=None if resume_from is None else checkpoint_iteration(resume_from))
-        if resume_from is not None:  # last, so that nothing above moves the restored random generators
-            state = load_checkpoint(resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
+        if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
+            state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)
             self.iteration, self.env_steps = state["iteration"], state["env_steps"]
-            self.skipped_steps = state["skipped_steps"]
+            self.skipped_steps, self.skipped_in_a_row = state["skipped_steps"], state.get("skipped_in_a_row", 0)
             self.sampler.load_state_dict(state["samplers"][self.ctx.rank])
+        restored_rng = rng_state()  # the logger's wandb.init must not move the restored generators
+        self.created = None if self.resumed else outermost_missing(self.run_dir)  # what a failed run removes
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
+            remove_partial_checkpoints(self.run_dir)
+            write_json(self.run_dir / "config.json", config_to_dict(_as_saved(config)))
+        self.logger = MetricsLogger(self.run_dir, config_to_dict(config), config.logging, self.ctx.is_main,
+                                    resume_iteration=self.iteration if self.resumed else None)
+        set_rng_state(restored_rng)
 
     def train(self) -> Path:
         """The GRPO loop (DESIGN.md "One GRPO iteration"); returns the run directory."""
@@ -129,11 +141,27 @@ class GRPOTrainer:
             self.logger.log(metrics)
             if self.iteration % cfg.checkpointing.save_every == 0 or self.finished():
                 self.save()
+            if 0 < cfg.optim.max_skipped_in_a_row <= self.skipped_in_a_row:
+                latest = latest_checkpoint(self.run_dir) if checkpoint_dirs(self.run_dir) else None
+                restart = (f"--adapter {latest}" if cfg.finetune == "lora" else f"--checkpoint {latest / MODEL_DIR}") \
+                    if latest is not None else "the same --checkpoint"
+                raise UserError(f"the last {self.skipped_in_a_row} optimizer steps in a row were skipped (gradient "
+                                f"norm not finite or above --skip-grad-norm {cfg.optim.skip_grad_norm}, or the step "
+                                f"made trained weights non-finite): the run diverged at iteration {self.iteration}. "
+                                f"Start a new run from {restart} with a lower --lr (now {cfg.optim.lr}), or raise "
+                                f"--max-skipped-in-a-row")
         return self.run_dir
+
+    def remove_if_unresumable(self) -> None:
+        """Removes a new run's directory that holds no checkpoint (it failed in its first iterations): it cannot be
+        resumed, and it would block the same command ("already exists")."""
+        if self.ctx.is_main and self.created is not None and not checkpoint_dirs(self.run_dir):
+            shutil.rmtree(self.created, ignore_errors=True)
 
     def update(self, batch: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches of steps, one clipped optimizer step per mini-batch, skipped
-        (and counted) when the gradient norm is not finite or above --skip-grad-norm."""
+        (and counted) when the gradient norm is not finite or above --skip-grad-norm, or undone (and counted the
+        same way) when it made a trained weight non-finite."""
         cfg, ctx = self.config, self.ctx
         total_steps = int(distributed.reduce_values({"steps": batch.num_steps}, ctx)["steps"])
         if total_steps == 0:  # every group was dropped on every rank: nothing to learn from
@@ -152,13 +180,14 @@ class GRPOTrainer:
                 loss += self.accumulate_gradients(batch, advantages, rows, stats, old_log_probs, measure_mismatch)
                 # sharded (DTensor) gradients give the norm of the whole gradient, the same on every rank
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
-                if np.isfinite(grad_norm) and grad_norm <= cfg.optim.skip_grad_norm:
-                    self.optimizer.step()
+                if np.isfinite(grad_norm) and grad_norm <= cfg.optim.skip_grad_norm and self.optimizer_step():
                     optimizer_steps += 1
+                    self.skipped_in_a_row = 0
                     stats.mean("grad_norm", grad_norm, 1.0)
                     stats.maximum("grad_norm_max", grad_norm)
                 else:
                     skipped += 1
+                    self.skipped_in_a_row += 1
                 self.optimizer.zero_grad(set_to_none=True)
         bar.close()
         self.skipped_steps += skipped
@@ -189,6 +218,41 @@ class GRPOTrainer:
         return (batch.agentview[index], [batch.instructions[i] for i in index], batch.token_ids[rows],
                 batch.wrist[index] if self.inputs.wrist else None,
                 batch.proprio[index] if self.inputs.proprio else None, self.config.grpo.temperature)
+
+    def optimizer_step(self) -> bool:
+        """One AdamW step; False when it made a trained weight non-finite (a huge lr, an overflow) and was undone.
+
+        With LoRA the trained values are a small part of the model (r=16 on the 7B: 40M values, 160 MB in fp32
+        and 320 MB of AdamW moments), so a copy taken before each step is cheap on a 24 GB card, and restoring it
+        undoes the step exactly (weights and optimizer state). Full fine-tuning would need a second copy of every
+        weight and moment (84 GB for the 7B), so there a non-finite step stops the run instead; no checkpoint is
+        written after it, so the last one holds the weights before the divergence."""
+        if self.config.finetune == "full":
+            self.optimizer.step()
+            if not self.weights_finite():
+                raise UserError(f"an optimizer step at iteration {self.iteration + 1} made trained weights "
+                                f"non-finite (--lr {self.config.optim.lr}); start a new run from the last checkpoint "
+                                f"of {self.run_dir} (--checkpoint .../model) with a lower --lr")
+            return True
+        before = [(p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+                   if (state := self.optimizer.state.get(p)) is not None else None) for p in self.params]
+        self.optimizer.step()
+        if self.weights_finite():
+            return True
+        with torch.no_grad():
+            for p, (weights, state) in zip(self.params, before):
+                p.copy_(weights)
+                if state is None:
+                    self.optimizer.state.pop(p, None)
+                else:
+                    self.optimizer.state[p] = state
+        return False
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite, on every rank (each checks its shard under FSDP)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all()) if local else True
+        return distributed.reduce_values({"bad": float(not finite)}, self.ctx, "max")["bad"] == 0
 
     def accumulate_gradients(self, batch: Rollouts, advantages: torch.Tensor, rows: torch.Tensor, stats: UpdateStats,
                              old_log_probs: torch.Tensor | None = None, measure_mismatch: bool = False) -> float:
@@ -272,7 +336,7 @@ class GRPOTrainer:
         full_state = fsdp.full_state(self.policy.model, self.optimizer) if self.config.finetune == "full" else None
         if self.ctx.is_main:
             state = {"iteration": self.iteration, "env_steps": self.env_steps, "skipped_steps": self.skipped_steps,
-                     "world_size": self.ctx.world_size, "samplers": samplers}
+                     "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.ctx.world_size, "samplers": samplers}
             save_checkpoint(self.run_dir, self.iteration, self.policy, self.optimizer, self.scheduler, state,
                             rank_rng, config_to_dict(_as_saved(self.config)), self.config.checkpointing.keep_last,
                             full_state)
@@ -324,7 +388,7 @@ def rollout_metrics(counts: dict[str, float], task_ids: list[int]) -> dict[str, 
         "rollout/success_rate": counts["successes"] / episodes,
         "rollout/episode_length": counts["episode_length_sum"] / episodes,
         "rollout/episodes": counts["episodes"], "rollout/policy_queries": counts["policy_queries"],
-        "rollout/lost_episodes": counts["lost_episodes"],
+        "rollout/lost_episodes": counts["lost_episodes"], "rollout/lost_resets": counts["lost_resets"],
         "rollout/groups_played": counts["groups_played"], "rollout/groups_kept": counts["groups_kept"],
         "rollout/groups_dropped_fraction": counts["groups_uninformative"] / groups,
         "rollout/groups_lost": counts["groups_lost"], "rollout/refill_rounds": counts["refill_rounds"],
@@ -359,14 +423,13 @@ def _as_saved(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, resume=None, dry_run=False)
 
 
-def run_evaluation(config: EvaluateConfig) -> Path:
-    """The eval subcommand: greedy (or sampled) episodes, per-task success table (JSON + markdown) and videos."""
-    results_dir = check_eval(config, distributed.launched_rank())
-    task_ids = check_env(config.env)
+def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path:
+    """The eval subcommand: greedy (or sampled) episodes, per-task success table (JSON + markdown) and videos. The
+    results directory is created once the model has loaded, and removed again if the eval does not finish."""
     ctx = distributed.setup(config.model.device)
+    plan = plan or check_eval(config, ctx.rank)
+    results_dir, task_ids = plan.results_dir, plan.task_ids
     seed_everything(config.seed)
-    if ctx.is_main:
-        results_dir.mkdir(parents=True)
     policy = build_policy(config.model, None, unnorm_key(config.model, config.env.task_suite), ctx.device)
     train_inits, heldout_inits = init_state_split(suite_shape(config.env.task_suite).num_init_states,
                                                   config.env.num_heldout, 0)
@@ -374,16 +437,24 @@ def run_evaluation(config: EvaluateConfig) -> Path:
              "train": train_inits[:config.trials_per_task]}[config.protocol]
     inputs = policy_inputs(policy)
     env = make_env(config.env, wrist=inputs.wrist)
+    created = outermost_missing(results_dir)  # what a failed eval removes
+    if ctx.is_main:
+        results_dir.mkdir(parents=True)
     try:
         results = evaluate(env, policy, [EpisodeSpec(t, i) for t in task_ids for i in inits], inputs, ctx,
                            results_dir / "videos", "eval", config.num_videos, progress=config.progress,
                            temperature=config.temperature)
         instructions = {t: env.instruction(t) for t in task_ids}
+        if ctx.is_main:
+            write_results(results_dir, results, instructions, config_to_dict(config), dtype_name(policy.dtype))
+    except BaseException:  # a results directory without results would only block its --run-name
+        if ctx.is_main:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         env.close()
         distributed.cleanup(ctx)
     if ctx.is_main:
-        write_results(results_dir, results, instructions, config_to_dict(config), dtype_name(policy.dtype))
         low, high = results.interval
         print(f"success rate {results.success_rate:.3f} (95 % interval {low:.3f}-{high:.3f}) over "
               f"{sum(results.episodes.values())} episodes in {dtype_name(policy.dtype)}; table and videos in "
@@ -406,38 +477,46 @@ def parse_command(argv: Sequence[str]) -> TrainConfig | EvaluateConfig | PlotCon
 
 @record
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        command = parse_command(sys.argv[1:] if argv is None else argv)
-        # The default run name holds the time: fix it once, so that every later use names the same directory.
-        if isinstance(command, TrainConfig):
-            run_dir = check_train(command, distributed.launched_rank())
-            if command.resume is None:
-                command = dataclasses.replace(command, logging=dataclasses.replace(command.logging,
-                                                                                   run_name=run_dir.name))
-        elif isinstance(command, EvaluateConfig):
-            command = dataclasses.replace(command, run_name=check_eval(command, distributed.launched_rank()).name)
-        elif isinstance(command, SftConfig):
-            check_sft(command)
-        else:
-            print(plot_run(command.run_dir, command.output))
-            return
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # a config that cannot work: no traceback
-        sys.exit(f"OpenVLA_GRPO.py: error: {error}")
-    if isinstance(command, EvaluateConfig):
-        run_evaluation(command)
+    """Every failure a user can cause ends here as one line and exit status 1 (trainer/errors.py); --traceback
+    or OPENVLA_GRPO_TRACEBACK=1 shows the full traceback instead."""
+    show_traceback, args = traceback_requested(sys.argv[1:] if argv is None else argv)
+    with one_line_errors("OpenVLA_GRPO.py", show_traceback):
+        run_command(parse_command(args))
+
+
+def run_command(command: TrainConfig | EvaluateConfig | PlotConfig | SftConfig) -> None:
+    """Resolves the command's config once (checks, run directory, task ids), then runs it."""
+    rank = distributed.launched_rank()
+    if isinstance(command, PlotConfig):
+        print(plot_run(command.run_dir, command.output))
     elif isinstance(command, SftConfig):
-        print(run_sft(command))
-    elif command.dry_run:
-        print(run_dir)
+        print(run_sft(command))  # it checks its config before anything else
+    elif isinstance(command, EvaluateConfig):
+        plan = check_eval(command, rank)
+        run_evaluation(dataclasses.replace(command, run_name=plan.results_dir.name), plan)
     else:
-        trainer = GRPOTrainer(command)
+        plan = check_train(command, rank)
+        if command.resume is None:  # the default run name holds the time: record the one resolved
+            command = dataclasses.replace(command, logging=dataclasses.replace(command.logging,
+                                                                               run_name=plan.run_dir.name))
+        if command.dry_run:
+            print(plan.run_dir)
+            return
+        trainer = GRPOTrainer(command, plan)
+        stopped_by_user = False  # a user error or Ctrl-C; a bug keeps its run directory for the bug report
         try:
             trainer.train()
+        except (*USER_ERRORS, KeyboardInterrupt):
+            stopped_by_user = True
+            raise
         finally:
             trainer.close()
             distributed.cleanup(trainer.ctx)
+            if stopped_by_user:
+                trainer.remove_if_unresumable()
         if trainer.ctx.is_main:
-            print(f"run finished: {run_dir} (metrics.jsonl, checkpoints/, videos/); curves: {plot_run(run_dir)}")
+            print(f"run finished: {plan.run_dir} (metrics.jsonl, checkpoints/, videos/); curves: "
+                  f"{plot_run(plan.run_dir)}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpo
                                 remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
 from trainer.config import SftConfig, config_to_dict
 from trainer.demo_batches import DemoBatches, read_demo_steps
+from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.policy_builder import build_policy
 from trainer.validation import check_model
@@ -226,7 +227,7 @@ def run_sft(config: SftConfig) -> Path:
         extra = {name: batch[name] for name in ("wrist", "proprio") if name in batch}
         loss = policy.token_cross_entropy(batch["images"], batch["instructions"], batch["targets"], **extra)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"the SFT loss is {loss.item()} at step {step}; lower lr (now {config.optim.lr})")
+            raise UserError(f"the SFT loss is {loss.item()} at step {step}; lower lr (now {config.optim.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -91,6 +91,7 @@ class ToyVectorEnv:
             raise ValueError(f"need 1 <= pushes_to_goal <= horizon, got pushes_to_goal={pushes_to_goal} "
                              f"horizon={horizon}")
         self.num_envs = num_envs
+        self.lost_resets = 0  # no workers: a reset is never lost (LiberoVectorEnv.lost_resets)
         self.num_init_states = num_init_states
         self.horizon = horizon
         self.pushes_to_goal = pushes_to_goal

@@ -183,6 +183,8 @@ class LiberoVectorEnv:
         self._done = np.ones(num_envs, bool)
         self._success = np.zeros(num_envs, bool)
         self._lost = np.zeros(num_envs, bool)
+        self.lost_resets = 0
+        """Resets whose worker died, hung or failed and was replaced (counted per attempt), since creation."""
         self._steps = np.zeros(num_envs, np.int64)
         self._frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
 
@@ -292,6 +294,7 @@ class LiberoVectorEnv:
             self._reset_failed(env_index, reason)
 
     def _reset_failed(self, env_index: int, reason: str) -> None:
+        self.lost_resets += 1
         self._restart(env_index, reason)
         if self._reset_attempts[env_index] >= 2:
             self.close()  # other resets may still be in flight: their answers would be misread later

@@ -28,6 +28,7 @@ import tyro
 from libero_env.demos import collect_demos, measure_expert, replay_libero_demos, write_json
 from libero_env.expert import ExpertConfig
 from libero_env.suites import NUM_INIT_STATES, get_suite, init_state_split
+from trainer.errors import one_line_errors, traceback_requested
 
 
 def parse_indices(spec: str, count: int, what: str) -> list[int]:
@@ -149,8 +150,8 @@ def replay(args: Replay) -> None:
 
 
 if __name__ == "__main__":
-    command = tyro.extras.subcommand_cli_from_dict({"measure": Measure, "collect": Collect, "replay": Replay})
-    try:
+    show_traceback, args = traceback_requested(sys.argv[1:])
+    with one_line_errors("collect_demos.py", show_traceback):
+        command = tyro.extras.subcommand_cli_from_dict({"measure": Measure, "collect": Collect, "replay": Replay},
+                                                       args=args)
         {Measure: measure, Collect: collect, Replay: replay}[type(command)](command)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")

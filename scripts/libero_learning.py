@@ -47,6 +47,7 @@ import tyro
 
 from libero_env.suites import NUM_INIT_STATES, init_state_split
 from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint, write_json
+from trainer.errors import one_line_errors, traceback_requested
 from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
@@ -412,4 +413,6 @@ def device_name() -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Experiment))
+    show_traceback, args = traceback_requested(sys.argv[1:])
+    with one_line_errors("libero_learning.py", show_traceback):
+        main(tyro.cli(Experiment, args=args))

@@ -13,6 +13,7 @@ Initialisation: the Llama weights are normal(0, init_std); the ViTs keep timm's 
 normal 0.02, LayerScale 1e-5 in the DINOv2 tower); the projectors keep PyTorch's default for nn.Linear.
 """
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ import torch
 import tyro
 
 from sft import demo_statistics
+from trainer.errors import one_line_errors, traceback_requested
 from vla_actor import make_tiny_checkpoint
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.model import ModelSpec, build_model
@@ -97,4 +99,6 @@ def make_small_vla(args: SmallVla) -> Path:
 
 
 if __name__ == "__main__":
-    make_small_vla(tyro.cli(SmallVla, description=__doc__.split("\n\n")[0]))
+    show_traceback, args = traceback_requested(sys.argv[1:])
+    with one_line_errors("make_small_vla.py", show_traceback):
+        make_small_vla(tyro.cli(SmallVla, args=args, description=__doc__.split("\n\n")[0]))

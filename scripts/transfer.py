@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import BinaryIO
 import tyro
 
 from trainer.checkpoint import CHECKPOINTS, MODEL_DIR, write_json
+from trainer.errors import one_line_errors, traceback_requested
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -149,11 +151,13 @@ def unpack(config: Unpack) -> Path:
 
 
 def main() -> None:
-    command = tyro.extras.subcommand_cli_from_dict({"pack": Pack, "unpack": Unpack})
-    if isinstance(command, Pack):
-        pack(command)
-    else:
-        unpack(command)
+    show_traceback, args = traceback_requested(sys.argv[1:])
+    with one_line_errors("transfer.py", show_traceback):
+        command = tyro.extras.subcommand_cli_from_dict({"pack": Pack, "unpack": Unpack}, args=args)
+        if isinstance(command, Pack):
+            pack(command)
+        else:
+            unpack(command)
 
 
 if __name__ == "__main__":

@@ -189,9 +189,11 @@ def test_killed_or_hung_worker_is_replaced_and_its_episode_lost(env):
     assert result.steps.tolist() == [1, 3] and result.lost.tolist() == [True, False]
 
     idle_victim = env.worker_pids[1]
+    lost_resets = env.lost_resets  # a lost step is not a lost reset
     os.kill(idle_victim, signal.SIGKILL)  # dies between episodes: reset retries it on a fresh worker
     obs = env.reset([EpisodeSpec(0, 5), EpisodeSpec(0, 6)])  # env 0's re-run, on its new worker
     assert obs.agentview.std() > 5 and env.worker_pids[1] != idle_victim
+    assert env.lost_resets == lost_resets + 1  # the trainer logs it as rollout/lost_resets
     result = env.step(open_gripper_actions(2, 1))
     assert result.steps.tolist() == [1, 1] and not result.lost.any() and not result.done.any()
 

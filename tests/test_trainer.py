@@ -163,7 +163,8 @@ def test_rollouts_select_and_concat_keep_steps_with_their_episodes():
 
 
 def test_rollout_metrics_report_success_per_task_drawn():
-    counts = {"episodes": 24, "successes": 9, "episode_length_sum": 2400, "policy_queries": 2400, "lost_episodes": 0, "groups_played": 3,
+    counts = {"episodes": 24, "successes": 9, "episode_length_sum": 2400, "policy_queries": 2400, "lost_episodes": 0,
+              "lost_resets": 2, "groups_played": 3,
               "groups_kept": 2, "groups_uninformative": 1, "groups_lost": 0, "refill_rounds": 0,
               "advantage_abs_sum": 12.0, "advantage_count": 16, "episodes_task_0": 16, "successes_task_0": 8,
               "episodes_task_3": 8, "successes_task_3": 1, "episodes_task_5": 0, "successes_task_5": 0}
@@ -171,6 +172,7 @@ def test_rollout_metrics_report_success_per_task_drawn():
     assert metrics["rollout/success_rate"] == 9 / 24 and metrics["rollout/groups_dropped_fraction"] == 1 / 3
     assert metrics["rollout/task_0/success_rate"] == 0.5 and metrics["rollout/task_3/success_rate"] == 0.125
     assert "rollout/task_5/success_rate" not in metrics  # not drawn this iteration: no rate rather than 0
+    assert metrics["rollout/lost_resets"] == 2
 
 
 def test_dynamic_sampling_keeps_only_informative_whole_groups(checkpoint, tmp_path):

@@ -20,13 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from trainer import fsdp
+from vla_actor.checkpoint import load_torch_file, read_json
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT_DIR = re.compile(r"^iter_(\d{6,})$")
 
 
@@ -40,6 +43,14 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Writes JSON atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def outermost_missing(path: Path) -> Path:
+    """The directory that `path.mkdir(parents=True)` creates first (`path` itself when its parent exists): what
+    to remove to leave the disk as it was."""
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def default_run_name(prefix: str) -> str:
@@ -119,7 +130,26 @@ def save_checkpoint(run_dir: Path, iteration: int, policy: Any, optimizer: torch
     tmp = root / f".tmp-iter_{iteration:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_checkpoint_files(tmp, policy, optimizer, scheduler, trainer_state, rank_rng, config, full_state)
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # drop the half-written copy; the older checkpoints stay
+        reason = " ".join(str(error).split())[:200]
+        raise OSError(f"writing checkpoint {final} failed ({reason}); make room on {root} (or check the disk) and "
+                      f"continue with --resume {run_dir}, which starts from the newest complete checkpoint"
+                      ) from error
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def _write_checkpoint_files(tmp: Path, policy: Any, optimizer: torch.optim.Optimizer,
+                            scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict[str, Any],
+                            rank_rng: list[dict[str, Any]], config: dict[str, Any],
+                            full_state: tuple[dict[str, torch.Tensor], dict | None] | None) -> None:
     if full_state is None:
         policy.save_adapter(tmp / ADAPTER_DIR)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -131,20 +161,15 @@ def save_checkpoint(run_dir: Path, iteration: int, policy: Any, optimizer: torch
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, state in enumerate(rank_rng):
         torch.save(state, tmp / f"rng_rank{rank}.pt")
-    write_json(tmp / "trainer_state.json", trainer_state)
+    write_json(tmp / TRAINER_STATE_FILE, trainer_state)
     write_json(tmp / "config.json", config)
-    os.replace(tmp, final)
-    if keep_last > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    return final
 
 
 def load_checkpoint(path: Path, policy: Any, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, world_size: int) -> dict[str, Any]:
     """Restores adapter (or full model), optimizer, scheduler and this rank's RNG from `path`; returns
     trainer_state.json. A full model is read by rank 0 and broadcast, so every rank must call this."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_json(path / TRAINER_STATE_FILE)
     if state["world_size"] != world_size:
         raise ValueError(f"{path} was written by {state['world_size']} ranks, this job has {world_size}; resume "
                          f"with the same number of processes (torchrun --nproc-per-node)")
@@ -153,14 +178,14 @@ def load_checkpoint(path: Path, policy: Any, optimizer: torch.optim.Optimizer,
         model_state = fsdp.read_model(policy, path / MODEL_DIR) if reads else {}
         optimizer_state = None
         if (path / OPTIMIZER_FILE).is_file():  # mmap: read from disk tensor by tensor as it is restored
-            optimizer_state = torch.load(path / OPTIMIZER_FILE, mmap=True, weights_only=True) if reads else {}
+            optimizer_state = load_torch_file(path / OPTIMIZER_FILE, mmap=True) if reads else {}
         fsdp.load_full_state(policy.model, optimizer, model_state, optimizer_state, distributed=world_size > 1)
     else:
         policy.load_adapter(path / ADAPTER_DIR)
         device = next(iter(policy.trainable_parameters())).device
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
+        optimizer.load_state_dict(load_torch_file(path / OPTIMIZER_FILE, map_location=device))
+    scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
+    set_rng_state(load_torch_file(path / f"rng_rank{rank}.pt"))
     return state
 
 

@@ -169,6 +169,10 @@ class OptimConfig(AdamWConfig):
     skip_grad_norm: float = 100.0
     """Skip the optimizer step (and count it) when the gradient norm before clipping is above this or not finite
     (REF 9.8)."""
+    max_skipped_in_a_row: int = 20
+    """Stop the run with an error after this many skipped optimizer steps in a row (gradient norm not finite or
+    above skip_grad_norm, or a step that made a trained weight non-finite and was undone): the run has diverged
+    and its last checkpoint is the state to resume from with a lower lr. 0: never stop."""
 
 
 @dataclass
@@ -372,7 +376,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()} "
+                         f"({' '.join(str(error).split())}); fix or replace it") from error
     if not isinstance(data, Mapping):
         raise ValueError(f"config file {path} must hold a mapping of field names to values, got {type(data).__name__}")
     return dict(data)

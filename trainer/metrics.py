@@ -29,7 +29,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory written by `OpenVLA_GRPO.py train`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path)[0]
+
+
+def parse_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a metrics.jsonl and whether its last line was torn (a write cut short by a kill, a power loss
+    or a full disk) and left out. A damaged line before the last is an error naming it."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                return rows, True
+            raise ValueError(f"{path} line {number} is not JSON ({error}); delete or repair that line") from error
+    return rows, False
 
 
 class MetricsLogger:
@@ -48,9 +63,12 @@ class MetricsLogger:
         if resume_iteration is not None and self.path.exists():
             # Lines logged after the checkpoint are replayed by the resumed run; drop them so each iteration
             # appears once.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)[step_key] <= resume_iteration]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+            rows, torn = parse_metrics(self.path)
+            if torn:
+                print(f"{self.path}: dropped its torn last line (a write cut short); the resumed run logs the "
+                      f"{step_key}s after {resume_iteration} again", flush=True)
+            kept = [row for row in rows if row[step_key] <= resume_iteration]
+            write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         if settings is not None and settings.use_wandb:
             import wandb
 

@@ -27,6 +27,8 @@ class VectorEnv(Protocol):
     """What the trainer uses of LiberoVectorEnv and ToyVectorEnv (DESIGN.md)."""
 
     num_envs: int
+    lost_resets: int
+    """Resets whose worker was lost and replaced (the episode then starts on the new worker), since creation."""
 
     def reset(self, specs: list[EpisodeSpec], envs: list[int] | None = None, wait: bool = True) -> Any: ...
     def step(self, actions: np.ndarray) -> Any: ...
@@ -259,7 +261,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
     rounds: list[Rollouts] = []
-    wanted, next_group = groups_per_iteration, 0
+    wanted, next_group, lost_resets = groups_per_iteration, 0, env.lost_resets
     for _ in range(1 + (max_refill_rounds if dynamic_sampling else 0)):
         groups = sampler.next(wanted)
         specs = [EpisodeSpec(task, init) for task, init in groups for _ in range(group_size)]
@@ -281,6 +283,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         keep = grpo.select_groups(torch.from_numpy(keep), torch.from_numpy(group_ids), groups_per_iteration).numpy()
     counts = {
         "episodes": len(group_ids), "successes": int(success.sum()), "lost_episodes": int(lost.sum()),
+        "lost_resets": env.lost_resets - lost_resets,
         "episode_length_sum": int(sum(r.lengths.sum() for r in rounds)),
         "policy_queries": sum(r.num_steps for r in rounds), "groups_played": next_group,
         "groups_uninformative": count_groups(usable & ~informative, group_ids),

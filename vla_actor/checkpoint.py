@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vla_actor.tokenizer import TOKENIZER_JSON, legacy_tokenizer_json
@@ -158,7 +159,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise ValueError(f"{path} is not valid JSON ({error}); restore the file or copy it again") from error
 
 
 def read_norm_stats(directory: Path, config: dict) -> tuple[dict, str]:
@@ -175,6 +176,28 @@ def _names(keys: Iterable[str], limit: int = 8) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """safe_open of a weights file; a truncated or damaged file is a ValueError naming it and the fix."""
+    try:
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}): it is truncated or damaged; copy "
+                         f"or download it again") from error
+    with handle:
+        yield handle
+
+
+def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """File key -> shape of every tensor of a checkpoint's weights, read from the file headers only."""
+    mapping = weight_map(directory)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(mapping.values())):
+        with open_safetensors(directory / shard) as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
+
+
 def weight_map(directory: Path) -> dict[str, str]:
     """File key -> shard file name, from model.safetensors.index.json (or a single model.safetensors)."""
     index_path = directory / INDEX_FILE
@@ -183,7 +206,7 @@ def weight_map(directory: Path) -> dict[str, str]:
         if not isinstance(mapping, dict) or not mapping:
             raise ValueError(f"{index_path} has no 'weight_map' (expected {{tensor name: shard file}})")
     elif (directory / SINGLE_WEIGHTS_FILE).is_file():
-        with safe_open(directory / SINGLE_WEIGHTS_FILE, framework="pt") as handle:
+        with open_safetensors(directory / SINGLE_WEIGHTS_FILE) as handle:
             mapping = {key: SINGLE_WEIGHTS_FILE for key in handle.keys()}
     else:
         raise FileNotFoundError(f"no weights in {directory}: expected {INDEX_FILE} with its shards "
@@ -208,7 +231,8 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
     if wrong:
         problems.append(f"shape mismatch for {len(wrong)} tensors ({'; '.join(wrong[:8])})")
     if problems:
-        raise ValueError(f"{source} does not match the model built from its config: {'; '.join(problems)}")
+        raise ValueError(f"{source} does not match the model built from its config: {'; '.join(problems)}. The "
+                         f"config and the weights must come from the same checkpoint")
 
 
 @torch.no_grad()
@@ -220,14 +244,14 @@ def load_weights(targets: dict[str, torch.Tensor], directory: Path) -> None:
         shards.setdefault(shard, []).append(key)
     found: dict[str, torch.Size] = {}
     for shard, keys in shards.items():
-        with safe_open(directory / shard, framework="pt") as handle:
+        with open_safetensors(directory / shard) as handle:
             absent = set(keys) - set(handle.keys())
             if absent:
                 raise ValueError(f"{shard} lacks {_names(absent)} that {INDEX_FILE} places in it")
             found.update({key: torch.Size(handle.get_slice(key).get_shape()) for key in keys})
     check_keys({key: tensor.shape for key, tensor in targets.items()}, found, f"{directory} ({len(shards)} shards)")
     for shard, keys in shards.items():
-        with safe_open(directory / shard, framework="pt") as handle:
+        with open_safetensors(directory / shard) as handle:
             for key in keys:
                 targets[key].copy_(handle.get_tensor(key))
 
@@ -239,9 +263,21 @@ def find_one(directory: Path, pattern: str) -> Path | None:
     return matches[0] if matches else None
 
 
+def load_torch_file(path: Path, **kwargs) -> object:
+    """torch.load(weights_only=True) of `path`; a missing, truncated or damaged file is one error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} not found in {path.parent}")
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"{path} is truncated or damaged ({reason}); copy it again or use an earlier "
+                         f"checkpoint") from error
+
+
 def read_proprio_projector(path: Path) -> dict[str, torch.Tensor]:
     """OFT proprio projector state (weights_only); the DDP 'module.' prefix is dropped (REF 6.3)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, map_location="cpu")
     if not isinstance(state, dict):
         raise ValueError(f"{path} must hold a state dict of tensors, got {type(state).__name__}")
     return {key.removeprefix("module."): tensor for key, tensor in state.items()}

@@ -33,8 +33,8 @@ from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA
                                      detokenize, find_stats, tokenize_normalized)
 from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CONFIG, PREPROCESSOR_FILE,
                                   PROPRIO_PATTERN, TRAINING_DTYPE_KEY, atomic_directory, check_keys, dtype_name,
-                                  find_one, load_weights, read_json, read_norm_stats, read_proprio_projector,
-                                  resolve_directory, trained_dtype_name, write_checkpoint)
+                                  find_one, load_weights, open_safetensors, read_json, read_norm_stats,
+                                  read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
 from vla_actor.tokenizer import carried_files, load_tokenizer
@@ -497,6 +497,7 @@ class VLAPolicy:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{name} not found in {directory}: expected a PEFT adapter directory")
+        self._check_adapter_fits(directory)
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(self.model, directory, is_trainable=True)
             self._adapters_follow_autocast()
@@ -512,6 +513,30 @@ class VLAPolicy:
         found = load_peft_weights(str(directory))
         check_keys({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()},
                    f"adapter {directory}")
+
+    def _check_adapter_fits(self, directory: Path) -> None:
+        """Every lora_A [r, in] / lora_B [out, r] of the adapter file must sit on a Linear of this model with those
+        in / out features; an adapter trained on another base model is refused here, naming the first misfit,
+        instead of deep inside PEFT's loading."""
+        weights = directory / "adapter_model.safetensors"
+        with open_safetensors(weights) as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        for key, shape in sorted(shapes.items()):
+            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if match is None:
+                continue
+            try:
+                layer = self.model.get_submodule(match[1])
+            except AttributeError:
+                layer = None
+            fits = layer is not None and hasattr(layer, "in_features") and len(shape) == 2 and (
+                shape[1] == layer.in_features if match[2] == "A" else shape[0] == layer.out_features)
+            if not fits:
+                found = "no such layer" if layer is None else (
+                    f"the layer is [{getattr(layer, 'out_features', '?')}, {getattr(layer, 'in_features', '?')}]")
+                raise ValueError(f"adapter {directory} does not fit this checkpoint: {key} is {list(shape)} but "
+                                 f"{found}; it was trained on another base model, so pass the --checkpoint it was "
+                                 f"trained from")
 
     def merge_and_export(self, directory: str | os.PathLike, max_shard_bytes: int = 5_000_000_000,
                          storage_dtype: torch.dtype | None = None) -> Path:
