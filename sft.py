@@ -28,7 +28,6 @@ uninterrupted run sees and ends with the same weights.
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -42,7 +41,7 @@ from trainer.demo_batches import DemoBatches, read_demo_steps
 from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.policy_builder import build_policy
-from trainer.validation import check_model
+from trainer.validation import changed_settings, check_model
 from vla_actor import VLAPolicy
 from vla_actor.action_tokens import find_stats
 from vla_actor.checkpoint import CONFIG_FILE, read_json, read_norm_stats, resolve_directory
@@ -90,14 +89,6 @@ def check_sft(config: SftConfig) -> None:
         check_resumable(config)
 
 
-def flat_settings(tree: dict[str, Any]) -> dict[str, Any]:
-    """A nested config dict by leaf field name, the flag names (every group of SftConfig omits its prefix)."""
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        flat.update(flat_settings(value) if isinstance(value, dict) else {name: value})
-    return flat
-
-
 def check_resumable(config: SftConfig) -> None:
     """An existing output_dir continues only with resume, the same config (but RESUME_MAY_CHANGE) and a last
     checkpoint not past `steps`."""
@@ -114,9 +105,7 @@ def check_resumable(config: SftConfig) -> None:
             raise FileExistsError(f"{config.output_dir} is not an SFT output directory (it has no config.json); "
                                   f"choose a new output_dir")
         return
-    saved, current = flat_settings(read_json(saved_path)), flat_settings(config_to_dict(config))
-    changed = [f"{name} (saved {saved.get(name)!r}, now {value!r})" for name, value in current.items()
-               if name not in RESUME_MAY_CHANGE and saved.get(name) != value]
+    changed = changed_settings(read_json(saved_path), config, RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(f"--resume continues {config.output_dir} only with its own settings, but these differ: "
                          f"{'; '.join(changed)}. Pass the saved values, or choose a new output_dir")

@@ -231,7 +231,7 @@ def test_bad_inputs_raise_one_clear_error(tmp_path):
     run = sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "run", checkpoint=base, lr=1e-3, steps=20)
     (tmp_path / "run" / "checkpoints" / "iter_000010").mkdir(parents=True)
     (tmp_path / "run" / "config.json").write_text(json.dumps(config_to_dict(run)))
-    with pytest.raises(ValueError, match=r"these differ: lr \(saved 0.001, now 0.002\)"):
+    with pytest.raises(ValueError, match=r"these differ: --lr \(saved 0.001, given 0.002\)"):
         run_sft(dataclasses.replace(run, optim=dataclasses.replace(run.optim, lr=2e-3), resume=True))
     with pytest.raises(ValueError, match="iter_000010 is past steps=5; pass --steps 10 or more"):
         run_sft(dataclasses.replace(run, steps=5, resume=True))

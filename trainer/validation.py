@@ -111,6 +111,14 @@ def flat_fields(data: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def changed_settings(saved: dict[str, Any], config: Any, may_change: tuple[str, ...]) -> list[str]:
+    """"--flag (saved X, given Y)" for every field of `config` that differs from the run's saved config.json
+    (`saved`) and is not in `may_change`."""
+    saved, given = flat_fields(saved), flat_fields(config_to_dict(config))
+    return [f"{flag(name)} (saved {saved[name]!r}, given {value!r})" for name, value in given.items()
+            if name in saved and name not in may_change and saved[name] != value]
+
+
 def check_finite(config: Any) -> None:
     """Refuses a non-finite float (inf, nan) anywhere in the config, naming its flag."""
     for name, value in flat_fields(config_to_dict(config)).items():
@@ -171,10 +179,7 @@ def check_resume_compatible(config: TrainConfig, checkpoint: Path) -> None:
     """The flags given with --resume against the run's saved config.json and the checkpoint's job size: one
     error listing every field that may not change, before anything is written."""
     saved_path = config.resume / CONFIG_FILE
-    saved = flat_fields(read_json(saved_path))
-    given = flat_fields(config_to_dict(config))
-    changed = [f"{flag(name)} (saved {saved[name]!r}, given {value!r})" for name, value in given.items()
-               if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != value]
+    changed = changed_settings(read_json(saved_path), config, MAY_CHANGE_ON_RESUME)
     if changed:
         may_change = ", ".join(flag(name) for name in MAY_CHANGE_ON_RESUME if name not in ("resume", "config"))
         raise ValueError(f"--resume {config.resume} cannot change {'; '.join(changed)}: the run was trained with "
