@@ -30,6 +30,7 @@ import torch
 import tyro
 
 from bench.bench_gpu import BenchConfig, actions_per_second, build_policy
+from trainer.checkpoint import write_json
 from trainer.envs import suite_shape
 from vla_actor import make_tiny_checkpoint, random_7b_policy
 
@@ -208,8 +209,9 @@ def main(config: E2EConfig) -> dict:
                 results.update({f"{prefix}{key}{suffix}": value
                                 for key, value in summarize(rows, rates[name]).items()})
     config.output.parent.mkdir(parents=True, exist_ok=True)
-    config.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    write_json(config.output, results)
+    for key in sorted(k for k in results if k.removeprefix("oft_").startswith(("env_steps_per_s", "update_samples"))):
+        print(f"{key}: {results[key]:.2f}")
     return results
 
 
