@@ -26,6 +26,7 @@ uninterrupted run sees and ends with the same weights.
 """
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -35,10 +36,10 @@ from torch.utils.data import DataLoader
 from libero_env.demos import STATISTICS_FILE, episode_paths
 from trainer import distributed, fsdp
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, load_checkpoint,
-                                remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
+                                outermost_missing, remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
 from trainer.config import SftConfig, config_to_dict
 from trainer.demo_batches import DemoBatches, read_demo_steps
-from trainer.errors import UserError
+from trainer.errors import USER_ERRORS, UserError
 from trainer.metrics import MetricsLogger
 from trainer.policy_builder import build_policy
 from trainer.validation import changed_settings, check_model
@@ -187,6 +188,18 @@ def run_sft(config: SftConfig) -> Path:
     saved_checkpoints = checkpoint_dirs(config.output_dir) if config.resume else []
     resumed = saved_checkpoints[-1] if saved_checkpoints else None
     policy = sft_policy(config, key, statistics, distributed.setup(config.model.device).device)
+    created = None if config.output_dir.exists() else outermost_missing(config.output_dir)
+    try:
+        return fit(config, policy, key, resumed, started)
+    except (*USER_ERRORS, KeyboardInterrupt):  # a new run that cannot be resumed would only block its output_dir
+        if created is not None and not checkpoint_dirs(config.output_dir):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def fit(config: SftConfig, policy: VLAPolicy, key: str, resumed: Path | None, started: float) -> Path:
+    """The SFT loop from the loaded policy (and the checkpoint to resume, if any) to the export; returns what
+    run_sft returns."""
     samples = read_demo_steps(config.demos, policy.tokens_per_query // policy.action_dim)
     batches = DemoBatches(samples, policy.action_tokens(samples.actions), config.batch_size, config.seed,
                           wrist=policy.num_images == 2, proprio=policy.uses_proprio, image_aug=config.image_aug)

@@ -23,8 +23,9 @@ from scripts.make_small_vla import SmallVla, make_small_vla
 from sft import lr_factor, run_sft
 from trainer.checkpoint import checkpoint_dirs, checkpoint_iteration
 from trainer.config import SftConfig, config_to_dict
+from trainer.errors import UserError
 from trainer.demo_batches import CROP_SHIFT, DemoBatches, action_chunks, augment, image_augmentation, read_demo_steps
-from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
+from vla_actor import LoraSettings, VLAPolicy, load_policy, make_tiny_checkpoint
 from vla_actor.action_tokens import detokenize
 
 torch.set_num_threads(1)
@@ -414,3 +415,14 @@ def test_make_small_vla_writes_the_preset_with_the_demos_statistics(tmp_path, ca
         make_small_vla(SmallVla(output_dir=directory))
     with pytest.raises(ValueError, match=r"llm_dim \(100\) must be a positive multiple of llm_heads \(8\)"):
         make_small_vla(SmallVla(output_dir=tmp_path / "odd", llm_dim=100, llm_heads=8))
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_output_directory(tmp_path, monkeypatch):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    write_toy_demos(tmp_path / "demos", task_ids=[0], init_indices=[0])
+    monkeypatch.setattr(VLAPolicy, "token_cross_entropy", lambda *args, **kwargs: torch.tensor(float("nan")))
+    config = sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "new" / "sft", checkpoint=str(base),
+                        batch_size=2, steps=4, save_every=2, gradient_checkpointing=False, device="cpu")
+    with pytest.raises(UserError, match="the SFT loss is nan at step 1; lower lr"):
+        run_sft(config)
+    assert not (tmp_path / "new").exists()  # the same command can run again
