@@ -258,7 +258,7 @@ def test_lost_resets_are_counted(checkpoint, tmp_path):
     "config-not-yaml", "config-missing", "resume-no-config", "lora-dropout", "max-seconds", "num-envs",
     "adapter-missing", "checkpoint-config-not-json", "weight-decay", "eval-trials", "eval-temperature-inf",
     "plot-no-metrics", "optimizer-truncated", "trainer-state-garbled", "resume-finetune", "sft-no-demos",
-    "demo-lr-nan", "device",
+    "demo-lr-nan", "device", "flash-attn-missing", "plot-unwritable",
 ])
 def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
     runs = tmp_path / "new-runs"
@@ -303,6 +303,10 @@ def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
         "demo-lr-nan": (["demo", "--lr", "nan", "--output-dir", str(runs)], "--lr must be a finite number, got nan"),
         "device": (["eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--device", "gpu0",
                     "--output-dir", str(runs)], "--device 'gpu0' is not a torch device ("),
+        "flash-attn-missing": (["train", *toy_args(checkpoint, runs), "--attn-implementation", "flash_attention_2"],
+                               "--attn-implementation flash_attention_2 needs the flash-attn package"),
+        "plot-unwritable": (["plot", str(run), "--output", "/proc/no-such-dir/curves.png"],
+                            "cannot write the plot to /proc/no-such-dir/curves.png ("),
         "resume-finetune": (["train", "--resume", str(run), "--finetune", "full", "--kl-coef", "0"],
                             f"{run / CHECKPOINTS / 'iter_000001'} has no model/: the run was trained with "
                             f"--finetune lora"),

@@ -24,8 +24,12 @@ def plot_run(run_dir: Path, output: Path | None = None) -> Path:
 def plot_metrics(rows: list[dict[str, Any]], title: str, output: Path) -> Path:
     """Writes the curves PNG of metrics rows (one per iteration) and returns its path."""
     tmp = output.with_name(f".{output.stem}.tmp.png")
-    curves_figure(rows, title).savefig(tmp, dpi=110)
-    os.replace(tmp, output)
+    try:
+        curves_figure(rows, title).savefig(tmp, dpi=110)
+        os.replace(tmp, output)
+    except OSError as error:
+        raise OSError(f"cannot write the plot to {output} ({error.strerror or error}); pass --output with a path in "
+                      f"a writable directory") from error
     return output
 
 

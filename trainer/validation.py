@@ -1,6 +1,7 @@
 """Checks that turn a config that cannot work into one clear error before any model, env or process starts, and
 the resolved plan (run directory, task ids, checkpoint to resume) that the trainer and the eval then trust."""
 
+import importlib.util
 import math
 import os
 import re
@@ -73,6 +74,9 @@ def check_model(model: ModelConfig) -> None:
                              f"cuda:N") from error
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {model.device}: no CUDA device is visible here; use --device cpu (or auto)")
+    if model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+                         "installed: pip install flash-attn (CUDA only), or use --attn-implementation sdpa")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {model.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
