@@ -501,6 +501,8 @@ def run_command(command: TrainConfig | EvaluateConfig | PlotConfig | SftConfig) 
                                                                                run_name=plan.run_dir.name))
         if command.dry_run:
             print(plan.run_dir)
+            if plan.prediction is not None:
+                print(plan.prediction.summary())
             return
         trainer = GRPOTrainer(command, plan)
         stopped_by_user = False  # a user error or Ctrl-C; a bug keeps its run directory for the bug report

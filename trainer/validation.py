@@ -17,6 +17,7 @@ from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE, defa
                                 resolve_adapter)
 from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, TrainConfig, config_to_dict
 from trainer.envs import suite_names, suite_shape
+from trainer.memory import Prediction, check_fits, detected_card
 from vla_actor.checkpoint import CONFIG_FILE, read_json, tensor_shapes
 
 MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", "eval_at_start",
@@ -43,6 +44,8 @@ class TrainPlan:
     """The task ids trained and evaluated on (every task of the suite when --task-ids is empty)."""
     resume_from: Path | None
     """The checkpoint directory to continue from; None for a new run."""
+    prediction: Prediction | None = None
+    """Predicted GPU memory and iteration time (trainer/memory.py), where the model applies."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,8 @@ def check_train(config: TrainConfig, rank: int = 0) -> TrainPlan:
                               f"choose another --run-name")
     if rank == 0:
         check_output_space(run_dir, estimated_checkpoint_bytes(config), "run directory")
-    return TrainPlan(run_dir=run_dir, task_ids=task_ids, resume_from=resume_from)
+    prediction = check_fits(config, *detected_card(config.model.device))
+    return TrainPlan(run_dir=run_dir, task_ids=task_ids, resume_from=resume_from, prediction=prediction)
 
 
 def check_eval(config: EvaluateConfig, rank: int = 0) -> EvalPlan:

@@ -1,0 +1,74 @@
+"""trainer/memory.py: the predicted GPU memory of an iteration by hand on a small shape, and against every peak the
+7B benchmarks recorded (the bench curves it is fitted to, the real trainer's peaks it predicts), within 10 %."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from OpenVLA_GRPO import parse_command
+from trainer.memory import (GIB, KV_SLOT_MULTIPLE, ROLLOUT_ACTIVATIONS, UPDATE_ACTIVATIONS, ModelShape, check_fits,
+                            model_shape, predict, rollout_bytes_per_sample, update_bytes_per_sample)
+from vla_actor import LoraSettings
+from vla_actor.openvla_7b import openvla_7b_config
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def test_per_sample_bytes_by_hand():
+    shape = ModelShape(frozen_parameters=0, lora_parameters=0, layers=2, hidden=8, kv_hidden=4, mlp=16, oft=False,
+                       images=1, proprio=False, dtype_bytes=2)
+    prompt = shape.prompt_tokens  # 32 + 256
+    slots = -(-(prompt + 6) // KV_SLOT_MULTIPLE) * KV_SLOT_MULTIPLE
+    assert rollout_bytes_per_sample(shape) == pytest.approx(ROLLOUT_ACTIVATIONS * prompt * 16 * 2
+                                                            + 2 * 2 * 4 * slots * 2)
+    tokens = prompt + 7
+    assert update_bytes_per_sample(shape, True) == pytest.approx(2 * tokens * 8 * 2
+                                                                 + UPDATE_ACTIVATIONS * tokens * 16 * 2)
+    assert update_bytes_per_sample(shape, False) == pytest.approx(2 * UPDATE_ACTIVATIONS * tokens * 16 * 2)
+
+
+def shape_7b(tmp_path: Path, variant: str, images: int, proprio: bool) -> ModelShape:
+    directory = tmp_path / f"{variant}-{images}"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(openvla_7b_config(variant, images, proprio)))
+    return model_shape(directory, torch.bfloat16, LoraSettings(rank=16, alpha=16))
+
+
+def train_config(num_envs: int, micro_batch: int):
+    return parse_command(["train", "--num-envs", str(num_envs), "--micro-batch-size", str(micro_batch)])
+
+
+def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
+    openvla = shape_7b(tmp_path, "openvla", 1, False)
+    assert openvla.frozen_parameters == 7_541_237_184 and openvla.lora_parameters == 39_976_960
+    oft = shape_7b(tmp_path, "oft", 2, True)
+    bench = json.loads((RESULTS / "gpu_7b.json").read_text())
+    cases = [(openvla, int(b), 1, point["peak_gib"], "rollout") for b, point in bench["rollout_curve"].items() if point]
+    cases += [(openvla, 1, int(m), point["peak_gib"], "update") for m, point in bench["update_curve"].items()]
+    cases.append((openvla, bench["iteration_batch"], bench["update_micro_batch"], bench["peak_gib_iteration"], "peak"))
+    e2e = json.loads((RESULTS / "gpu_7b_e2e.json").read_text())
+    cases.append((openvla, e2e["num_envs"], 16, e2e["peak_gib"], "peak"))
+    cases.append((oft, e2e["num_envs"], 8, e2e["oft_peak_gib"], "peak"))
+    steady = json.loads((RESULTS / "gpu_7b_e2e_oft_steady.json").read_text())
+    cases.append((oft, steady["num_envs"], 8, steady["oft_peak_gib"], "peak"))
+    for shape, num_envs, micro_batch, measured, part in cases:
+        prediction = predict(train_config(num_envs, micro_batch), shape, "NVIDIA H200")
+        predicted = {"rollout": prediction.rollout_gib, "update": prediction.update_gib,
+                     "peak": prediction.peak_gib}[part]
+        assert abs(predicted / measured - 1) < 0.10, (part, num_envs, micro_batch, predicted, measured)
+
+
+def test_a_configuration_predicted_not_to_fit_is_refused_naming_the_flag(tmp_path):
+    directory = tmp_path / "openvla-7b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(openvla_7b_config()))
+    config = parse_command(["train", "--checkpoint", str(directory), "--num-envs", "64"])
+    with pytest.raises(ValueError, match=r"predicted to need 2\d\.\d GiB .* 24\.0 GiB: lower --num-envs \(now 64\)"):
+        check_fits(config, "NVIDIA GeForce RTX 4090", 24.0)
+    fits = check_fits(parse_command(["train", "--checkpoint", str(directory), "--num-envs", "16"]),
+                      "NVIDIA GeForce RTX 4090", 24.0)
+    assert fits.peak_gib < 24 and fits.iteration_seconds > 0
+    assert "4090" in fits.summary() and "an estimate" in fits.summary()
+    assert fits.peak_gib * GIB > 15e9  # the bf16 weights alone

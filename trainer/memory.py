@@ -1,0 +1,208 @@
+"""GPU memory and time of a GRPO + LoRA run, predicted from its flags and the checkpoint's shapes before anything
+loads: `train --dry-run` prints the prediction, and `train` refuses a configuration predicted not to fit the card.
+
+Memory is counted by part. Resident all run: the frozen weights in the compute dtype, the LoRA weights and their
+two AdamW moments in float32. Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA;
+OFT decodes in one forward) plus the activations of the no-grad forward, proportional to tokens x MLP width.
+Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
+the one layer recomputed in the backward pass. The activation factors and the fixed workspace terms are fitted to
+the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_e2e.json`,
+`gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py).
+
+Time scales the per-query and per-sample seconds measured by the real trainer on an H200 (bench_e2e) by the
+card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from libero_env.processing import ACTION_DIM
+from trainer.config import TrainConfig
+from trainer.envs import suite_shape
+from vla_actor.action_tokens import OFT_CHUNK
+from vla_actor.checkpoint import CONFIG_FILE, read_json
+from vla_actor.model import ModelSpec, build_model
+from vla_actor.policy import COMPUTE_DTYPES, OFT_CONFIG_HINTS, LoraSettings, lora_target_modules, trained_dtype_name
+
+GIB = 2**30
+PATCHES_PER_IMAGE = 256
+"""Vision tokens per 224x224 image (16 x 16 patches of 14 pixels, REF 3.2)."""
+PROMPT_TOKENS = 32
+"""BOS, the prompt template around a LIBERO instruction and the space token: ~25-35 tokens (REF 3.1)."""
+KV_SLOT_MULTIPLE = 16
+"""The decode's static KV cache rounds its slots up to a multiple of this (vla_actor/fast_decode.py)."""
+ROLLOUT_ACTIVATIONS = 7.4
+"""Bytes of no-grad activations alive per token and MLP channel, in units of the compute dtype (fitted)."""
+UPDATE_ACTIVATIONS = 11.1
+"""The same for the decoder layer the backward pass recomputes (fitted)."""
+ROLLOUT_WORKSPACE_GIB = 0.3
+"""Fixed rollout overhead beyond the weights (CUDA graph pool, library workspaces; fitted)."""
+UPDATE_WORKSPACE_GIB = 0.9
+"""Fixed update overhead beyond weights and LoRA state (library workspaces, autocast copies; fitted)."""
+DENSE_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "A10": 125,
+                     "RTX 6000 Ada": 364, "A6000": 155, "A5000": 111, "A4000": 77, "4090": 165, "4080": 98,
+                     "4070": 58, "4060 Ti": 44, "3090": 71, "3080": 60, "T4": 65}
+"""Vendor datasheet rates (dense, fp32 accumulation) by a substring of the device name; T4 is fp16."""
+MEASURED_ON = "H200"
+SECONDS_PER_QUERY = {"openvla": 0.0261, "oft": 0.0240}
+"""Rollout model seconds per policy query at batch 16 on the H200 (bench_e2e: 91.9 s / 3520, 10.7 s / 448)."""
+SECONDS_PER_SAMPLE = {"openvla": 0.0504, "oft": 0.108}
+"""Update seconds per trained policy step, pi_old recomputed (bench_e2e: 177.5 s / 3520, 48.6 s / 448)."""
+SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
+"""Env actions per second per worker process in the steady state (bench_e2e OFT, 16 workers on 16 cores)."""
+FIRST_RESET_SECONDS = 8.0
+"""The blocking first reset of every rollout round (LIBERO's hard reset and 10 wait steps; bench_e2e)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the prediction needs of a checkpoint, from its config.json (the network built on the meta device)."""
+
+    frozen_parameters: int
+    lora_parameters: int
+    layers: int
+    hidden: int
+    kv_hidden: int
+    mlp: int
+    oft: bool
+    images: int
+    proprio: bool
+    dtype_bytes: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return PROMPT_TOKENS + PATCHES_PER_IMAGE * self.images + int(self.proprio)
+
+    @property
+    def action_tokens(self) -> int:
+        return ACTION_DIM * (OFT_CHUNK if self.oft else 1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted GiB of the two peaks of an iteration and seconds of one iteration on a given card."""
+
+    resident_gib: float
+    rollout_gib: float
+    update_gib: float
+    iteration_seconds: float | None
+    card: str
+
+    @property
+    def peak_gib(self) -> float:
+        return max(self.rollout_gib, self.update_gib)
+
+    def summary(self) -> str:
+        time = (f"~{self.iteration_seconds / 60:.0f} min per iteration on {self.card} (an estimate scaled from "
+                f"{MEASURED_ON} measurements)" if self.iteration_seconds is not None else
+                f"no time estimate for {self.card}")
+        return (f"predicted GPU memory {self.peak_gib:.1f} GiB (weights and LoRA state {self.resident_gib:.1f}, "
+                f"rollout peak {self.rollout_gib:.1f}, update peak {self.update_gib:.1f}); {time}")
+
+
+def model_shape(checkpoint: str | Path, dtype: torch.dtype, lora: LoraSettings) -> ModelShape:
+    config = read_json(Path(checkpoint) / CONFIG_FILE)
+    oft = any(key in config for key in OFT_CONFIG_HINTS)
+    proprio = oft and bool(config.get("use_proprio", False))
+    spec = ModelSpec.from_config(config, config.get("proprio_dim", 8) if proprio else None)
+    model = build_model(spec, "meta", dtype)
+    llama = spec.llama_config()
+    targets = set(lora_target_modules(model, lora))
+    lora_parameters = sum(lora.rank * (module.in_features + module.out_features)
+                          for name, module in model.named_modules() if name in targets)
+    heads = llama.num_attention_heads
+    return ModelShape(
+        frozen_parameters=sum(p.numel() for p in model.parameters()), lora_parameters=lora_parameters,
+        layers=llama.num_hidden_layers, hidden=llama.hidden_size,
+        kv_hidden=llama.hidden_size * (llama.num_key_value_heads or heads) // heads, mlp=llama.intermediate_size,
+        oft=oft, images=config.get("num_images_in_input", 1) if oft else 1, proprio=proprio,
+        dtype_bytes=torch.tensor([], dtype=dtype).element_size())
+
+
+def rollout_bytes_per_sample(shape: ModelShape) -> float:
+    tokens = shape.prompt_tokens + (shape.action_tokens + 1 if shape.oft else 0)
+    activations = ROLLOUT_ACTIVATIONS * tokens * shape.mlp * shape.dtype_bytes
+    if shape.oft:
+        return activations
+    slots = math.ceil((shape.prompt_tokens + shape.action_tokens - 1) / KV_SLOT_MULTIPLE) * KV_SLOT_MULTIPLE
+    return activations + shape.layers * 2 * shape.kv_hidden * slots * shape.dtype_bytes
+
+
+def update_bytes_per_sample(shape: ModelShape, gradient_checkpointing: bool) -> float:
+    tokens = shape.prompt_tokens + shape.action_tokens + int(shape.oft)
+    layer = UPDATE_ACTIVATIONS * tokens * shape.mlp * shape.dtype_bytes
+    if not gradient_checkpointing:  # every layer keeps its activations for the backward pass
+        return shape.layers * layer
+    return shape.layers * tokens * shape.hidden * shape.dtype_bytes + layer
+
+
+def card_tflops(card: str) -> float | None:
+    return next((rate for name, rate in DENSE_BF16_TFLOPS.items() if name in card), None)
+
+
+def predict(config: TrainConfig, shape: ModelShape, card: str) -> Prediction:
+    """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`."""
+    resident = shape.frozen_parameters * shape.dtype_bytes + shape.lora_parameters * 12  # fp32 weights + 2 moments
+    rollout = (resident + ROLLOUT_WORKSPACE_GIB * GIB
+               + config.env.num_envs * rollout_bytes_per_sample(shape))
+    update = (resident + shape.lora_parameters * 4 + UPDATE_WORKSPACE_GIB * GIB
+              + config.optim.micro_batch_size * update_bytes_per_sample(shape, config.model.gradient_checkpointing))
+    return Prediction(resident / GIB, rollout / GIB, update / GIB, iteration_seconds(config, shape, card), card)
+
+
+def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> float | None:
+    """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card
+    or a policy not in bf16 (the measurements are of the bf16 7B)."""
+    rate = card_tflops(card)
+    if rate is None or shape.dtype_bytes != 2:
+        return None
+    horizon = config.env.max_steps or suite_shape(config.env.task_suite).max_steps
+    episodes = config.grpo.groups_per_iteration * config.grpo.group_size
+    queries = episodes * math.ceil(horizon / (OFT_CHUNK if shape.oft else 1))
+    kind = "oft" if shape.oft else "openvla"
+    scale = DENSE_BF16_TFLOPS[MEASURED_ON] / rate
+    gpu = queries * (SECONDS_PER_QUERY[kind] + SECONDS_PER_SAMPLE[kind] * config.optim.ppo_epochs) * scale
+    simulators = (episodes * horizon / (SIMULATOR_ACTIONS_PER_S_PER_ENV * config.env.num_envs)
+                  + FIRST_RESET_SECONDS * math.ceil(episodes / config.env.num_envs))
+    return gpu + simulators
+
+
+def check_fits(config: TrainConfig, card: str, available_gib: float | None) -> Prediction | None:
+    """The prediction for a local checkpoint trained with LoRA in bf16 on CUDA (what the model is calibrated on),
+    or None where it does not apply; raises a ValueError naming the flag to change when the peak is over
+    `available_gib` (None: no GPU to check against)."""
+    checkpoint = Path(config.model.checkpoint).expanduser()
+    if config.finetune != "lora" or not (checkpoint / CONFIG_FILE).is_file():
+        return None
+    dtype = config.model.dtype
+    if dtype == "auto":  # on CUDA: the dtype the checkpoint was trained in (vla_actor.resolve_dtype)
+        dtype = trained_dtype_name(read_json(checkpoint / CONFIG_FILE))
+    if dtype != "bfloat16":
+        return None
+    lora = config.lora
+    target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
+    shape = model_shape(checkpoint, COMPUTE_DTYPES[dtype],
+                        LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, target=target,
+                                     include_projector=lora.lora_projector, include_vision=lora.lora_vision))
+    prediction = predict(config, shape, card)
+    if available_gib is not None and prediction.peak_gib > available_gib:
+        flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib
+                else f"--micro-batch-size (now {config.optim.micro_batch_size})")
+        raise ValueError(f"this configuration is predicted to need {prediction.peak_gib:.1f} GiB of GPU memory and "
+                         f"{card} gives this process {available_gib:.1f} GiB: lower {flag}"
+                         + ("" if config.model.gradient_checkpointing else " or turn --gradient-checkpointing on"))
+    return prediction
+
+
+def detected_card(device: str) -> tuple[str, float | None]:
+    """(name, GiB this process may allocate) of the GPU `--device` resolves to; ("no GPU", None) without one."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return "no GPU", None
+    index = torch.device(device).index if device not in ("auto", "cuda") else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    return torch.cuda.get_device_name(index), total * torch.cuda.get_per_process_memory_fraction(index) / GIB
