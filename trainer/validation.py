@@ -18,6 +18,7 @@ from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE, defa
 from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, TrainConfig, config_to_dict
 from trainer.envs import suite_names, suite_shape
 from vla_actor.checkpoint import CONFIG_FILE, read_json, tensor_shapes
+from vla_actor.quant import check_base_quant
 
 MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", "eval_at_start",
                         "eval_episodes_per_task", "num_videos", "save_every", "keep_last", "output_dir", "run_name",
@@ -80,7 +81,19 @@ def check_model(model: ModelConfig) -> None:
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {model.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_base_quant(model.base_quant, auto if model.device == "auto" else torch.device(model.device))
+    if model.base_quant_vision and model.base_quant == "none":
+        raise ValueError("--base-quant-vision quantizes the ViTs of a quantized base: add --base-quant int8 / nf4 / "
+                         "fp8, or drop --base-quant-vision")
 
+
+
+def check_finetune_base(finetune: str, model: ModelConfig) -> None:
+    """A quantized base is frozen: only LoRA adapters train on top of it."""
+    if finetune == "full" and model.base_quant != "none":
+        raise ValueError(f"--base-quant {model.base_quant} stores a frozen quantized base, which --finetune full "
+                         f"would train: use --finetune lora, or --base-quant none")
 
 def check_env(env: EnvConfig) -> list[int]:
     """The task ids the config selects (all of the suite when none are given)."""
@@ -252,6 +265,7 @@ def check_train(config: TrainConfig, rank: int = 0) -> TrainPlan:
     if per_task is not None and not 1 <= per_task <= config.env.num_heldout:
         raise ValueError(f"--eval-episodes-per-task must be in 1..--num-heldout ({config.env.num_heldout}), got "
                          f"{per_task}")
+    check_finetune_base(config.finetune, config.model)
     if config.finetune == "full" and config.grpo.kl_coef > 0:
         raise ValueError(f"--kl-coef {config.grpo.kl_coef} needs the base model, which is the policy with its LoRA "
                          f"adapter disabled; --finetune full has no adapter: use --kl-coef 0 or --finetune lora")

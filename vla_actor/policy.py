@@ -37,6 +37,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
+from vla_actor.quant import dequantize
 from vla_actor.tokenizer import carried_files, load_tokenizer
 
 BOS_ID = 1
@@ -583,11 +584,13 @@ def lora_target_modules(model: OpenVLAModel, settings: LoraSettings) -> list[str
 
 
 def merged_checkpoint_tensors(model: OpenVLAModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """File key -> tensor with every active LoRA delta added to its base weight, one tensor at a time."""
+    """File key -> tensor with every active LoRA delta added to its base weight, one tensor at a time; a quantized
+    base weight (vla_actor.quant) is dequantized first, so the file has the released layout."""
     lora_layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     for name, tensor in model.state_dict().items():
         if name.startswith("proprio_projector.") or ".lora_" in name:
             continue
+        tensor = dequantize(tensor)
         owner, _, parameter = name.rpartition(".")
         layer_name = owner.removesuffix(".base_layer")
         if owner.endswith(".base_layer") and layer_name in lora_layers:
