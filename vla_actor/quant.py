@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -100,3 +103,12 @@ def dequantize(tensor: torch.Tensor) -> torch.Tensor:
     if hasattr(tensor, "get_original_weight"):  # NF4Tensor
         return tensor.get_original_weight()
     return tensor.dequantize()
+
+
+@contextmanager
+def without_peft_requantize_warning() -> Iterator[None]:
+    """PEFT warns, when it wraps a torchao weight, that its own merge() could not requantize it; nothing here uses
+    PEFT's merge (the merged export dequantizes, `merged_checkpoint_tensors`), so the warning would only mislead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*instantiated without `get_apply_tensor_subclass`")
+        yield
