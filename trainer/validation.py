@@ -75,12 +75,12 @@ def check_model(model: ModelConfig) -> None:
                              f"cuda:N") from error
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {model.device}: no CUDA device is visible here; use --device cpu (or auto)")
-    if model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
-                         "installed: pip install flash-attn (CUDA only), or use --attn-implementation sdpa")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {model.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+                         "installed: pip install flash-attn (CUDA only), or use --attn-implementation sdpa")
     auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_base_quant(model.base_quant, auto if model.device == "auto" else torch.device(model.device))
     if model.base_quant_vision and model.base_quant == "none":
@@ -88,12 +88,12 @@ def check_model(model: ModelConfig) -> None:
                          "fp8, or drop --base-quant-vision")
 
 
-
 def check_finetune_base(finetune: str, model: ModelConfig) -> None:
     """A quantized base is frozen: only LoRA adapters train on top of it."""
     if finetune == "full" and model.base_quant != "none":
         raise ValueError(f"--base-quant {model.base_quant} stores a frozen quantized base, which --finetune full "
                          f"would train: use --finetune lora, or --base-quant none")
+
 
 def check_env(env: EnvConfig) -> list[int]:
     """The task ids the config selects (all of the suite when none are given)."""

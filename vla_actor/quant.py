@@ -91,8 +91,8 @@ def nf4_scaler_block(weight: torch.Tensor) -> int:
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
-    """A torchao weight (int8 / fp8 / nf4) rather than a plain tensor."""
-    return type(tensor) not in (torch.Tensor, nn.Parameter)
+    """A torchao weight (int8 / fp8 / nf4) rather than a plain (or otherwise wrapped, e.g. FSDP's) tensor."""
+    return type(tensor).__module__.startswith("torchao.")
 
 
 def dequantize(tensor: torch.Tensor) -> torch.Tensor:
