@@ -427,15 +427,16 @@ def bench_base_quant(config: BenchConfig, workdir: Path, rng: np.random.Generato
         curve = rollout_curve(config, policy, config.rollout_batches, rng,
                               f"{mode} rollout under {config.quant_mem_cap_gib:g} GiB")
         rollout_batch = fastest(curve, "actions_per_s")
-        results.update(rollout_curve=curve, rollout_batch=rollout_batch,
-                       rollout_actions_per_s=None if rollout_batch is None else curve[str(rollout_batch)]["actions_per_s"])
+        results.update(rollout_curve=curve, rollout_batch=rollout_batch, rollout_actions_per_s=None
+                       if rollout_batch is None else curve[str(rollout_batch)]["actions_per_s"])
         update_curve = None if rollout_batch is None else try_measure(
             device, lambda: micro_batch_curve(config, policy, optimizer, min(rollout_batch, 16), rng))
         micro = None if update_curve is None else fastest(update_curve, "samples_per_s")
         results.update(update_curve=update_curve, update_micro_batch=micro,
                        update_samples_per_s=None if micro is None else update_curve[str(micro)]["samples_per_s"])
-        results.update((micro is not None and try_measure(
-            device, lambda: iteration_peak(config, policy, optimizer, micro, rng))) or {"peak_gib_iteration": None})
+        iteration = None if micro is None else try_measure(
+            device, lambda: iteration_peak(config, policy, optimizer, micro, rng))
+        results.update(iteration or {"peak_gib_iteration": None})
         print(f"{mode}: {json.dumps({k: v for k, v in results.items() if 'curve' not in k})}", flush=True)
         modes["bf16" if mode == "none" else mode] = results
         del policy, optimizer

@@ -85,8 +85,9 @@ def nf4_scaler_block(weight: torch.Tensor) -> int:
     """NF4's double-quantization block: QLoRA's 256 where it divides the layer's count of block scales (every 7B
     layer), else the largest power of two that does (small look-alike layers)."""
     if weight.numel() % NF4_BLOCK:
-        raise ValueError(f"nf4 needs layers with a multiple of {NF4_BLOCK} weights; a [{', '.join(map(str, weight.shape))}] "
-                         f"layer has {weight.numel()}: use --base-quant int8 (or leave the ViTs unquantized)")
+        shape = ", ".join(map(str, weight.shape))
+        raise ValueError(f"nf4 needs layers with a multiple of {NF4_BLOCK} weights; a [{shape}] layer has "
+                         f"{weight.numel()}: use --base-quant int8 (or leave the ViTs unquantized)")
     return math.gcd(NF4_SCALER_BLOCK, weight.numel() // NF4_BLOCK)
 
 
