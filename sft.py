@@ -42,7 +42,7 @@ from trainer.demo_batches import DemoBatches, read_demo_steps
 from trainer.errors import USER_ERRORS, UserError
 from trainer.metrics import MetricsLogger
 from trainer.policy_builder import build_policy
-from trainer.validation import changed_settings, check_model
+from trainer.validation import changed_settings, check_finetune_base, check_model
 from vla_actor import VLAPolicy
 from vla_actor.action_tokens import find_stats
 from vla_actor.checkpoint import CONFIG_FILE, read_json, read_norm_stats, resolve_directory
@@ -71,6 +71,7 @@ def check_sft(config: SftConfig) -> None:
     if config.finetune == "full" and config.model.adapter is not None:
         raise ValueError(f"--adapter {config.model.adapter} is a LoRA adapter and --finetune full trains no adapter: "
                          f"merge it into a full checkpoint first and pass that as --checkpoint")
+    check_finetune_base(config.finetune, config.model)
     if config.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be constant or cosine, got {config.lr_schedule!r}")
     at_least_one = {"lora_rank": config.lora.lora_rank, "lora_alpha": config.lora.lora_alpha,

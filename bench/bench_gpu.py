@@ -5,6 +5,11 @@ LoRA r16 on every linear layer of the LLM, capped with torch.cuda.set_per_proces
 `--model tiny` it runs every code path on the CPU with a look-alike checkpoint (the CI smoke test).
 
     python -m bench.bench_gpu --output bench/results/gpu_7b.json
+    python -m bench.bench_gpu --base-quant int8 nf4 fp8   # bf16 vs quantized bases -> gpu_7b_quant.json
+
+With `--base-quant` it measures instead the frozen base stored quantized (vla_actor.quant) against bf16 in the
+same run, on the same inputs: per mode the full-iteration peak and rates under `--quant-mem-cap-gib` (16), the
+log-prob difference to bf16, and the largest rollout batch under `--mem-cap-gib` (24).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch  # noqa: E402
 import tyro
 
 import grpo
+from trainer.checkpoint import write_json
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.openvla_7b import random_7b_policy
 from vla_actor.policy import VLAPolicy
+from vla_actor.quant import check_base_quant, quantize_base
 
 INSTRUCTIONS = (
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -81,6 +88,16 @@ class BenchConfig:
     """Skip the OFT chunk-mode measurement."""
     iteration_batch: int = 16
     """Rollout batch of the full-iteration memory run (optimizer state is resident then)."""
+    base_quant: tuple[Literal["int8", "nf4", "fp8"], ...] = ()
+    """Quantized-base modes to compare with bf16 (measured first, in the same run); empty: the standard bench."""
+    base_quant_vision: bool = False
+    """With --base-quant: also quantize the ViTs' linear layers."""
+    quant_mem_cap_gib: float = 16.0
+    """Memory cap of the quantized-base iteration, rollout and update measurements (the 16 GB card)."""
+    quant_rollout_batches: tuple[int, ...] = (16, 32, 64, 96, 128)
+    """Rollout batches tried under --mem-cap-gib per quantized-base mode; the largest that fits is reported."""
+    quant_output: Path = Path("bench/results/gpu_7b_quant.json")
+    """Where the --base-quant comparison JSON goes."""
 
 
 def device_of(config: BenchConfig) -> torch.device:
@@ -121,8 +138,9 @@ def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float
 
 
 def build_policy(config: BenchConfig, variant: str, workdir: Path, num_images: int = 1,
-                 use_proprio: bool = False) -> VLAPolicy:
-    """The policy under test with LoRA applied; num_images / use_proprio are OFT's inputs."""
+                 use_proprio: bool = False, base_quant: str = "none") -> VLAPolicy:
+    """The policy under test with LoRA applied (on the base quantized by `base_quant`); num_images / use_proprio are
+    OFT's inputs."""
     device = device_of(config)
     if config.model == "tiny":
         path = make_tiny_checkpoint(workdir / f"{variant}_{num_images}_{use_proprio}", variant=variant,
@@ -132,6 +150,8 @@ def build_policy(config: BenchConfig, variant: str, workdir: Path, num_images: i
         torch.manual_seed(config.seed)
         policy = random_7b_policy(device, torch.bfloat16, variant=variant, num_images=num_images,
                                   use_proprio=use_proprio)
+    quantize_base(policy.model, base_quant, config.base_quant_vision)
+    reset_peak(device)  # hands the replaced bf16 weights back before anything is measured
     policy.apply_lora(LoraSettings(rank=config.lora_rank, alpha=config.lora_rank))
     return policy
 
@@ -226,7 +246,7 @@ def is_oom(error: Exception) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def try_measure(device: torch.device, fn: Callable[[], float]) -> float | None:
+def try_measure(device: torch.device, fn: Callable[[], float | dict]) -> float | dict | None:
     """fn() or None when it does not fit under the cap."""
     try:
         return fn()
@@ -301,34 +321,51 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     del new_log_probs
 
     # 5. Ours: accumulation over micro-batches with gradient checkpointing, one step per mini-batch.
-    data = sampled(policy, config.mini_batch, min(best_batch, 16), rng, config.temperature)
-    update_curve = {}
-    for micro in config.micro_batches:
-        reset_peak(device)
-        rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro,
-                                                              config.temperature))
-        update_curve[str(micro)] = None if rate is None else {"samples_per_s": rate, "peak_gib": peak_gib(device)}
-        print(f"update micro-batch {micro}: {update_curve[str(micro)]}", flush=True)
+    update_curve = micro_batch_curve(config, policy, optimizer, min(best_batch, 16), rng)
     best_micro = best_of(update_curve, "samples_per_s", "update micro-batch")
     results.update(update_curve=update_curve, update_micro_batch=best_micro,
                    update_samples_per_s=update_curve[str(best_micro)]["samples_per_s"],
                    update_mini_batch=config.mini_batch)
 
     # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
+    results.update(iteration_peak(config, policy, optimizer, best_micro, rng))
+    del policy, optimizer, seed_data, probe
+    reset_peak(device)
+    return results
+
+
+def micro_batch_curve(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, rollout_batch: int,
+                      rng: np.random.Generator) -> dict:
+    """Micro-batch size -> update samples/s and peak GiB (gradient checkpointing, one step per mini-batch; None
+    where it does not fit under the cap)."""
+    device = policy.device
+    data = sampled(policy, config.mini_batch, rollout_batch, rng, config.temperature)
+    curve = {}
+    for micro in config.micro_batches:
+        reset_peak(device)
+        rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro,
+                                                              config.temperature))
+        curve[str(micro)] = None if rate is None else {"samples_per_s": rate, "peak_gib": peak_gib(device)}
+        print(f"update micro-batch {micro}: {curve[str(micro)]}", flush=True)
+    return curve
+
+
+def iteration_peak(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, micro_batch: int,
+                   rng: np.random.Generator) -> dict:
+    """Peak memory of a full iteration with the optimizer state resident: rollout for a few env steps, then the
+    update."""
+    device = policy.device
     reset_peak(device)
     iteration = sampled(policy, config.iteration_batch * config.iteration_steps, config.iteration_batch, rng,
                         config.temperature)
     for start in range(0, len(iteration.instructions), config.mini_batch):
         part = slice(start, start + config.mini_batch)
         update(policy, optimizer, Batch(**iteration.rows(part), token_ids=iteration.token_ids[part],
-                                        old_log_probs=iteration.old_log_probs[part]), best_micro, config.temperature)
+                                        old_log_probs=iteration.old_log_probs[part]), micro_batch, config.temperature)
     synchronize(device)
-    results.update(iteration_batch=config.iteration_batch, peak_gib_iteration=peak_gib(device),
-                   peak_reserved_gib_iteration=(torch.cuda.max_memory_reserved(device) / GIB
-                                                if device.type == "cuda" else 0.0))
-    del policy, optimizer, data, iteration, seed_data, probe
-    reset_peak(device)
-    return results
+    return dict(iteration_batch=config.iteration_batch, peak_gib_iteration=peak_gib(device),
+                peak_reserved_gib_iteration=(torch.cuda.max_memory_reserved(device) / GIB
+                                             if device.type == "cuda" else 0.0))
 
 
 def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> dict:
@@ -349,25 +386,99 @@ def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> d
             "oft_actions_per_s": setups[fastest]["actions_per_s"]}
 
 
+def set_memory_cap(device: torch.device, gib: float) -> None:
+    """Cap this process's CUDA allocations at `gib` (emulating a smaller card); nothing on the CPU."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), device)
+
+
+def bench_base_quant(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> dict:
+    """bf16 and each --base-quant mode in turn (one policy at a time, LoRA applied, OpenVLA mode): the same probe
+    inputs and tokens give the log-prob difference to bf16 (a fresh adapter is zero, so it is the base's
+    difference); the largest rollout batch is found under --mem-cap-gib, then the rollout and update rates and the
+    iteration peak under --quant-mem-cap-gib (None where nothing fits)."""
+    device = device_of(config)
+    modes: dict = {}
+    reference = None
+    for mode in ("none", *config.base_quant):
+        set_memory_cap(device, config.mem_cap_gib)
+        policy = build_policy(config, "openvla", workdir, base_quant=mode)
+        results: dict = {"weights_gib": torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0}
+        if reference is None:
+            reference = rollout(policy, observations(policy, 16, rng), config.temperature)
+        with torch.no_grad():
+            log_probs, _ = policy.log_probs(**reference.rows(slice(None)), token_ids=reference.token_ids,
+                                            temperature=config.temperature)
+        difference = (log_probs.float().cpu() - reference.old_log_probs).abs()
+        results["logprob_diff_vs_bf16"] = {"mean": float(difference.mean()), "max": float(difference.max())}
+        del log_probs
+
+        wide = rollout_curve(config, policy, config.quant_rollout_batches, rng,
+                             f"{mode} rollout under {config.mem_cap_gib:g} GiB")
+        largest = max((int(size) for size, point in wide.items() if point is not None), default=None)
+        results.update(rollout_curve_mem_cap=wide, largest_rollout_batch=largest,
+                       largest_rollout_batch_actions_per_s=None if largest is None
+                       else wide[str(largest)]["actions_per_s"])
+
+        set_memory_cap(device, config.quant_mem_cap_gib)
+        policy.gradient_checkpointing(True)
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
+        curve = rollout_curve(config, policy, config.rollout_batches, rng,
+                              f"{mode} rollout under {config.quant_mem_cap_gib:g} GiB")
+        rollout_batch = fastest(curve, "actions_per_s")
+        results.update(rollout_curve=curve, rollout_batch=rollout_batch, rollout_actions_per_s=None
+                       if rollout_batch is None else curve[str(rollout_batch)]["actions_per_s"])
+        update_curve = None if rollout_batch is None else try_measure(
+            device, lambda: micro_batch_curve(config, policy, optimizer, min(rollout_batch, 16), rng))
+        micro = None if update_curve is None else fastest(update_curve, "samples_per_s")
+        results.update(update_curve=update_curve, update_micro_batch=micro,
+                       update_samples_per_s=None if micro is None else update_curve[str(micro)]["samples_per_s"])
+        iteration = None if micro is None else try_measure(
+            device, lambda: iteration_peak(config, policy, optimizer, micro, rng))
+        results.update(iteration or {"peak_gib_iteration": None})
+        print(f"{mode}: {json.dumps({k: v for k, v in results.items() if 'curve' not in k})}", flush=True)
+        modes["bf16" if mode == "none" else mode] = results
+        del policy, optimizer
+        reset_peak(device)
+    return {"mem_cap_gib": config.quant_mem_cap_gib, "rollout_mem_cap_gib": config.mem_cap_gib,
+            "base_quant_vision": config.base_quant_vision, "modes": modes}
+
+
+def fastest(curve: dict, key: str) -> int | None:
+    """The size with the highest `key` among those that fit; None when none does."""
+    fitting = {int(size): point[key] for size, point in curve.items() if point is not None}
+    return max(fitting, key=fitting.get) if fitting else None
+
+
 def main(config: BenchConfig) -> dict:
     device = device_of(config)
+    for mode in config.base_quant:
+        try:
+            check_base_quant(mode, device)
+        except ValueError as error:
+            raise SystemExit(f"bench_gpu.py: {error}") from None
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "model": config.model, "mem_cap_gib": config.mem_cap_gib, "lora_rank": config.lora_rank,
                      "torch": torch.__version__, "temperature": config.temperature}
+    set_memory_cap(device, config.mem_cap_gib)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, config.mem_cap_gib * GIB / total), device)
         torch.backends.cuda.matmul.allow_tf32 = True
     with tempfile.TemporaryDirectory() as workdir:
-        results.update(bench_openvla(config, Path(workdir), rng))
-        if not config.skip_oft:
-            results.update(bench_oft(config, Path(workdir), rng))
-    results["rollout_speedup"] = results["rollout_actions_per_s"] / results["rollout_actions_per_s_seed"]
-    results["update_speedup"] = results["update_samples_per_s"] / results["update_samples_per_s_seed"]
-    config.output.parent.mkdir(parents=True, exist_ok=True)
-    config.output.write_text(json.dumps(results, indent=2) + "\n")
+        if config.base_quant:
+            results.update(bench_base_quant(config, Path(workdir), rng))
+            output = config.quant_output
+        else:
+            results.update(bench_openvla(config, Path(workdir), rng))
+            if not config.skip_oft:
+                results.update(bench_oft(config, Path(workdir), rng))
+            results["rollout_speedup"] = results["rollout_actions_per_s"] / results["rollout_actions_per_s_seed"]
+            results["update_speedup"] = results["update_samples_per_s"] / results["update_samples_per_s_seed"]
+            output = config.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(output, results)
     print(json.dumps(results, indent=2))
     return results
 

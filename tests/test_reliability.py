@@ -258,7 +258,8 @@ def test_lost_resets_are_counted(checkpoint, tmp_path):
     "config-not-yaml", "config-missing", "resume-no-config", "lora-dropout", "max-seconds", "num-envs",
     "adapter-missing", "checkpoint-config-not-json", "weight-decay", "eval-trials", "eval-temperature-inf",
     "plot-no-metrics", "optimizer-truncated", "trainer-state-garbled", "resume-finetune", "sft-no-demos",
-    "demo-lr-nan", "device", "flash-attn-missing", "plot-unwritable",
+    "demo-lr-nan", "device", "flash-attn-missing", "plot-unwritable", "base-quant-fp8-cpu", "base-quant-full",
+    "eval-adapter-of-another-base-quant",
 ])
 def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
     runs = tmp_path / "new-runs"
@@ -305,6 +306,15 @@ def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
                     "--output-dir", str(runs)], "--device 'gpu0' is not a torch device ("),
         "flash-attn-missing": (["train", *toy_args(checkpoint, runs), "--attn-implementation", "flash_attention_2"],
                                "--attn-implementation flash_attention_2 needs the flash-attn package"),
+        "eval-adapter-of-another-base-quant": (
+            ["eval", "--checkpoint", str(checkpoint), "--adapter", str(run), "--task-suite", "toy", "--base-quant",
+             "int8", "--output-dir", str(runs)],
+            f"adapter {run / CHECKPOINTS / 'iter_000001' / 'adapter'} was trained on a base with --base-quant = none"),
+        "base-quant-fp8-cpu": (["train", *toy_args(checkpoint, runs), "--device", "cpu", "--base-quant", "fp8"],
+                               "--base-quant fp8 needs a CUDA GPU with FP8 (compute capability 8.9+"),
+        "base-quant-full": (["train", *toy_args(checkpoint, runs), "--finetune", "full", "--kl-coef", "0",
+                             "--base-quant", "nf4"], "--base-quant nf4 stores a frozen quantized base, which "
+                            "--finetune full would train: use --finetune lora, or --base-quant none"),
         "plot-unwritable": (["plot", str(run), "--output", "/proc/no-such-dir/curves.png"],
                             "cannot write the plot to /proc/no-such-dir/curves.png ("),
         "resume-finetune": (["train", "--resume", str(run), "--finetune", "full", "--kl-coef", "0"],

@@ -226,6 +226,9 @@ def test_bad_inputs_raise_one_clear_error(tmp_path):
                           unnorm_key="libero_spatial"))
     with pytest.raises(ValueError, match="warmup_steps must be a finite number >= 0, got -1"):
         run_sft(sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base, warmup_steps=-1))
+    with pytest.raises(ValueError, match="--base-quant nf4 stores a frozen quantized base, which --finetune full"):
+        run_sft(sft_config(demos=tmp_path / "demos", output_dir=tmp_path / "out", checkpoint=base, finetune="full",
+                           base_quant="nf4"))
     assert not (tmp_path / "out").exists()
 
     # A run directory continues only with its own settings, and not from a checkpoint past `steps`.

@@ -55,6 +55,14 @@ class ModelConfig:
     needs sdpa or eager)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B)."""
+    base_quant: Literal["none", "int8", "nf4", "fp8"] = "none"
+    """Store the frozen base's LLM linear weights quantized at load time (QLoRA; torchao, pip install torchao): int8
+    (8-bit per-row, CPU and CUDA), nf4 (QLoRA's 4-bit NormalFloat, CPU and CUDA) or fp8 (e4m3, CUDA compute
+    capability 8.9+). The LoRA adapters stay in the compute dtype; rollout, update and the adapter-disabled KL
+    reference all use the same quantized base; a merged export is dequantized into the released layout. LoRA
+    only (not --finetune full)."""
+    base_quant_vision: bool = False
+    """With --base-quant: also quantize the linear layers of the two ViTs' blocks."""
 
 
 @dataclass

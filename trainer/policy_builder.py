@@ -7,16 +7,19 @@ from trainer import fsdp
 from trainer.checkpoint import resolve_adapter
 from trainer.config import LoraConfig, ModelConfig
 from vla_actor import LoraSettings, VLAPolicy, load_policy, resolve_dtype
+from vla_actor.quant import quantize_base
 
 
 def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, device: torch.device,
                  full: bool = False) -> VLAPolicy:
     """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
     trainable; lora=None with no adapter and not full gives the plain policy for eval. `unnorm_key` names the
-    checkpoint's action statistics to decode with (REF 1.3)."""
+    checkpoint's action statistics to decode with (REF 1.3). With `model.base_quant` the loaded base is quantized
+    before the adapter goes on (vla_actor.quant)."""
     policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device),
                          dtype=resolve_dtype(model.dtype, model.checkpoint, device),
                          attn_implementation=model.attn_implementation)
+    quantize_base(policy.model, model.base_quant, model.base_quant_vision)
     if lora is not None:
         target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
         policy.apply_lora(LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,

@@ -19,6 +19,7 @@ from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, T
 from trainer.envs import suite_names, suite_shape
 from trainer.memory import Prediction, check_fits, detected_card
 from vla_actor.checkpoint import CONFIG_FILE, read_json, tensor_shapes
+from vla_actor.quant import check_base_quant
 
 MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", "eval_at_start",
                         "eval_episodes_per_task", "num_videos", "save_every", "keep_last", "output_dir", "run_name",
@@ -68,7 +69,7 @@ def check_model(model: ModelConfig) -> None:
                                 f"(REF 1.1) or a hub id such as openvla/openvla-7b-finetuned-libero-spatial; "
                                 f"`OpenVLA_GRPO.py demo` builds a tiny local one")
     if model.adapter is not None:
-        resolve_adapter(model.adapter)
+        check_adapter_base(model, resolve_adapter(model.adapter))
     if model.device != "auto":
         try:
             device = torch.device(model.device)
@@ -77,12 +78,40 @@ def check_model(model: ModelConfig) -> None:
                              f"cuda:N") from error
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {model.device}: no CUDA device is visible here; use --device cpu (or auto)")
-    if model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
-                         "installed: pip install flash-attn (CUDA only), or use --attn-implementation sdpa")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {model.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+                         "installed: pip install flash-attn (CUDA only), or use --attn-implementation sdpa")
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_base_quant(model.base_quant, auto if model.device == "auto" else torch.device(model.device))
+    if model.base_quant_vision and model.base_quant == "none":
+        raise ValueError("--base-quant-vision quantizes the ViTs of a quantized base: add --base-quant int8 / nf4 / "
+                         "fp8, or drop --base-quant-vision")
+
+
+def check_adapter_base(model: ModelConfig, adapter: Path) -> None:
+    """An adapter saved by a run (its checkpoint's config.json beside adapter/) was trained on that run's base: one
+    quantized differently gives it other log-probs, so the flags must name the same --base-quant."""
+    saved_path = adapter.parent / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = flat_fields(read_json(saved_path))
+    for name in ("base_quant", "base_quant_vision"):
+        if name in saved and saved[name] != getattr(model, name):
+            wanted = (flag(name) if saved[name] else "--no-" + flag(name)[2:]) if isinstance(saved[name], bool) \
+                else f"{flag(name)} {saved[name]}"
+            raise ValueError(f"adapter {adapter} was trained on a base with {flag(name)} = {saved[name]} "
+                             f"({saved_path}), given {getattr(model, name)}: pass {wanted}, or merge the adapter into "
+                             f"a full checkpoint first to evaluate it on another base")
+
+
+def check_finetune_base(finetune: str, model: ModelConfig) -> None:
+    """A quantized base is frozen: only LoRA adapters train on top of it."""
+    if finetune == "full" and model.base_quant != "none":
+        raise ValueError(f"--base-quant {model.base_quant} stores a frozen quantized base, which --finetune full "
+                         f"would train: use --finetune lora, or --base-quant none")
 
 
 def check_env(env: EnvConfig) -> list[int]:
@@ -255,6 +284,7 @@ def check_train(config: TrainConfig, rank: int = 0) -> TrainPlan:
     if per_task is not None and not 1 <= per_task <= config.env.num_heldout:
         raise ValueError(f"--eval-episodes-per-task must be in 1..--num-heldout ({config.env.num_heldout}), got "
                          f"{per_task}")
+    check_finetune_base(config.finetune, config.model)
     if config.finetune == "full" and config.grpo.kl_coef > 0:
         raise ValueError(f"--kl-coef {config.grpo.kl_coef} needs the base model, which is the policy with its LoRA "
                          f"adapter disabled; --finetune full has no adapter: use --kl-coef 0 or --finetune lora")

@@ -37,6 +37,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
+from vla_actor.quant import dequantize, without_peft_requantize_warning
 from vla_actor.tokenizer import carried_files, load_tokenizer
 
 BOS_ID = 1
@@ -451,7 +452,8 @@ class VLAPolicy:
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                             target_modules=lora_target_modules(self.model, settings),
                             init_lora_weights=True if settings.init == "default" else settings.init)
-        self._peft = get_peft_model(self.model, config)
+        with without_peft_requantize_warning():
+            self._peft = get_peft_model(self.model, config)
         self._adapters_follow_autocast()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -499,7 +501,8 @@ class VLAPolicy:
                 raise FileNotFoundError(f"{name} not found in {directory}: expected a PEFT adapter directory")
         self._check_adapter_fits(directory)
         if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.model, directory, is_trainable=True)
+            with without_peft_requantize_warning():
+                self._peft = PeftModel.from_pretrained(self.model, directory, is_trainable=True)
             self._adapters_follow_autocast()
         else:
             saved = LoraConfig.from_pretrained(directory)
@@ -583,11 +586,13 @@ def lora_target_modules(model: OpenVLAModel, settings: LoraSettings) -> list[str
 
 
 def merged_checkpoint_tensors(model: OpenVLAModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """File key -> tensor with every active LoRA delta added to its base weight, one tensor at a time."""
+    """File key -> tensor with every active LoRA delta added to its base weight, one tensor at a time; a quantized
+    base weight (vla_actor.quant) is dequantized first, so the file has the released layout."""
     lora_layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     for name, tensor in model.state_dict().items():
         if name.startswith("proprio_projector.") or ".lora_" in name:
             continue
+        tensor = dequantize(tensor)
         owner, _, parameter = name.rpartition(".")
         layer_name = owner.removesuffix(".base_layer")
         if owner.endswith(".base_layer") and layer_name in lora_layers:

@@ -1,0 +1,115 @@
+"""A quantized frozen base for LoRA training (QLoRA): the base's linear weights are stored in 8 or 4 bits by torchao
+at load time, the LoRA adapters on top stay in the compute dtype. Rollout, update and the adapter-disabled KL
+reference all run the same quantized weights, so the PPO ratio stays exact.
+
+Modes: int8 (torchao Int8WeightOnlyConfig, per-row scales; CPU and CUDA), nf4 (torchao NF4Tensor, QLoRA's 4-bit
+NormalFloat with blocks of 64 and double-quantized scales; CPU and CUDA), fp8 (torchao Float8WeightOnlyConfig,
+e4m3 with per-row scales; CUDA GPUs of compute capability 8.9 or newer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+QUANT_MODES = ("none", "int8", "nf4", "fp8")
+NF4_BLOCK = 64
+"""Weights per NF4 block, each with its own absmax scale (QLoRA)."""
+NF4_SCALER_BLOCK = 256
+"""Block scales per double-quantization block (QLoRA); smaller on layers whose scale count it does not divide."""
+FP8_MIN_CAPABILITY = (8, 9)
+"""Ada / Hopper and newer have FP8 tensor cores."""
+
+_LLM_LAYER = re.compile(r"^language_model\.model\.layers\.\d+\.")
+_VIT_BLOCK = re.compile(r"^vision_backbone\.(featurizer|fused_featurizer)\.blocks\.\d+\.")
+
+
+def check_base_quant(mode: str, device: torch.device) -> None:
+    """One clear error when `mode` cannot run on `device` (or its library is missing), before any model loads."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"--base-quant must be one of {', '.join(QUANT_MODES)}, got {mode!r}")
+    if mode == "none":
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"--base-quant {mode} needs the torchao package, which is not installed: pip install torchao "
+                         f"(or use --base-quant none)")
+    if mode == "fp8":
+        if device.type != "cuda":
+            raise ValueError(f"--base-quant fp8 needs a CUDA GPU with FP8 (compute capability 8.9+, e.g. L4, 4090, "
+                             f"H100); the device is {device}: use --base-quant int8 or nf4")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            raise ValueError(f"--base-quant fp8 needs compute capability 8.9+ (FP8 tensor cores); "
+                             f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use "
+                             f"--base-quant int8 or nf4")
+
+
+def quantized_layer_names(model: nn.Module, include_vision: bool) -> list[str]:
+    """The nn.Linear layers a quantized base stores in low precision: every linear of the Llama decoder and, with
+    `include_vision`, of the two ViTs' blocks. Embeddings, the LM head, the projector and norms stay as loaded."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and (_LLM_LAYER.match(name) or (include_vision and _VIT_BLOCK.match(name)))]
+
+
+def quantize_base(model: nn.Module, mode: str, include_vision: bool = False) -> int:
+    """Replace the weights of `quantized_layer_names` by their `mode` quantization, in place (before LoRA is applied;
+    the weights were loaded in the compute dtype). Returns the number of quantized layers."""
+    check_base_quant(mode, next(model.parameters()).device)
+    if mode == "none":
+        return 0
+    names = quantized_layer_names(model, include_vision)
+    if mode == "nf4":
+        from torchao.quantization import to_nf4
+        for name in names:
+            layer = model.get_submodule(name)
+            layer.weight = nn.Parameter(to_nf4(layer.weight.detach(), NF4_BLOCK, nf4_scaler_block(layer.weight)),
+                                        requires_grad=False)
+        return len(names)
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
+    selected = set(names)
+    quantize_(model, config, filter_fn=lambda module, name: name in selected)
+    for name in names:
+        model.get_submodule(name).weight.requires_grad_(False)
+    return len(names)
+
+
+def nf4_scaler_block(weight: torch.Tensor) -> int:
+    """NF4's double-quantization block: QLoRA's 256 where it divides the layer's count of block scales (every 7B
+    layer), else the largest power of two that does (small look-alike layers)."""
+    if weight.numel() % NF4_BLOCK:
+        shape = ", ".join(map(str, weight.shape))
+        raise ValueError(f"nf4 needs layers with a multiple of {NF4_BLOCK} weights; a [{shape}] layer has "
+                         f"{weight.numel()}: use --base-quant int8 (or leave the ViTs unquantized)")
+    return math.gcd(NF4_SCALER_BLOCK, weight.numel() // NF4_BLOCK)
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A torchao weight (int8 / fp8 / nf4) rather than a plain (or otherwise wrapped, e.g. FSDP's) tensor."""
+    return type(tensor).__module__.startswith("torchao.")
+
+
+def dequantize(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor a quantized weight stands for, in its compute dtype (what its layer multiplies by); a plain
+    tensor is returned as is."""
+    if not is_quantized(tensor):
+        return tensor
+    if hasattr(tensor, "get_original_weight"):  # NF4Tensor
+        return tensor.get_original_weight()
+    return tensor.dequantize()
+
+
+@contextmanager
+def without_peft_requantize_warning() -> Iterator[None]:
+    """PEFT warns, when it wraps a torchao weight, that its own merge() could not requantize it; nothing here uses
+    PEFT's merge (the merged export dequantizes, `merged_checkpoint_tensors`), so the warning would only mislead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*instantiated without `get_apply_tensor_subclass`")
+        yield
