@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from trained_adapters import apply_trained_adapter
 
 from trainer.config import LoraConfig, ModelConfig
 from trainer.policy_builder import build_policy
 from trainer.validation import check_model
-from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
+from vla_actor import load_policy, make_tiny_checkpoint
 from vla_actor.quant import check_base_quant, dequantize, is_quantized, quantize_base, quantized_layer_names
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
@@ -45,14 +46,7 @@ def quantized(checkpoint, mode, include_vision=False):
 
 def with_trained_adapter(policy, seed=0):
     """LoRA on the quantized base with non-zero adapters, as after some training."""
-    torch.manual_seed(seed)
-    policy.apply_lora(LoraSettings(rank=4, alpha=8))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in policy.model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return policy
+    return apply_trained_adapter(policy, seed=seed)
 
 
 def greedy_log_probs(policy, tokens=None):

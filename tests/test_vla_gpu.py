@@ -52,15 +52,30 @@ def test_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, monke
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     policy = tiny_policy_with_lora(tmp_path, torch.float32)
-    images, instructions = observations(8)
+    assert_matches_single_samples_and_teacher_forcing(policy, *observations(8), rows=(0, 5))
+
+
+def assert_matches_single_samples_and_teacher_forcing(policy, images, instructions, rows):
+    """Greedy batched sampling equals sampling `rows` alone, and its log-probs equal teacher forcing (float32)."""
     batched = policy.sample(images, instructions, temperature=1.6, greedy=True)
-    for i in (0, 5):
+    for i in rows:
         single = policy.sample(images[i:i + 1], instructions[i:i + 1], temperature=1.6, greedy=True)
         assert torch.equal(single.token_ids[0], batched.token_ids[i])
         assert torch.allclose(single.log_probs[0], batched.log_probs[i], atol=1e-5)
     with torch.no_grad():
         log_probs, _ = policy.log_probs(images, instructions, batched.token_ids, temperature=1.6)
     assert torch.allclose(log_probs.cpu(), batched.log_probs, atol=1e-5)
+
+
+def assert_batch_position_does_not_matter(policy, images, instructions):
+    """The first sample's teacher-forced log-probs alone and in a batch of 8 agree (bf16: to 0.05)."""
+    single = policy.sample(images[:1], instructions[:1], temperature=1.6, greedy=True)
+    with torch.no_grad():
+        single_log_probs, _ = policy.log_probs(images[:1], instructions[:1], single.token_ids, temperature=1.6)
+        batched_log_probs, _ = policy.log_probs(images, instructions,
+                                                single.token_ids.expand(len(images), -1).contiguous(),
+                                                temperature=1.6)
+    assert torch.allclose(single_log_probs[0], batched_log_probs[0], atol=0.05)
 
 
 @pytest.mark.parametrize("variant", ["openvla", "oft"])
@@ -77,12 +92,7 @@ def test_7b_rollout_teacher_forcing_and_lora_update(variant):
     # 0.062 max measured on an H200); the update does not use these as pi_old (--old-log-probs auto recomputes)
     gap = (log_probs.cpu() - out.log_probs).abs()
     assert gap.mean() < 0.02 and gap.max() < 0.15
-    single = policy.sample(images[:1], instructions[:1], temperature=1.6, greedy=True)
-    with torch.no_grad():
-        single_log_probs, _ = policy.log_probs(images[:1], instructions[:1], single.token_ids, temperature=1.6)
-        batched_log_probs, _ = policy.log_probs(images, instructions,
-                                                single.token_ids.expand(8, -1).contiguous(), temperature=1.6)
-    assert torch.allclose(single_log_probs[0], batched_log_probs[0], atol=0.05)
+    assert_batch_position_does_not_matter(policy, images, instructions)
 
     policy.apply_lora(LoraSettings(rank=16, alpha=16))
     policy.gradient_checkpointing(True)
@@ -111,15 +121,7 @@ def test_quantized_tiny_graph_decode_matches_single_samples_and_teacher_forcing(
     with torch.no_grad():
         for parameter in policy.trainable_parameters():
             parameter.normal_(0.0, 0.1)
-    images, instructions = observations(4)
-    batched = policy.sample(images, instructions, temperature=1.6, greedy=True)
-    for i in range(4):
-        single = policy.sample(images[i:i + 1], instructions[i:i + 1], temperature=1.6, greedy=True)
-        assert torch.equal(single.token_ids[0], batched.token_ids[i])
-        assert torch.allclose(single.log_probs[0], batched.log_probs[i], atol=1e-5)
-    with torch.no_grad():
-        log_probs, _ = policy.log_probs(images, instructions, batched.token_ids, temperature=1.6)
-    assert torch.allclose(log_probs.cpu(), batched.log_probs, atol=1e-5)
+    assert_matches_single_samples_and_teacher_forcing(policy, *observations(4), rows=range(4))
 
 
 # Resident weights of the quantized 7B, hand-computed: the 32 Llama layers' linears hold 6.48e9 weights (4 x 4096^2 +
@@ -145,12 +147,7 @@ def test_7b_quantized_base_rollout_teacher_forcing_and_lora_update(mode):
         old_log_probs, _ = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
     gap = (old_log_probs.cpu() - out.log_probs).abs()  # bf16 KV-cached decode vs one forward, as in bf16 above
     assert gap.mean() < 0.02 and gap.max() < 0.15
-    single = policy.sample(images[:1], instructions[:1], temperature=1.6, greedy=True)
-    with torch.no_grad():
-        single_log_probs, _ = policy.log_probs(images[:1], instructions[:1], single.token_ids, temperature=1.6)
-        batched_log_probs, _ = policy.log_probs(images, instructions,
-                                                single.token_ids.expand(8, -1).contiguous(), temperature=1.6)
-    assert torch.allclose(single_log_probs[0], batched_log_probs[0], atol=0.05)
+    assert_batch_position_does_not_matter(policy, images, instructions)
     log_probs, entropy = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
     assert torch.equal(log_probs.detach(), old_log_probs)  # the first PPO ratio is exactly 1
     with policy.adapter_disabled(), torch.no_grad():  # the KL reference: the same quantized base

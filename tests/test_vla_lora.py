@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from trained_adapters import apply_trained_adapter
 
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 
@@ -32,15 +33,7 @@ def proprio(batch=2):
 
 def with_trained_adapter(directory, settings=LoraSettings(rank=4, alpha=8), seed=0):
     """A policy whose adapters are non-zero, as after some training."""
-    policy = load_policy(directory)
-    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator: fix it so greedy near-ties cannot flip
-    policy.apply_lora(settings)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in policy.model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return policy
+    return apply_trained_adapter(load_policy(directory), settings, seed)
 
 
 def query(policy, tokens=None, **extra):
