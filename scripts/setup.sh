@@ -34,5 +34,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch, transformers, peft, timm, libero" \
+.venv/bin/python -c "import torch, transformers, timm, libero, vla_actor" \
   || { echo "setup: the install did not complete; see the pip output above" >&2; exit 1; }
