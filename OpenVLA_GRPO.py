@@ -141,16 +141,21 @@ class GRPOTrainer:
             self.logger.log(metrics)
             if self.iteration % cfg.checkpointing.save_every == 0 or self.finished():
                 self.save()
-            if 0 < cfg.optim.max_skipped_in_a_row <= self.skipped_in_a_row:
-                latest = latest_checkpoint(self.run_dir) if checkpoint_dirs(self.run_dir) else None
-                restart = (f"--adapter {latest}" if cfg.finetune == "lora" else f"--checkpoint {latest / MODEL_DIR}") \
-                    if latest is not None else "the same --checkpoint"
-                raise UserError(f"the last {self.skipped_in_a_row} optimizer steps in a row were skipped (gradient "
-                                f"norm not finite or above --skip-grad-norm {cfg.optim.skip_grad_norm}, or the step "
-                                f"made trained weights non-finite): the run diverged at iteration {self.iteration}. "
-                                f"Start a new run from {restart} with a lower --lr (now {cfg.optim.lr}), or raise "
-                                f"--max-skipped-in-a-row")
+            self.stop_if_diverged()
         return self.run_dir
+
+    def stop_if_diverged(self) -> None:
+        """--max-skipped-in-a-row skipped optimizer steps in a row end the run with what to restart from."""
+        cfg = self.config
+        if not 0 < cfg.optim.max_skipped_in_a_row <= self.skipped_in_a_row:
+            return
+        latest = latest_checkpoint(self.run_dir) if checkpoint_dirs(self.run_dir) else None
+        restart = (f"--adapter {latest}" if cfg.finetune == "lora" else f"--checkpoint {latest / MODEL_DIR}") \
+            if latest is not None else "the same --checkpoint"
+        raise UserError(f"the last {self.skipped_in_a_row} optimizer steps in a row were skipped (gradient norm not "
+                        f"finite or above --skip-grad-norm {cfg.optim.skip_grad_norm}, or the step made trained "
+                        f"weights non-finite): the run diverged at iteration {self.iteration}. Start a new run from "
+                        f"{restart} with a lower --lr (now {cfg.optim.lr}), or raise --max-skipped-in-a-row")
 
     def remove_if_unresumable(self) -> None:
         """Removes a new run's directory that holds no checkpoint (it failed in its first iterations): it cannot be
