@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from OpenVLA_GRPO import parse_command
 from trainer.memory import (GIB, KV_SLOT_MULTIPLE, ROLLOUT_ACTIVATIONS, UPDATE_ACTIVATIONS, ModelShape, check_fits,
-                            model_shape, predict, rollout_bytes_per_sample, update_bytes_per_sample)
+                            checkpoint_shape, model_shape, predict, rollout_bytes_per_sample, update_bytes_per_sample)
 from vla_actor import LoraSettings
 from vla_actor.openvla_7b import openvla_7b_config
 
@@ -33,7 +32,7 @@ def shape_7b(tmp_path: Path, variant: str, images: int, proprio: bool) -> ModelS
     directory = tmp_path / f"{variant}-{images}"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(openvla_7b_config(variant, images, proprio)))
-    return model_shape(directory, torch.bfloat16, LoraSettings(rank=16, alpha=16))
+    return model_shape(directory, LoraSettings(rank=16, alpha=16), dtype_bytes=2)
 
 
 def train_config(num_envs: int, micro_batch: int):
@@ -66,9 +65,11 @@ def test_a_configuration_predicted_not_to_fit_is_refused_naming_the_flag(tmp_pat
     (directory / "config.json").write_text(json.dumps(openvla_7b_config()))
     config = parse_command(["train", "--checkpoint", str(directory), "--num-envs", "64"])
     with pytest.raises(ValueError, match=r"predicted to need 2\d\.\d GiB .* 24\.0 GiB: lower --num-envs \(now 64\)"):
-        check_fits(config, "NVIDIA GeForce RTX 4090", 24.0)
-    fits = check_fits(parse_command(["train", "--checkpoint", str(directory), "--num-envs", "16"]),
-                      "NVIDIA GeForce RTX 4090", 24.0)
+        check_fits(config, checkpoint_shape(config), "NVIDIA GeForce RTX 4090", 24.0)
+    config = parse_command(["train", "--checkpoint", str(directory), "--num-envs", "16"])
+    fits = check_fits(config, checkpoint_shape(config), "NVIDIA GeForce RTX 4090", 24.0)
     assert fits.peak_gib < 24 and fits.iteration_seconds > 0
     assert "4090" in fits.summary() and "an estimate" in fits.summary()
     assert fits.peak_gib * GIB > 15e9  # the bf16 weights alone
+    quantized = parse_command(["train", "--checkpoint", str(directory), "--num-envs", "64", "--base-quant", "int8"])
+    assert check_fits(quantized, checkpoint_shape(quantized), "NVIDIA GeForce RTX 4090", 24.0) is None  # not calibrated

@@ -24,10 +24,11 @@ import torch
 from libero_env.processing import ACTION_DIM
 from trainer.config import TrainConfig
 from trainer.envs import suite_shape
+from trainer.policy_builder import lora_settings
 from vla_actor.action_tokens import OFT_CHUNK
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.model import ModelSpec, build_model
-from vla_actor.policy import COMPUTE_DTYPES, OFT_CONFIG_HINTS, LoraSettings, lora_target_modules, trained_dtype_name
+from vla_actor.policy import OFT_CONFIG_HINTS, LoraSettings, lora_target_modules, resolve_dtype
 
 GIB = 2**30
 PATCHES_PER_IMAGE = 256
@@ -105,12 +106,14 @@ class Prediction:
                 f"rollout peak {self.rollout_gib:.1f}, update peak {self.update_gib:.1f}); {time}")
 
 
-def model_shape(checkpoint: str | Path, dtype: torch.dtype, lora: LoraSettings) -> ModelShape:
+def model_shape(checkpoint: str | Path, lora: LoraSettings, dtype_bytes: int) -> ModelShape:
+    """The shapes of a checkpoint's network (built on the meta device from its config.json, so no weight is read)
+    with `lora`'s adapters, computed in a dtype of `dtype_bytes` bytes."""
     config = read_json(Path(checkpoint) / CONFIG_FILE)
     oft = any(key in config for key in OFT_CONFIG_HINTS)
     proprio = oft and bool(config.get("use_proprio", False))
     spec = ModelSpec.from_config(config, config.get("proprio_dim", 8) if proprio else None)
-    model = build_model(spec, "meta", dtype)
+    model = build_model(spec, "meta", torch.float32)
     llama = spec.llama_config()
     targets = set(lora_target_modules(model, lora))
     lora_parameters = sum(lora.rank * (module.in_features + module.out_features)
@@ -121,7 +124,17 @@ def model_shape(checkpoint: str | Path, dtype: torch.dtype, lora: LoraSettings) 
         layers=llama.num_hidden_layers, hidden=llama.hidden_size,
         kv_hidden=llama.hidden_size * (llama.num_key_value_heads or heads) // heads, mlp=llama.intermediate_size,
         oft=oft, images=config.get("num_images_in_input", 1) if oft else 1, proprio=proprio,
-        dtype_bytes=torch.tensor([], dtype=dtype).element_size())
+        dtype_bytes=dtype_bytes)
+
+
+def checkpoint_shape(config: TrainConfig) -> ModelShape | None:
+    """`model_shape` of the run's checkpoint in the dtype it computes in on CUDA; None for a hub id that is not
+    downloaded yet."""
+    checkpoint = Path(config.model.checkpoint).expanduser()
+    if not (checkpoint / CONFIG_FILE).is_file():
+        return None
+    dtype = resolve_dtype(config.model.dtype, checkpoint, torch.device("cuda"))
+    return model_shape(checkpoint, lora_settings(config.lora), torch.tensor([], dtype=dtype).element_size())
 
 
 def rollout_bytes_per_sample(shape: ModelShape) -> float:
@@ -172,23 +185,13 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
     return gpu + simulators
 
 
-def check_fits(config: TrainConfig, card: str, available_gib: float | None) -> Prediction | None:
-    """The prediction for a local checkpoint trained with LoRA in bf16 on CUDA (what the model is calibrated on),
-    or None where it does not apply; raises a ValueError naming the flag to change when the peak is over
+def check_fits(config: TrainConfig, shape: ModelShape | None, card: str,
+               available_gib: float | None) -> Prediction | None:
+    """The prediction for a LoRA run of a bf16 base that is not quantized (what the model is calibrated on), or
+    None where it does not apply; raises a ValueError naming the flag to change when the peak is over
     `available_gib` (None: no GPU to check against)."""
-    checkpoint = Path(config.model.checkpoint).expanduser()
-    if config.finetune != "lora" or not (checkpoint / CONFIG_FILE).is_file():
+    if shape is None or config.finetune != "lora" or config.model.base_quant != "none" or shape.dtype_bytes != 2:
         return None
-    dtype = config.model.dtype
-    if dtype == "auto":  # on CUDA: the dtype the checkpoint was trained in (vla_actor.resolve_dtype)
-        dtype = trained_dtype_name(read_json(checkpoint / CONFIG_FILE))
-    if dtype != "bfloat16":
-        return None
-    lora = config.lora
-    target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
-    shape = model_shape(checkpoint, COMPUTE_DTYPES[dtype],
-                        LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, target=target,
-                                     include_projector=lora.lora_projector, include_vision=lora.lora_vision))
     prediction = predict(config, shape, card)
     if available_gib is not None and prediction.peak_gib > available_gib:
         flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib

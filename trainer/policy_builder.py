@@ -10,6 +10,13 @@ from vla_actor import LoraSettings, VLAPolicy, load_policy, resolve_dtype
 from vla_actor.quant import quantize_base
 
 
+def lora_settings(lora: LoraConfig) -> LoraSettings:
+    """The LoRA flags as the model package takes them."""
+    target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
+    return LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout, target=target,
+                        include_projector=lora.lora_projector, include_vision=lora.lora_vision)
+
+
 def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, device: torch.device,
                  full: bool = False) -> VLAPolicy:
     """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
@@ -21,10 +28,7 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
                          attn_implementation=model.attn_implementation)
     quantize_base(policy.model, model.base_quant, model.base_quant_vision)
     if lora is not None:
-        target = "all-linear" if lora.lora_target == ("all-linear",) else lora.lora_target
-        policy.apply_lora(LoraSettings(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
-                                       target=target, include_projector=lora.lora_projector,
-                                       include_vision=lora.lora_vision))
+        policy.apply_lora(lora_settings(lora))
     if model.adapter is not None:
         policy.load_adapter(resolve_adapter(model.adapter))
     if full:

@@ -17,8 +17,8 @@ from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE, defa
                                 resolve_adapter)
 from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, TrainConfig, config_to_dict
 from trainer.envs import suite_names, suite_shape
-from trainer.memory import Prediction, check_fits, detected_card
-from vla_actor.checkpoint import CONFIG_FILE, read_json, tensor_shapes
+from trainer.memory import ModelShape, Prediction, check_fits, checkpoint_shape, detected_card
+from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.quant import check_base_quant
 
 MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", "eval_at_start",
@@ -190,25 +190,13 @@ def checkpoint_bytes(trained_values: int, value_bytes: int) -> int:
     return trained_values * value_bytes * (1 + ADAM_STATES) + CHECKPOINT_SLACK_BYTES
 
 
-def estimated_checkpoint_bytes(config: TrainConfig) -> int:
-    """An upper bound of the next checkpoint's size from the weight files' headers (float32 values), before any
-    model is built; 0 when the checkpoint is a hub id not downloaded yet (the trainer checks again after
-    loading)."""
-    directory = Path(config.model.checkpoint).expanduser()
-    if not (directory / CONFIG_FILE).is_file():
+def estimated_checkpoint_bytes(config: TrainConfig, shape: ModelShape | None) -> int:
+    """The next checkpoint's size, from the model's shapes before any weight is read: its LoRA adapters or, with
+    full fine-tuning, every weight, as float32 values (an upper bound); 0 for a hub id not downloaded yet (the
+    trainer checks again after loading)."""
+    if shape is None:
         return 0
-    shapes = tensor_shapes(directory)
-    if config.finetune == "full":
-        return checkpoint_bytes(sum(math.prod(shape) for shape in shapes.values()), 4)
-    lora = config.lora
-    leaf_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") \
-        if lora.lora_target == ("all-linear",) else lora.lora_target
-    prefixes = ["language_model.model.layers."] + (["projector."] if lora.lora_projector else []) \
-        + (["vision_backbone."] if lora.lora_vision else [])
-    adapted = [shape for key, shape in shapes.items() if len(shape) == 2 and key.endswith(".weight")
-               and key.startswith(tuple(prefixes))
-               and (not key.startswith(prefixes[0]) or key.split(".")[-2] in leaf_names)]
-    return checkpoint_bytes(sum(lora.lora_rank * (rows + cols) for rows, cols in adapted), 4)
+    return checkpoint_bytes(shape.frozen_parameters if config.finetune == "full" else shape.lora_parameters, 4)
 
 
 def check_resume_compatible(config: TrainConfig, checkpoint: Path) -> None:
@@ -305,9 +293,10 @@ def check_train(config: TrainConfig, rank: int = 0) -> TrainPlan:
     elif rank == 0 and run_dir.exists():
         raise FileExistsError(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, or "
                               f"choose another --run-name")
+    shape = checkpoint_shape(config)
     if rank == 0:
-        check_output_space(run_dir, estimated_checkpoint_bytes(config), "run directory")
-    prediction = check_fits(config, *detected_card(config.model.device))
+        check_output_space(run_dir, estimated_checkpoint_bytes(config, shape), "run directory")
+    prediction = check_fits(config, shape, *detected_card(config.model.device))
     return TrainPlan(run_dir=run_dir, task_ids=task_ids, resume_from=resume_from, prediction=prediction)
 
 

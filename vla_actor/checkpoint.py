@@ -188,16 +188,6 @@ def open_safetensors(path: Path) -> Iterator:
         yield handle
 
 
-def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    """File key -> shape of every tensor of a checkpoint's weights, read from the file headers only."""
-    mapping = weight_map(directory)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in sorted(set(mapping.values())):
-        with open_safetensors(directory / shard) as handle:
-            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
-    return shapes
-
-
 def weight_map(directory: Path) -> dict[str, str]:
     """File key -> shard file name, from model.safetensors.index.json (or a single model.safetensors)."""
     index_path = directory / INDEX_FILE
