@@ -34,12 +34,12 @@ from libero_env import EpisodeSpec, init_state_split
 from sft import run_sft
 from trainer import distributed, fsdp
 from trainer.checkpoint import (MODEL_DIR, checkpoint_dirs, latest_checkpoint, load_checkpoint,
-                                outermost_missing, remove_partial_checkpoints, rng_state, save_checkpoint,
-                                set_rng_state, write_json)
+                                new_run_directory, outermost_missing, remove_partial_checkpoints, rng_state,
+                                save_checkpoint, set_rng_state, write_json)
 from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, SftConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
-from trainer.errors import USER_ERRORS, UserError, one_line_errors, traceback_requested
+from trainer.errors import UserError, one_line_errors, traceback_requested
 from trainer.evaluation import evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
@@ -98,7 +98,6 @@ class GRPOTrainer:
             self.skipped_steps, self.skipped_in_a_row = state["skipped_steps"], state.get("skipped_in_a_row", 0)
             self.sampler.load_state_dict(state["samplers"][self.ctx.rank])
         restored_rng = rng_state()  # the logger's wandb.init must not move the restored generators
-        self.created = None if self.resumed else outermost_missing(self.run_dir)  # what a failed run removes
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
             remove_partial_checkpoints(self.run_dir)
@@ -156,12 +155,6 @@ class GRPOTrainer:
                         f"finite or above --skip-grad-norm {cfg.optim.skip_grad_norm}, or the step made trained "
                         f"weights non-finite): the run diverged at iteration {self.iteration}. Start a new run from "
                         f"{restart} with a lower --lr (now {cfg.optim.lr}), or raise --max-skipped-in-a-row")
-
-    def remove_if_unresumable(self) -> None:
-        """Removes a new run's directory that holds no checkpoint (it failed in its first iterations): it cannot be
-        resumed, and it would block the same command ("already exists")."""
-        if self.ctx.is_main and self.created is not None and not checkpoint_dirs(self.run_dir):
-            shutil.rmtree(self.created, ignore_errors=True)
 
     def update(self, batch: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches of steps, one clipped optimizer step per mini-batch, skipped
@@ -509,18 +502,13 @@ def run_command(command: TrainConfig | EvaluateConfig | PlotConfig | SftConfig) 
             if plan.prediction is not None:
                 print(plan.prediction.summary())
             return
-        trainer = GRPOTrainer(command, plan)
-        stopped_by_user = False  # a user error or Ctrl-C; a bug keeps its run directory for the bug report
-        try:
-            trainer.train()
-        except (*USER_ERRORS, KeyboardInterrupt):
-            stopped_by_user = True
-            raise
-        finally:
-            trainer.close()
-            distributed.cleanup(trainer.ctx)
-            if stopped_by_user:
-                trainer.remove_if_unresumable()
+        with new_run_directory(plan.run_dir, remove_on_failure=command.resume is None and rank == 0):
+            trainer = GRPOTrainer(command, plan)
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+                distributed.cleanup(trainer.ctx)
         if trainer.ctx.is_main:
             print(f"run finished: {plan.run_dir} (metrics.jsonl, checkpoints/, videos/); curves: "
                   f"{plot_run(plan.run_dir)}")

@@ -26,7 +26,6 @@ uninterrupted run sees and ends with the same weights.
 """
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -36,10 +35,10 @@ from torch.utils.data import DataLoader
 from libero_env.demos import STATISTICS_FILE, episode_paths
 from trainer import distributed, fsdp
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, load_checkpoint,
-                                outermost_missing, remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
+                                new_run_directory, remove_partial_checkpoints, rng_state, save_checkpoint, write_json)
 from trainer.config import SftConfig, config_to_dict
 from trainer.demo_batches import DemoBatches, read_demo_steps
-from trainer.errors import USER_ERRORS, UserError
+from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.policy_builder import build_policy
 from trainer.validation import changed_settings, check_finetune_base, check_model
@@ -189,13 +188,8 @@ def run_sft(config: SftConfig) -> Path:
     saved_checkpoints = checkpoint_dirs(config.output_dir) if config.resume else []
     resumed = saved_checkpoints[-1] if saved_checkpoints else None
     policy = sft_policy(config, key, statistics, distributed.setup(config.model.device).device)
-    created = None if config.output_dir.exists() else outermost_missing(config.output_dir)
-    try:
+    with new_run_directory(config.output_dir, remove_on_failure=True):
         return fit(config, policy, key, resumed, started)
-    except (*USER_ERRORS, KeyboardInterrupt):  # a new run that cannot be resumed would only block its output_dir
-        if created is not None and not checkpoint_dirs(config.output_dir):
-            shutil.rmtree(created, ignore_errors=True)
-        raise
 
 
 def fit(config: SftConfig, policy: VLAPolicy, key: str, resumed: Path | None, started: float) -> Path:

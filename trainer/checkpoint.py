@@ -15,6 +15,8 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from trainer import fsdp
+from trainer.errors import USER_ERRORS
 from vla_actor.checkpoint import load_torch_file, read_json
 
 CHECKPOINTS = "checkpoints"
@@ -51,6 +54,21 @@ def outermost_missing(path: Path) -> Path:
     while not path.parent.exists():
         path = path.parent
     return path
+
+
+@contextmanager
+def new_run_directory(run_dir: Path, remove_on_failure: bool) -> Iterator[None]:
+    """Around a run that creates `run_dir` (with `remove_on_failure`: a new run, on the rank that writes): when
+    the block ends in a user error or Ctrl-C before the run saved its first checkpoint, the directories it created
+    are removed, since a run without a checkpoint cannot be resumed and would only block the same command
+    ("already exists"). A bug (any other exception) keeps them for the report."""
+    created = outermost_missing(run_dir) if remove_on_failure and not run_dir.exists() else None
+    try:
+        yield
+    except (*USER_ERRORS, KeyboardInterrupt):
+        if created is not None and not checkpoint_dirs(run_dir):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def default_run_name(prefix: str) -> str:
