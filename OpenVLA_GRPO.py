@@ -319,7 +319,8 @@ class GRPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """Greedy success on the held-out init states of the training tasks, with videos."""
         per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
-        episodes = [EpisodeSpec(t, i) for t in self.task_ids for i in self.heldout_inits[:per_task]]
+        episodes = [EpisodeSpec(t, i, scene=self.config.seed) for t in self.task_ids
+                    for i in self.heldout_inits[:per_task]]
         with fsdp.gathered(self.units):
             results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
@@ -439,8 +440,8 @@ def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path
     if ctx.is_main:
         results_dir.mkdir(parents=True)
     try:
-        results = evaluate(env, policy, [EpisodeSpec(t, i) for t in task_ids for i in inits], inputs, ctx,
-                           results_dir / "videos", "eval", config.num_videos, progress=config.progress,
+        results = evaluate(env, policy, [EpisodeSpec(t, i, scene=config.seed) for t in task_ids for i in inits],
+                           inputs, ctx, results_dir / "videos", "eval", config.num_videos, progress=config.progress,
                            temperature=config.temperature)
         instructions = {t: env.instruction(t) for t in task_ids}
         if ctx.is_main:

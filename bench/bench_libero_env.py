@@ -3,7 +3,9 @@ for single actions (OpenVLA: the cameras render after every step, as robosuite's
 8-action chunks (OpenVLA-OFT: the workers render once per chunk), so the chunk-1 number is the baseline.
 
 Counts env steps summed over the envs, including the image pipeline and the pipe round trip, excluding scene
-build and reset. Writes bench/results/libero_env.json.
+build and reset. Then the seconds of one reset round (every env to a new init state, 10 wait steps included) with
+simulators kept across resets (the default) against rebuilt at every reset (LIBERO's hard reset, the baseline).
+Writes bench/results/libero_env.json.
 
     OMP_NUM_THREADS=1 MUJOCO_GL=egl .venv/bin/python -m bench.bench_libero_env
 """
@@ -33,6 +35,8 @@ class Args:
     """Actions per policy query to measure (1: OpenVLA, 8: OpenVLA-OFT)."""
     warmup_steps: int = 3
     """Untimed steps per env before timing (the first renders are slower)."""
+    resets: int = 4
+    """Timed reset rounds per reset mode, after the untimed first one (which builds the scene)."""
     out: str = "bench/results/libero_env.json"
     """Result file, written atomically."""
 
@@ -56,6 +60,17 @@ def steps_per_second(args: Args, num_envs: int, chunk: int) -> float:
     if (result.steps != total).any() or result.lost.any():
         raise RuntimeError(f"an episode ended early (steps {result.steps.tolist()}, lost {result.lost.tolist()})")
     return num_envs * args.steps / elapsed
+
+
+def reset_seconds(args: Args, num_envs: int, rebuild_on_reset: bool) -> float:
+    """Mean wall seconds of one reset round of all envs, each to another init state of task 0."""
+    with LiberoVectorEnv(args.suite, num_envs=num_envs, wrist=True, resolution=256,
+                         rebuild_on_reset=rebuild_on_reset) as env:
+        env.reset([EpisodeSpec(task_id=0, init_index=i) for i in range(num_envs)])
+        start = time.perf_counter()
+        for round_index in range(1, args.resets + 1):
+            env.reset([EpisodeSpec(task_id=0, init_index=(round_index * num_envs + i) % 50) for i in range(num_envs)])
+        return (time.perf_counter() - start) / args.resets
 
 
 def gl_renderer() -> str:
@@ -84,8 +99,14 @@ def main(args: Args) -> None:
         raise ValueError(f"--steps {args.steps} must be a multiple of every --chunks value {args.chunks}")
     rates = {f"{workers}_workers_chunk_{chunk}": round(steps_per_second(args, workers, chunk), 2)
              for workers in args.workers for chunk in args.chunks}
+    resets = {f"{workers}_workers_{mode}": round(reset_seconds(args, workers, mode == "rebuilt"), 3)
+              for workers in args.workers for mode in ("kept", "rebuilt")}
     results = {
         "steps_per_s": rates,
+        "reset_seconds": resets,
+        "reset_speedup": {f"{workers}_workers": round(resets[f"{workers}_workers_rebuilt"]
+                                                     / resets[f"{workers}_workers_kept"], 1)
+                          for workers in args.workers},
         "chunk_speedup": {f"{workers}_workers": round(rates[f"{workers}_workers_chunk_{max(args.chunks)}"]
                                                      / rates[f"{workers}_workers_chunk_{min(args.chunks)}"], 2)
                           for workers in args.workers},

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from libero_env.expert import ExpertConfig, make_env, run_expert
 from libero_env.processing import preprocess_image, proprio_vector, to_dataset_actions
-from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION, get_suite, load_tasks
+from libero_env.suites import EpisodeSpec, get_suite, load_tasks, scene_seed, start_episode
 
 IMAGE_FORMATS = ("jpeg", "png")
 """Encodings an episode's images may be stored in."""
@@ -67,6 +67,9 @@ NOOP_THRESHOLD = 1e-4
 ACTION_MASK = [True] * 6 + [False]
 """Which action dimensions OpenVLA normalises: all but the gripper (REF 1.3)."""
 EPISODES_DIR, ATTEMPTS_FILE, STATISTICS_FILE = "episodes", "attempts.json", "dataset_statistics.json"
+REPLAY_SCENE_SEED = 0
+"""Fixture placement of replayed official demos: their files do not record where the fixtures stood, so every
+replay uses this one draw (suites.start_episode) and gives the same episode each time."""
 
 
 @dataclass
@@ -254,9 +257,10 @@ def episode_from_observations(suite: str, task_id: int, init_index: int, instruc
 
 def record_demo(env, suite: str, task_id: int, init_index: int, instruction: str, init_state: np.ndarray,
                 config: ExpertConfig = ExpertConfig()) -> tuple[Episode | None, int]:
-    """Runs the expert in `env` (built with cameras) and returns (the processed episode without no-ops, or None if
-    the bowl did not end on the plate; env steps the expert took)."""
-    run = run_expert(env, init_state, get_suite(suite).max_steps, config, keep_observations=True)
+    """Runs the expert in `env` (built with cameras), in scene 0 of (task_id, init_index), and returns (the processed
+    episode without no-ops, or None if the bowl did not end on the plate; env steps the expert took)."""
+    run = run_expert(env, init_state, scene_seed(EpisodeSpec(task_id, init_index)), get_suite(suite).max_steps,
+                     config, keep_observations=True)
     if not run.settled:
         return None, len(run.actions)
     kept = np.flatnonzero(~noop_mask(run.actions))
@@ -315,7 +319,8 @@ def run_job(job: Job) -> list[Outcome]:
                     save_episode(path, episode, job.image_format)
                 success = episode is not None
             else:
-                run = run_expert(env, task.init_states[init_index], get_suite(job.suite).max_steps, job.config)
+                run = run_expert(env, task.init_states[init_index], scene_seed(EpisodeSpec(job.task_id, init_index)),
+                                 get_suite(job.suite).max_steps, job.config)
                 success, steps = run.success, len(run.actions)
             outcomes.append(Outcome(job.task_id, init_index, success, steps, time.perf_counter() - start))
     finally:
@@ -475,10 +480,7 @@ def replay_demo(env, demo: LiberoDemo) -> tuple[list[dict], np.ndarray, bool]:
     of evaluation (reset, first state, NUM_WAIT_STEPS wait steps): no-op actions are skipped, not executed.
     Returns (the observation each kept action was taken at, the kept env-convention actions [K,7], whether the
     env reported success at the last step)."""
-    env.reset()
-    obs = env.set_init_state(demo.first_state)
-    for _ in range(NUM_WAIT_STEPS):
-        obs, _, _, _ = env.step(list(WAIT_ACTION))
+    obs = start_episode(env, demo.first_state, REPLAY_SCENE_SEED)
     kept = demo.actions[~noop_mask(demo.actions)]
     observations, done = [], False
     for action in kept:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from libero_env.processing import quat_to_axis_angle, to_env_actions
-from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION
+from libero_env.suites import start_episode
 
 POSITION_SCALE = 0.05
 """Metres per unit of the OSC_POSE position action (robosuite's default `output_max`)."""
@@ -434,18 +434,19 @@ class PickPlaceExpert:
 
 def make_env(bddl_file: str, cameras: bool, resolution: int = 256):
     """A LIBERO env for the expert: with `cameras`, the same OffScreenRenderEnv (agentview + wrist) as
-    LiberoVectorEnv's workers; without, a ControlEnv that renders nothing (about 10x faster on CPU)."""
+    LiberoVectorEnv's workers; without, a ControlEnv that renders nothing (about 10x faster on CPU). Both keep their
+    simulator across resets (suites.start_episode)."""
     from libero.libero.envs import OffScreenRenderEnv
     from libero.libero.envs.env_wrapper import ControlEnv
 
     if cameras:
         env = OffScreenRenderEnv(
             bddl_file_name=bddl_file, camera_heights=resolution, camera_widths=resolution,
-            camera_names=["agentview", "robot0_eye_in_hand"],
+            camera_names=["agentview", "robot0_eye_in_hand"], hard_reset=False,
         )
     else:
-        env = ControlEnv(bddl_file_name=bddl_file, has_offscreen_renderer=False, use_camera_obs=False)
-    env.seed(0)
+        env = ControlEnv(bddl_file_name=bddl_file, has_offscreen_renderer=False, use_camera_obs=False,
+                         hard_reset=False)
     return env
 
 
@@ -463,15 +464,11 @@ class ExpertEpisode:
     """The env observation each action was chosen at (len T); empty unless asked for."""
 
 
-def run_expert(
-    env, init_state: np.ndarray, max_steps: int, config: ExpertConfig = ExpertConfig(), keep_observations: bool = False
-) -> ExpertEpisode:
-    """Resets `env` to `init_state` as LiberoVectorEnv does (reset, set state, NUM_WAIT_STEPS wait steps), then runs
-    the expert until it has retreated or `max_steps` actions have been taken."""
-    env.reset()
-    obs = env.set_init_state(init_state)
-    for _ in range(NUM_WAIT_STEPS):
-        obs, _, _, _ = env.step(list(WAIT_ACTION))
+def run_expert(env, init_state: np.ndarray, seed: int, max_steps: int, config: ExpertConfig = ExpertConfig(),
+               keep_observations: bool = False) -> ExpertEpisode:
+    """Starts an episode at `init_state` with the fixtures placed from `seed` as LiberoVectorEnv does
+    (suites.start_episode), then runs the expert until it has retreated or `max_steps` actions have been taken."""
+    obs = start_episode(env, init_state, seed)
     read_scene, expert = SceneReader(env), PickPlaceExpert(config)
     actions, observations, success = [], [], False
     while len(actions) < max_steps and not expert.done:

@@ -52,6 +52,10 @@ class EpisodeSpec:
     """Index into the task's fixed initial states, 0 <= init_index < 50."""
     record_video: bool = False
     """Keep the upright raw agentview frames of this episode (see LiberoVectorEnv.frames)."""
+    scene: int = 0
+    """Which draw of LIBERO's fixture placement, >= 0: the init state fixes the robot and the objects that move,
+    while every reset places the fixtures (cabinet, stove, ...) at random around their spots, ~1-2 cm and a few
+    degrees (REF 5.4). Episodes with equal (task_id, init_index, scene) start from the same scene."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,30 @@ def load_tasks(suite: str) -> list[Task]:
             raise RuntimeError(f"{spec.name} task {i}: init states have shape {states.shape}, expected (50, D)")
         tasks.append(Task(task.language, os.path.join(bddl_root, task.problem_folder, task.bddl_file), states))
     return tasks
+
+
+def scene_seed(spec: EpisodeSpec) -> int:
+    """The seed of `spec`'s fixture placement: independent draws for different (task, init state, scene)."""
+    return int(np.random.SeedSequence([spec.task_id, spec.init_index, spec.scene]).generate_state(1)[0])
+
+
+def start_episode(env, init_state: np.ndarray, seed: int) -> dict:
+    """Puts a LIBERO env at the start of an episode as the reference eval does (reset, init state, NUM_WAIT_STEPS
+    wait steps; REF 5.4), with the fixtures placed by LIBERO's own samplers from numpy's global generator seeded
+    with `seed` (LIBERO's env.seed). Built with hard_reset=False, the env keeps the simulator of its task, where
+    the reference's hard reset rebuilds it from the scene XML at every reset (3 s on a CPU core, against 0.1 s);
+    with the same seed both play the same episode, state for state (tests/test_libero_env_sim.py). Returns the
+    observation after the wait steps."""
+    env.seed(seed)
+    env.reset()
+    for robot in env.env.robots:
+        # robosuite's gripper command ramps by 0.01 per step from `current_action`, which only a hard reset (a new
+        # gripper) sets back to zero; kept, it would carry the last episode's grip into the next one for 100 steps
+        robot.gripper.current_action = np.zeros(robot.gripper.dof)
+    obs = env.set_init_state(init_state)
+    for _ in range(NUM_WAIT_STEPS):
+        obs, _, _, _ = env.step(list(WAIT_ACTION))
+    return obs
 
 
 def init_state_split(

@@ -16,7 +16,8 @@ import numpy as np
 
 from libero_env._worker import worker_main
 from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM, to_env_actions
-from libero_env.suites import ENV_HORIZON, NUM_INIT_STATES, NUM_WAIT_STEPS, EpisodeSpec, get_suite, load_tasks
+from libero_env.suites import (ENV_HORIZON, NUM_INIT_STATES, NUM_WAIT_STEPS, EpisodeSpec, get_suite, load_tasks,
+                                scene_seed)
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ KILL_WAIT_S = 30.0
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
-    def __init__(self, ctx: BaseContext, wrist: bool, resolution: int):
+    def __init__(self, ctx: BaseContext, wrist: bool, resolution: int, rebuild_on_reset: bool):
         self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(child_conn, wrist, resolution), daemon=True)
+        self.process = ctx.Process(target=worker_main, args=(child_conn, wrist, resolution, rebuild_on_reset),
+                                   daemon=True)
         self.process.start()
         child_conn.close()
 
@@ -124,9 +126,9 @@ def _stop_workers(workers: list[_Worker]) -> None:
 class LiberoVectorEnv:
     """`num_envs` LIBERO envs of one suite, one subprocess each.
 
-    reset() puts every env at a given (task, init state) and runs the 10 wait steps; step() takes dataset-convention
-    actions [N,7] or chunks [N,K,7] (executed open-loop, stopping at success or the time limit) and moves only the
-    envs that are not done. A worker that dies or hangs is replaced and its episode reported as lost.
+    reset() puts every env at a given (task, init state, scene) and runs the 10 wait steps; step() takes
+    dataset-convention actions [N,7] or chunks [N,K,7] (executed open-loop, stopping at success or the time limit)
+    and moves only the envs that are not done. A worker that dies or hangs is replaced and its episode reported as lost.
     Use as a context manager or call close(); leftover workers are also stopped at garbage collection and exit.
     The spawn start method (the default, and macOS's) imports the caller's main module in each worker, so scripts
     that create the env need the usual `if __name__ == "__main__":` guard.
@@ -141,12 +143,16 @@ class LiberoVectorEnv:
         max_steps: int | None = None,
         start_method: str = "spawn",
         timeout_s: float = 300.0,
+        rebuild_on_reset: bool = False,
     ):
         """
         suite: one of SUITES. num_envs: worker processes. wrist: also render and return the wrist camera.
         resolution: render side in pixels (reference 256). max_steps: policy steps per episode, default the suite's
         reference limit. start_method: "spawn" or "forkserver". timeout_s: longest wait for one worker answer
         (a reset includes building the scene on a task change) before the worker counts as hung.
+        rebuild_on_reset: rebuild each simulator from its scene XML at every reset, as the reference eval's env
+        does (LIBERO's hard reset, ~3 s on a CPU core); the default keeps it for its task, with the same episodes
+        (suites.start_episode). The baseline of bench_rollout.
         """
         self.suite = get_suite(suite)
         if num_envs < 1:
@@ -166,9 +172,10 @@ class LiberoVectorEnv:
         self.wrist = wrist
         self.resolution = resolution
         self.timeout_s = timeout_s
+        self.rebuild_on_reset = rebuild_on_reset
         self._tasks = load_tasks(suite)
         self._ctx = mp.get_context(start_method)
-        self._workers = [_Worker(self._ctx, wrist, resolution) for _ in range(num_envs)]
+        self._workers = [_Worker(self._ctx, wrist, resolution, rebuild_on_reset) for _ in range(num_envs)]
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
 
         size = POLICY_IMAGE_SIZE
@@ -213,8 +220,8 @@ class LiberoVectorEnv:
               wait: bool = True) -> Observation | None:
         """Starts one episode per env, `specs[i]` on env i; with `envs`, `specs[j]` on env `envs[j]` only, while the
         other envs carry on with their episodes. With wait=False it returns at once and the resets run while
-        step() moves the other envs (a reset rebuilds the scene: seconds on the CPU); step() reports each env whose
-        reset has finished in `started`. A worker that fails a reset is replaced and tried once more."""
+        step() moves the other envs (a reset on a task change builds the scene: seconds on the CPU); step() reports
+        each env whose reset has finished in `started`. A worker that fails a reset is replaced and tried once more."""
         self._check_open()
         specs = list(specs)
         if envs is None:
@@ -230,6 +237,8 @@ class LiberoVectorEnv:
             self._check_task(spec.task_id)
             if not 0 <= spec.init_index < NUM_INIT_STATES:
                 raise ValueError(f"init_index must be in [0, {NUM_INIT_STATES - 1}], got {spec.init_index}")
+            if spec.scene < 0:
+                raise ValueError(f"scene must be >= 0, got {spec.scene}")
         if any(i in self._starting for i in envs):
             raise RuntimeError(f"env(s) {sorted(set(envs) & set(self._starting))} are still resetting: step() "
                                "until `started` reports them")
@@ -287,7 +296,7 @@ class LiberoVectorEnv:
         spec = self._starting[env_index]
         task = self._tasks[spec.task_id]
         reason = self._workers[env_index].send(("reset", task.bddl_file, task.init_states[spec.init_index],
-                                                spec.record_video))
+                                                scene_seed(spec), spec.record_video))
         self._reset_attempts[env_index] = attempt
         self._reset_deadlines[env_index] = time.monotonic() + self.timeout_s
         if reason:
@@ -352,7 +361,7 @@ class LiberoVectorEnv:
     def _restart(self, env_index: int, reason: str) -> None:
         logger.warning("LIBERO env %d lost its worker (%s); starting a new one", env_index, reason)
         self._workers[env_index].join_or_kill(timeout_s=1.0)  # it failed: no goodbye, kill it if it lingers
-        self._workers[env_index] = _Worker(self._ctx, self.wrist, self.resolution)
+        self._workers[env_index] = _Worker(self._ctx, self.wrist, self.resolution, self.rebuild_on_reset)
 
     def _store(self, env_index: int, payload: dict) -> None:
         self._agentview[env_index] = payload["agentview"]

@@ -3,6 +3,7 @@ LIBERO demonstration files read and replayed."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ from libero_env.demos import (
     dataset_statistics,
     episode_key,
     episode_paths,
+    REPLAY_SCENE_SEED,
     LiberoDemo,
     load_episode,
     noop_mask,
@@ -192,6 +194,11 @@ class ScriptedEnv:
         self.success_from_step = success_from_step
         self.stepped: list[list[float]] = []
         self.state = None
+        self.seeded = None
+        self.env = SimpleNamespace(robots=[])  # start_episode resets the robots' gripper commands
+
+    def seed(self, seed):
+        self.seeded = seed
 
     def reset(self):
         self.stepped = []
@@ -218,7 +225,7 @@ def test_replay_skips_noops_without_executing_them():
     np.testing.assert_array_equal(kept, actions[[1, 2, 5]])
     assert env.stepped == [list(WAIT_ACTION)] * NUM_WAIT_STEPS + kept.tolist()
     assert [o["steps"] for o in observations] == [NUM_WAIT_STEPS, NUM_WAIT_STEPS + 1, NUM_WAIT_STEPS + 2]
-    assert success and env.state.tolist() == [0.0, 1.0, 2.0]
+    assert success and env.state.tolist() == [0.0, 1.0, 2.0] and env.seeded == REPLAY_SCENE_SEED
     assert not replay_demo(ScriptedEnv(success_from_step=NUM_WAIT_STEPS + 4), demo)[2]
 
 
@@ -233,7 +240,8 @@ def test_replay_official_layout_from_expert_episode(tmp_path):
     task = load_tasks("libero_spatial")[0]
     env = make_env(task.bddl_file, cameras=False)
     try:
-        run = run_expert(env, task.init_states[0], get_suite("libero_spatial").max_steps)
+        # in the draw of fixtures the replay uses, as the expert that recorded an official demo stood in one
+        run = run_expert(env, task.init_states[0], REPLAY_SCENE_SEED, get_suite("libero_spatial").max_steps)
     finally:
         env.close()
     assert run.settled

@@ -51,21 +51,27 @@ def test_every_suite_resets_and_steps(suite):
         assert result.steps.tolist() == [2] and result.done[0] and not result.success[0] and not result.lost[0]
 
 
-def test_worker_renders_once_per_chunk_what_the_camera_observables_show():
-    """The worker disables robosuite's camera observables and renders after the chunk itself. Its physics must
-    match an env that renders every step, and its images what robosuite's camera sensors give at that state."""
+def test_worker_renders_once_per_chunk_what_the_camera_observables_show_and_plays_the_reference_episode():
+    """The worker disables robosuite's camera observables and renders after the chunk itself: its images must be what
+    robosuite's camera sensors give at that state. It also keeps its simulator across resets, where LIBERO's
+    reference env rebuilds it from the scene XML (hard_reset): with the same scene seed, the reference env must play
+    the same episode, state for state, even after the worker's previous episode closed the gripper."""
+    from libero.libero.envs import OffScreenRenderEnv
+
     from libero_env._worker import AGENTVIEW, WRIST, _Simulator
-    from libero_env.expert import make_env
     from libero_env.processing import preprocess_image
-    from libero_env.suites import NUM_WAIT_STEPS, WAIT_ACTION, load_tasks
+    from libero_env.suites import load_tasks, start_episode
 
     task = load_tasks("libero_spatial")[0]
     chunk = np.array([[0.3, -0.2, 0.1, 0.0, 0.0, 0.0, -1.0]] * 3)
+    grip = np.array([[0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 1.0]] * 4)
     simulator = _Simulator(wrist=True, resolution=256)
     try:
-        for init_index in (3, 4):  # a hard reset replaces the sensors but must keep the cameras switched off
-            simulator.reset(task.bddl_file, task.init_states[init_index], record=False)
+        for init_index in (3, 4):  # a reset must keep the cameras switched off
+            simulator.reset(task.bddl_file, task.init_states[init_index], scene_seed=11, record=False)
             assert not {"agentview_image", "robot0_eye_in_hand_image"} & set(simulator.env.env.observation_spec())
+            if init_index == 3:
+                simulator.step(grip, record=False)
         answer = simulator.step(chunk, record=False)
         assert answer["executed"] == 3
         state = simulator.env.get_sim_state()
@@ -79,12 +85,13 @@ def test_worker_renders_once_per_chunk_what_the_camera_observables_show():
         np.testing.assert_array_equal(answer["wrist"], preprocess_image(obs["robot0_eye_in_hand_image"]))
     finally:
         simulator.close()
-    reference = make_env(task.bddl_file, cameras=True)
+    reference = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=256, camera_widths=256,
+                                   camera_names=[AGENTVIEW, WRIST])
     try:
-        reference.reset()
-        reference.set_init_state(task.init_states[4])
-        for action in [WAIT_ACTION] * NUM_WAIT_STEPS + chunk.tolist():
-            reference.step(list(action))
+        assert reference.env.hard_reset  # LIBERO's default, as in the reference eval
+        start_episode(reference, task.init_states[4], seed=11)
+        for action in chunk:
+            reference.step(action.tolist())
         np.testing.assert_array_equal(state, reference.get_sim_state())
     finally:
         reference.close()
@@ -106,6 +113,17 @@ def test_same_spec_gives_same_observation_and_video_frames_match_pipeline(env):
     assert env.frames(1) == []
     # the recorded frame is the upright raw render the policy image was made from
     np.testing.assert_array_equal(center_crop(lanczos_resize(jpeg_round_trip(frames[0]))), obs.agentview[0])
+
+
+def test_a_scene_is_the_same_after_any_history_and_another_scene_moves_the_fixtures(env):
+    env.reset([EpisodeSpec(0, 1), EpisodeSpec(0, 2, scene=5)])
+    env.step(open_gripper_actions(2, 3))
+    obs = env.reset([EpisodeSpec(0, 7, scene=3), EpisodeSpec(0, 7, scene=3)])
+    np.testing.assert_array_equal(obs.agentview[0], obs.agentview[1])
+    np.testing.assert_array_equal(obs.wrist[0], obs.wrist[1])
+    np.testing.assert_array_equal(obs.proprio[0], obs.proprio[1])
+    other = env.reset([EpisodeSpec(0, 7, scene=4)], envs=[0])
+    assert not np.array_equal(other.agentview[0], obs.agentview[0])
 
 
 def test_chunks_time_limit_and_finished_envs_stay_put(env):

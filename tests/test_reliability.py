@@ -259,7 +259,7 @@ def test_lost_resets_are_counted(checkpoint, tmp_path):
     "adapter-missing", "checkpoint-config-not-json", "weight-decay", "eval-trials", "eval-temperature-inf",
     "plot-no-metrics", "optimizer-truncated", "trainer-state-garbled", "resume-finetune", "sft-no-demos",
     "demo-lr-nan", "device", "flash-attn-missing", "plot-unwritable", "base-quant-fp8-cpu", "base-quant-full",
-    "eval-adapter-of-another-base-quant",
+    "eval-adapter-of-another-base-quant", "eval-seed",
 ])
 def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
     runs = tmp_path / "new-runs"
@@ -292,6 +292,8 @@ def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
                          "--weight-decay must be >= 0, got -0.1"),
         "eval-trials": (["eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--trials-per-task", "0",
                          "--output-dir", str(runs)], "--trials-per-task must be in 1..1000, got 0"),
+        "eval-seed": (["eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--seed", "-1",
+                       "--output-dir", str(runs)], "--seed must be >= 0 (it also picks the scenes), got -1"),
         "eval-temperature-inf": (["eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--temperature",
                                   "inf", "--output-dir", str(runs)], "--temperature must be a finite number, got inf"),
         "plot-no-metrics": (["plot", str(tmp_path)], f"{tmp_path / METRICS_FILE} does not exist"),

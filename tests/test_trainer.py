@@ -52,7 +52,8 @@ def stable(row: dict) -> dict:
 def test_group_sampler_visits_every_pair_once_per_pass_and_resumes():
     sampler = GroupSampler([0, 2], [5, 6, 7], seed=[3, 0])
     first_pass = sampler.next(6)
-    assert sorted(first_pass) == [(0, 5), (0, 6), (0, 7), (2, 5), (2, 6), (2, 7)]
+    assert sorted((s.task_id, s.init_index) for s in first_pass) == [(0, 5), (0, 6), (0, 7), (2, 5), (2, 6), (2, 7)]
+    assert len({s.scene for s in first_pass}) == 6 and all(s.scene >= 0 for s in first_pass)  # a new scene each
     state = json.loads(json.dumps(sampler.state_dict()))  # checkpoints keep it as JSON
     expected = sampler.next(8)
     restored = GroupSampler([0, 2], [5, 6, 7], seed=[99, 0])

@@ -242,7 +242,8 @@ class TrainConfig:
     logging: OmitPrefix[LogConfig] = field(default_factory=LogConfig)
     checkpointing: OmitPrefix[CheckpointConfig] = field(default_factory=CheckpointConfig)
     seed: int = 0
-    """Seed of model init, group sampling and action sampling (rank r samples with seed + r)."""
+    """Seed of model init, group sampling (scenes included) and action sampling (rank r samples with seed + r); the
+    periodic held-out eval plays scene `seed` of each held-out init state, the same scenes in every eval."""
     timesteps: int = 2_000_000
     """Budget of policy steps collected over all ranks; the run stops once it is spent."""
     iterations: int | None = None
@@ -283,7 +284,9 @@ class EvaluateConfig:
     """None: greedy actions (the published protocol). A value: sample the action tokens at this temperature, as
     GRPO's rollouts do; the sampled success is the signal GRPO starts from."""
     seed: int = 7
-    """Seed of everything (REF 5.4: 7)."""
+    """Seed of everything (REF 5.4: 7), also of the scenes: each episode is played in scene `seed` of its (task,
+    init state) (libero_env.EpisodeSpec.scene), so evals of two models with one seed play the same episodes and
+    their difference is paired."""
     num_videos: int = 10
     """Episodes written as MP4: the first episode of each task, up to this many."""
     output_dir: Path = Path("runs")

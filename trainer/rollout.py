@@ -263,10 +263,9 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
     rounds: list[Rollouts] = []
     wanted, next_group, lost_resets = groups_per_iteration, 0, env.lost_resets
     for _ in range(1 + (max_refill_rounds if dynamic_sampling else 0)):
-        groups = sampler.next(wanted)
-        specs = [EpisodeSpec(task, init) for task, init in groups for _ in range(group_size)]
-        group_ids = np.repeat(np.arange(next_group, next_group + len(groups)), group_size)
-        next_group += len(groups)
+        specs = [spec for spec in sampler.next(wanted) for _ in range(group_size)]
+        group_ids = np.repeat(np.arange(next_group, next_group + wanted), group_size)
+        next_group += wanted
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
                                     keep_steps=True, progress=progress))
         group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])

@@ -1,13 +1,20 @@
-"""Which (task, init state) groups each iteration trains on."""
+"""Which (task, init state, scene) groups each iteration trains on."""
 
 from typing import Any
 
 import numpy as np
 
+from libero_env import EpisodeSpec
+
+SCENE_DRAWS = 2**31
+"""Scenes a group's fixture placement is drawn from (EpisodeSpec.scene)."""
+
 
 class GroupSampler:
     """Cycles through every (task_id, init_index) pair of the training split, reshuffled on each pass, so all
-    pairs are visited equally often. Its state is part of a checkpoint, so a resumed run draws the same groups."""
+    pairs are visited equally often; each group gets a fresh scene (the fixtures' random placement), shared by its
+    G episodes, so a group's rollouts differ only by the policy's samples. Its state is part of a checkpoint, so a
+    resumed run draws the same groups."""
 
     def __init__(self, task_ids: list[int], init_indices: list[int], seed: int) -> None:
         if not task_ids or not init_indices:
@@ -19,14 +26,15 @@ class GroupSampler:
         self.order: list[int] = []
         self.position = 0
 
-    def next(self, n: int) -> list[tuple[int, int]]:
-        """The next n (task_id, init_index) pairs."""
+    def next(self, n: int) -> list[EpisodeSpec]:
+        """The episodes of the next n groups, one per group."""
         groups = []
         while len(groups) < n:
             if self.position == len(self.order):
                 self.order = self.rng.permutation(len(self.pairs)).tolist()
                 self.position = 0
-            groups.append(self.pairs[self.order[self.position]])
+            task_id, init_index = self.pairs[self.order[self.position]]
+            groups.append(EpisodeSpec(task_id, init_index, scene=int(self.rng.integers(SCENE_DRAWS))))
             self.position += 1
         return groups
 

@@ -311,6 +311,8 @@ def check_eval(config: EvaluateConfig, rank: int = 0) -> EvalPlan:
                          f"got {config.trials_per_task}")
     if config.temperature is not None and not config.temperature > 0:
         raise ValueError(f"--temperature must be > 0 (or left out for greedy actions), got {config.temperature}")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be >= 0 (it also picks the scenes), got {config.seed}")
     results_dir = config.output_dir / (config.run_name or default_run_name(f"eval-{config.env.task_suite}"))
     if rank == 0 and results_dir.exists():
         raise FileExistsError(f"results directory {results_dir} already exists; choose another --run-name")
