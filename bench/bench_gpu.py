@@ -102,6 +102,8 @@ class BenchConfig:
     """After the eager measurements, compile the same policy (VLAPolicy.compile_layers) and measure it again: the
     rollout curve, the update at the best micro-batch, the compile warm-up and the log-prob difference to eager
     (results under "compiled")."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend of --compile-layers; aot_eager (no generated kernels) keeps the CPU smoke test quick."""
 
 
 def device_of(config: BenchConfig) -> torch.device:
@@ -347,7 +349,7 @@ def compiled_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.opti
     with torch.no_grad():
         eager_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
                                               temperature=config.temperature)
-    policy.compile_layers()
+    policy.compile_layers(config.compile_backend)
     device = policy.device
     synchronize(device)
     start = time.perf_counter()  # the first calls compile: rollout (prefill, decode step), pi_old and the update
@@ -358,13 +360,18 @@ def compiled_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.opti
                                                  temperature=config.temperature)
         teacher_forced, _ = policy.log_probs(**played.rows(slice(None)), token_ids=played.token_ids,
                                              temperature=config.temperature)
+    with_gradients, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                         temperature=config.temperature)
+    ratio_gap = float((with_gradients.detach() - compiled_log_probs).abs().max())  # eager: 0 (test_vla_gpu.py)
+    del with_gradients
     update(policy, optimizer, data, micro_batch, config.temperature)
     synchronize(device)
     results: dict = {"compile_warmup_s": time.perf_counter() - start}
     difference = (compiled_log_probs - eager_log_probs).abs().float()
     mismatch = (teacher_forced.float().cpu() - played.old_log_probs).abs()
     results.update(logprob_diff_vs_eager={"mean": float(difference.mean()), "max": float(difference.max())},
-                   logprob_mismatch=float(mismatch.mean()), logprob_mismatch_max=float(mismatch.max()))
+                   logprob_mismatch=float(mismatch.mean()), logprob_mismatch_max=float(mismatch.max()),
+                   pi_old_vs_update_max=ratio_gap)
     fitting = tuple(int(size) for size, point in eager_curve.items() if point is not None)
     curve = rollout_curve(config, policy, fitting, rng, "compiled rollout")
     best = fastest(curve, "actions_per_s")

@@ -26,6 +26,40 @@ def test_bench_gpu_code_paths_run_on_cpu(tmp_path):
     assert results["logprob_mismatch"] < 1e-4  # float32 on the CPU: rollout and update agree
 
 
+def test_bench_gpu_compile_layers_runs_on_cpu(tmp_path):
+    """--compile-layers: the same policy compiled after the eager numbers ("aot_eager" keeps it quick on the CPU)."""
+    torch.set_num_threads(1)
+    # LoRA r4 with alpha 4, as tests/test_vla_lora.py's compile test: in one pytest run the second reuses the graphs
+    results = main(BenchConfig(model="tiny", rollout_batches=(2,), micro_batches=(2,), mini_batch=2, seed_samples=1,
+                               repeats=1, iteration_steps=1, iteration_batch=2, skip_oft=True, lora_rank=4,
+                               compile_layers=True, compile_backend="aot_eager", output=tmp_path / "gpu_7b.json"))
+    compiled = results["compiled"]
+    assert compiled["update_micro_batch"] == 2 and compiled["rollout_batch"] == 2 and compiled["compile_warmup_s"] > 0
+    assert compiled["logprob_diff_vs_eager"]["max"] < 1e-5 and compiled["pi_old_vs_update_max"] < 1e-5
+    assert compiled["logprob_mismatch"] < 1e-4 and compiled["update_samples_per_s"] > 0
+
+
+def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
+    """bench/profile_gpu.py on the tiny look-alike: every phase profiled, the summary and the tables written (no GPU
+    timeline on the CPU: the GPU figures are zero and the idle share is null)."""
+    from bench.profile_gpu import ProfileConfig
+    from bench.profile_gpu import main as profile_main
+
+    torch.set_num_threads(1)
+    output = tmp_path / "profile.json"
+    results = profile_main(ProfileConfig(model="tiny", rollout_batch=2, micro_batch=2, calls=1, warmup_calls=0,
+                                         timed_calls=1, top=5, output=output))
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    phases = results["variants"]["eager"]
+    assert set(phases) == {"rollout", "pi_old_forward", "update_micro_batch"}
+    for phase in phases.values():
+        assert phase["wall_s_per_call"] > 0 and phase["gpu_busy_s_per_call"] == 0 and phase["gpu_idle_share"] is None
+        assert len(phase["top_operators_by_host_time"]) == 5
+        assert "OpenVLAModel.vision" in phase["named_phases"]
+    assert {"DynamicDecoder.prefill", "DynamicDecoder.step"} <= set(phases["rollout"]["named_phases"])
+    assert "== eager/update_micro_batch" in output.with_suffix(".txt").read_text()
+
+
 def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
     """--base-quant: bf16 and int8 in one run on the tiny look-alike, the keys the GPU JSON will have."""
     torch.set_num_threads(1)
