@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from bench.bench_gpu import (BenchConfig, Batch, build_policy, device_of, observations, rollout, sampled,
                              set_memory_cap, synchronize, timed, update)
 from trainer.checkpoint import write_json
+from vla_actor.policy import VLAPolicy
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -47,7 +48,7 @@ CALL_LABEL = "profile_gpu.call"
 
 @dataclass
 class ProfileConfig:
-    """What to profile; the defaults are the 7B shape of bench_gpu's documented run at rollout batch 16."""
+    """What to profile; the rest (memory cap, LoRA rank, temperature, seed) is bench_gpu's documented run."""
 
     model: Literal["7b", "tiny"] = "7b"
     """"7b": random-weight OpenVLA-7B shape on CUDA; "tiny": look-alike checkpoint on the CPU (smoke test)."""
@@ -65,34 +66,30 @@ class ProfileConfig:
     """Unprofiled, synchronized calls whose median wall time is reported (the profiler adds host overhead)."""
     top: int = 25
     """Rows of the top-kernel and top-operator lists."""
-    temperature: float = 1.6
-    """Sampling temperature."""
-    lora_rank: int = 16
-    """LoRA rank on every linear layer of the LLM."""
-    mem_cap_gib: float = 24.0
-    """Per-process GPU memory cap."""
-    seed: int = 0
-    """Seed for weights, images and sampling."""
     output: Path = Path("bench/results/profile_7b.json")
     """The JSON summary; the profiler tables go to the same name with .txt."""
+    graph_decode: bool = True
+    """Decode steps replayed from a CUDA graph (VLAPolicy.graph_decode, the default); --no-graph-decode: eager."""
     trace_dir: Path | None = None
     """Keep each phase's Chrome trace (chrome://tracing, Perfetto) here; None: summarized, then deleted."""
 
 
-def phase_calls(config: ProfileConfig, policy, rng: np.random.Generator) -> dict[str, Callable[[], object]]:
+def phase_calls(config: ProfileConfig, bench: BenchConfig, policy: VLAPolicy,
+                rng: np.random.Generator) -> dict[str, Callable[[], object]]:
     """Phase name -> one call: a rollout query, a no-grad pi_old forward, an update micro-batch with its step."""
+    temperature = bench.temperature
     queries = observations(policy, config.rollout_batch, rng)
-    rows = sampled(policy, config.micro_batch, config.rollout_batch, rng, config.temperature)
+    rows = sampled(policy, config.micro_batch, config.rollout_batch, rng, temperature)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
 
     def pi_old() -> None:
         with torch.no_grad():
-            policy.log_probs(**rows.rows(slice(None)), token_ids=rows.token_ids, temperature=config.temperature)
+            policy.log_probs(**rows.rows(slice(None)), token_ids=rows.token_ids, temperature=temperature)
 
     return {
-        "rollout": lambda: rollout(policy, Batch(**queries.rows(slice(None))), config.temperature),
+        "rollout": lambda: rollout(policy, Batch(**queries.rows(slice(None))), temperature),
         "pi_old_forward": pi_old,
-        "update_micro_batch": lambda: update(policy, optimizer, rows, config.micro_batch, config.temperature),
+        "update_micro_batch": lambda: update(policy, optimizer, rows, config.micro_batch, temperature),
     }
 
 
@@ -133,16 +130,15 @@ def trace_summary(trace: dict, calls: int, top: int) -> dict:
 def sync_callers(events: list[dict], syncs: list[dict]) -> Counter:
     """Each host synchronization named by its innermost named phase and operator (same thread), e.g.
     "GraphDecoder.prefill > aten::_local_scalar_dense": which code made the host wait."""
+    ranges = [e for e in events if e.get("cat") in ("user_annotation", "cpu_op") and e["name"] != CALL_LABEL]
     callers = Counter()
     for sync in syncs:
         enclosing = {"user_annotation": None, "cpu_op": None}
-        for event in events:
-            kind = event.get("cat")
-            if kind in enclosing and event["tid"] == sync["tid"] and event["name"] != CALL_LABEL \
-                    and event["ts"] <= sync["ts"] <= event["ts"] + event["dur"]:
-                inner = enclosing[kind]
+        for event in ranges:
+            if event["tid"] == sync["tid"] and event["ts"] <= sync["ts"] <= event["ts"] + event["dur"]:
+                inner = enclosing[event["cat"]]
                 if inner is None or event["ts"] >= inner["ts"]:
-                    enclosing[kind] = event
+                    enclosing[event["cat"]] = event
         callers[" > ".join(e["name"] if e else "-" for e in enclosing.values())] += 1
     return callers
 
@@ -174,10 +170,13 @@ def profile_phase(config: ProfileConfig, device: torch.device, call: Callable[[]
     prof.export_chrome_trace(str(trace_path))
     summary = {"wall_s_per_call": wall, "profiled_wall_s_per_call": profiled_seconds / config.calls,
                **trace_summary(json.loads(trace_path.read_text()), config.calls, config.top)}
+    if device.type == "cuda" and summary["kernels_per_call"] == 0:
+        raise SystemExit(f"profile_gpu.py: the {name} trace holds no GPU kernels (CUPTI recorded nothing); rerun "
+                         f"with --no-graph-decode to rule out the CUDA-graph decoder (--trace-dir keeps the traces)")
     summary["gpu_idle_share"] = (1.0 - summary["gpu_busy_s_per_call"] / summary["profiled_wall_s_per_call"]
                                  if device.type == "cuda" else None)
     summary["top_operators_by_host_time"] = top_operators(prof, config.calls, config.top)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = f"== {name}\n{prof.key_averages().table(sort_by=sort_by, row_limit=config.top)}\n"
     print(f"{name}: {json.dumps({k: v for k, v in summary.items() if not k.startswith('top_')})}", flush=True)
     return summary, table
@@ -186,28 +185,29 @@ def profile_phase(config: ProfileConfig, device: torch.device, call: Callable[[]
 def main(config: ProfileConfig) -> dict:
     if config.variants not in (("eager",), ("compiled",), ("eager", "compiled")):
         raise SystemExit("profile_gpu.py: --variants is eager, compiled, or eager compiled (compiling is one-way)")
-    device = device_of(BenchConfig(model=config.model))
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    set_memory_cap(device, config.mem_cap_gib)
+    bench = BenchConfig(model=config.model)
+    device = device_of(bench)
+    torch.manual_seed(bench.seed)
+    rng = np.random.default_rng(bench.seed)
+    set_memory_cap(device, bench.mem_cap_gib)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "model": config.model, "torch": torch.__version__, "mem_cap_gib": config.mem_cap_gib,
+                     "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
                      "rollout_batch": config.rollout_batch, "micro_batch": config.micro_batch,
-                     "calls": config.calls, "variants": {}}
+                     "calls": config.calls, "graph_decode": config.graph_decode, "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:
-        bench = BenchConfig(model=config.model, seed=config.seed, lora_rank=config.lora_rank)
         policy = build_policy(bench, "openvla", Path(workdir))
         policy.gradient_checkpointing(True)
+        policy.graph_decode = config.graph_decode
         trace_dir = config.trace_dir or Path(workdir)
         trace_dir.mkdir(parents=True, exist_ok=True)
         for variant in config.variants:
             if variant == "compiled":
                 policy.compile_layers()
             phases = {}
-            for phase, call in phase_calls(config, policy, rng).items():
+            for phase, call in phase_calls(config, bench, policy, rng).items():
                 name = f"{variant}/{phase}"
                 phases[phase], table = profile_phase(config, device, call, name,
                                                      trace_dir / f"{variant}_{phase}.json")
