@@ -58,18 +58,18 @@ class ProfileConfig:
     """Observations per rollout query."""
     micro_batch: int = 16
     """Samples per update micro-batch (and per pi_old forward)."""
+    graph_decode: bool = True
+    """Decode steps replayed from a CUDA graph (VLAPolicy.graph_decode, the default); --no-graph-decode: eager."""
     calls: int = 3
     """Profiled calls per phase (after the warm-up calls)."""
     warmup_calls: int = 2
     """Unprofiled calls per phase first (compilation, CUDA-graph and allocator warm-up)."""
+    output: Path = Path("bench/results/profile_7b.json")
+    """The JSON summary; the profiler tables go to the same name with .txt."""
     timed_calls: int = 5
     """Unprofiled, synchronized calls whose median wall time is reported (the profiler adds host overhead)."""
     top: int = 25
     """Rows of the top-kernel and top-operator lists."""
-    output: Path = Path("bench/results/profile_7b.json")
-    """The JSON summary; the profiler tables go to the same name with .txt."""
-    graph_decode: bool = True
-    """Decode steps replayed from a CUDA graph (VLAPolicy.graph_decode, the default); --no-graph-decode: eager."""
     trace_dir: Path | None = None
     """Keep each phase's Chrome trace (chrome://tracing, Perfetto) here; None: summarized, then deleted."""
 
