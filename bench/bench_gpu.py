@@ -6,6 +6,7 @@ LoRA r16 on every linear layer of the LLM, capped with torch.cuda.set_per_proces
 
     python -m bench.bench_gpu --output bench/results/gpu_7b.json
     python -m bench.bench_gpu --base-quant int8 nf4 fp8   # bf16 vs quantized bases -> gpu_7b_quant.json
+    python -m bench.bench_gpu --compile-layers            # then the same policy compiled -> "compiled" in the JSON
 
 With `--base-quant` it measures instead the frozen base stored quantized (vla_actor.quant) against bf16 in the
 same run, on the same inputs: per mode the full-iteration peak and rates under `--quant-mem-cap-gib` (16), the
