@@ -1,14 +1,14 @@
 """Where the time of a rollout query and of an update micro-batch goes: torch.profiler over bench_gpu's 7B shape.
 
 On a GPU: the random-weight OpenVLA-7B shape with LoRA r16 under the 24 GiB cap (bench_gpu's builders), profiled
-over a few rollout queries (`VLAPolicy.sample`), a few no-grad pi_old forwards (`log_probs` without gradients, as
+over a few rollout queries (`VLAPolicy.sample`) at batch 8, 16 and 32, a few no-grad pi_old forwards (`log_probs` without gradients, as
 `--old-log-probs recompute` runs them) and a few update micro-batches (`log_probs` with gradients, gradient
 checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is then compiled
 (`VLAPolicy.compile_layers`) and profiled again in the same run. `--model tiny` runs every code path on the CPU
 (the CI smoke test; there is no GPU timeline then).
 
     python -m bench.profile_gpu --variants eager compiled --output bench/results/profile_7b.json
-    python -m bench.profile_gpu --model tiny --output /tmp/profile.json
+    python -m bench.profile_gpu --model tiny --rollout-batches 2 --micro-batch 2 --output /tmp/profile.json
 
 Per variant and phase the JSON has: the unprofiled median wall time per call; from the profiled calls the GPU-busy
 time (union of kernel, memcpy and memset intervals) against the wall time, so a host-bound gap shows as
@@ -54,8 +54,8 @@ class ProfileConfig:
     """"7b": random-weight OpenVLA-7B shape on CUDA; "tiny": look-alike checkpoint on the CPU (smoke test)."""
     variants: tuple[Literal["eager", "compiled"], ...] = ("eager",)
     """Profiled in this order on the same policy; "compiled" applies VLAPolicy.compile_layers (so it comes last)."""
-    rollout_batch: int = 16
-    """Observations per rollout query."""
+    rollout_batches: tuple[int, ...] = (8, 16, 32)
+    """Observations per rollout query, one phase each: what stays fixed as the batch grows is the cost per call."""
     micro_batch: int = 16
     """Samples per update micro-batch (and per pi_old forward)."""
     graph_decode: bool = True
@@ -78,16 +78,19 @@ def phase_calls(config: ProfileConfig, bench: BenchConfig, policy: VLAPolicy,
                 rng: np.random.Generator) -> dict[str, Callable[[], object]]:
     """Phase name -> one call: a rollout query, a no-grad pi_old forward, an update micro-batch with its step."""
     temperature = bench.temperature
-    queries = observations(policy, config.rollout_batch, rng)
-    rows = sampled(policy, config.micro_batch, config.rollout_batch, rng, temperature)
+    rows = sampled(policy, config.micro_batch, config.micro_batch, rng, temperature)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
 
     def pi_old() -> None:
         with torch.no_grad():
             policy.log_probs(**rows.rows(slice(None)), token_ids=rows.token_ids, temperature=temperature)
 
+    def rollout_query(size: int) -> Callable[[], object]:
+        queries = observations(policy, size, rng)
+        return lambda: rollout(policy, Batch(**queries.rows(slice(None))), temperature)
+
     return {
-        "rollout": lambda: rollout(policy, Batch(**queries.rows(slice(None))), temperature),
+        **{f"rollout_batch{size}": rollout_query(size) for size in config.rollout_batches},
         "pi_old_forward": pi_old,
         "update_micro_batch": lambda: update(policy, optimizer, rows, config.micro_batch, temperature),
     }
@@ -194,7 +197,7 @@ def main(config: ProfileConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
-                     "rollout_batch": config.rollout_batch, "micro_batch": config.micro_batch,
+                     "rollout_batches": list(config.rollout_batches), "micro_batch": config.micro_batch,
                      "calls": config.calls, "graph_decode": config.graph_decode, "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:

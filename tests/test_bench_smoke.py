@@ -47,16 +47,16 @@ def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
 
     torch.set_num_threads(1)
     output = tmp_path / "profile.json"
-    results = profile_main(ProfileConfig(model="tiny", rollout_batch=2, micro_batch=2, calls=1, warmup_calls=0,
+    results = profile_main(ProfileConfig(model="tiny", rollout_batches=(2,), micro_batch=2, calls=1, warmup_calls=0,
                                          timed_calls=1, top=5, output=output))
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     phases = results["variants"]["eager"]
-    assert set(phases) == {"rollout", "pi_old_forward", "update_micro_batch"}
+    assert set(phases) == {"rollout_batch2", "pi_old_forward", "update_micro_batch"}
     for phase in phases.values():
         assert phase["wall_s_per_call"] > 0 and phase["gpu_busy_s_per_call"] == 0 and phase["gpu_idle_share"] is None
         assert len(phase["top_operators_by_host_time"]) == 5
         assert "OpenVLAModel.vision" in phase["named_phases"]
-    assert {"DynamicDecoder.prefill", "DynamicDecoder.step"} <= set(phases["rollout"]["named_phases"])
+    assert {"DynamicDecoder.prefill", "DynamicDecoder.step"} <= set(phases["rollout_batch2"]["named_phases"])
     assert "== eager/update_micro_batch" in output.with_suffix(".txt").read_text()
 
 
