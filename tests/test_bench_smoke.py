@@ -93,3 +93,32 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
         assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
         assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset"}
     assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4
+
+
+def test_profile_trace_summary_hand_computed():
+    """profile_gpu's reading of a Chrome trace, on a hand-written one of 2 calls: overlapping kernels count once
+    (busy 0-15 and 20-25 us = 20 us), launches and syncs are counted per call, a sync is named by its innermost named
+    range and operator, and the named ranges' host and GPU times are per call."""
+    from bench.profile_gpu import CALL_LABEL, trace_summary
+
+    def event(category, name, start, duration, tid=1):
+        return {"ph": "X", "cat": category, "name": name, "ts": start, "dur": duration, "tid": tid}
+
+    trace = {"traceEvents": [
+        event("user_annotation", CALL_LABEL, 0, 100), event("user_annotation", "GraphDecoder.prefill", 1, 40),
+        event("cpu_op", "aten::to", 2, 10), event("cpu_op", "aten::copy_", 3, 8),
+        event("cuda_runtime", "cudaStreamSynchronize", 4, 5), event("cuda_runtime", "cudaLaunchKernel", 20, 1),
+        event("cuda_runtime", "cudaLaunchKernel", 21, 1), event("cuda_runtime", "cudaGraphLaunch", 50, 1),
+        event("cuda_runtime", "cudaStreamSynchronize", 60, 2),
+        event("kernel", "gemm", 0, 10, tid=7), event("kernel", "gemm", 5, 10, tid=8),
+        event("gpu_memcpy", "Memcpy HtoD", 20, 5, tid=7), event("gpu_user_annotation", "GraphDecoder.prefill", 0, 15),
+        {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 3},
+    ]}
+    summary = trace_summary(trace, calls=2, top=5)
+    assert summary["gpu_busy_s_per_call"] == 10e-6 and summary["gpu_kernel_s_per_call"] == 10e-6
+    assert summary["kernels_per_call"] == 1 and summary["kernel_launches_per_call"] == 1
+    assert summary["graph_launches_per_call"] == 0.5
+    assert summary["host_syncs_per_call"] == {"cudaStreamSynchronize": 1.0}
+    assert summary["host_syncs_by_caller"] == {"GraphDecoder.prefill > aten::copy_": 0.5, "- > -": 0.5}
+    assert summary["named_phases"] == {"GraphDecoder.prefill": {"cpu_ms_per_call": 0.02, "gpu_ms_per_call": 0.0075}}
+    assert summary["top_kernels_by_gpu_time"] == [{"name": "gemm", "count_per_call": 1.0, "ms_per_call": 0.01}]
