@@ -102,7 +102,7 @@ class BenchConfig:
     compile_layers: bool = False
     """After the eager measurements, compile the same policy (VLAPolicy.compile_layers) and measure it again: the
     rollout curve, the update at the best micro-batch, the compile warm-up and the log-prob difference to eager
-    (results under "compiled")."""
+    (results under "compiled"); OFT: the actions/s at each setup's best batch (compiled_actions_per_s)."""
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """torch.compile backend of --compile-layers; aot_eager (no generated kernels) keeps the CPU smoke test quick."""
 
@@ -429,11 +429,16 @@ def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> d
         policy = build_policy(config, "oft", workdir, num_images, use_proprio)
         device = policy.device
         curve = rollout_curve(config, policy, config.oft_batches, rng, f"oft {name}")
-        del policy
-        reset_peak(device)
         best = best_of(curve, "actions_per_s", f"OFT {name} batch")
         setups[name] = {"description": description, "curve": curve, "batch": best,
                         "actions_per_s": curve[str(best)]["actions_per_s"]}
+        if config.compile_layers:  # the same policy compiled, at the eager best batch
+            policy.compile_layers(config.compile_backend)
+            setups[name]["compiled_actions_per_s"] = try_measure(
+                device, lambda: actions_per_second(config, policy, best, rng))
+            print(f"oft {name} compiled, batch {best}: {setups[name]['compiled_actions_per_s']}", flush=True)
+        del policy
+        reset_peak(device)
     fastest = max(setups, key=lambda name: setups[name]["actions_per_s"])
     return {"oft_setups": setups, "oft_setup": fastest, "oft_batch": setups[fastest]["batch"],
             "oft_actions_per_s": setups[fastest]["actions_per_s"]}

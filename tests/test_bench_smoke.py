@@ -27,12 +27,15 @@ def test_bench_gpu_code_paths_run_on_cpu(tmp_path):
 
 
 def test_bench_gpu_compile_layers_runs_on_cpu(tmp_path):
-    """--compile-layers: the same policy compiled after the eager numbers ("aot_eager" keeps it quick on the CPU)."""
+    """--compile-layers: the same policies (OpenVLA, OFT) compiled after the eager numbers ("aot_eager" keeps it
+    quick on the CPU)."""
     torch.set_num_threads(1)
     # LoRA r4 with alpha 4, as tests/test_vla_lora.py's compile test: in one pytest run the second reuses the graphs
     results = main(BenchConfig(model="tiny", rollout_batches=(2,), micro_batches=(2,), mini_batch=2, seed_samples=1,
-                               repeats=1, iteration_steps=1, iteration_batch=2, skip_oft=True, lora_rank=4,
-                               compile_layers=True, compile_backend="aot_eager", output=tmp_path / "gpu_7b.json"))
+                               repeats=1, iteration_steps=1, iteration_batch=2, oft_batches=(2,), oft_setups=("1img",),
+                               lora_rank=4, compile_layers=True, compile_backend="aot_eager",
+                               output=tmp_path / "gpu_7b.json"))
+    assert results["oft_setups"]["1img"]["compiled_actions_per_s"] > 0
     compiled = results["compiled"]
     assert compiled["update_micro_batch"] == 2 and compiled["rollout_batch"] == 2 and compiled["compile_warmup_s"] > 0
     assert compiled["logprob_diff_vs_eager"]["max"] < 1e-5 and compiled["pi_old_vs_update_max"] < 1e-5
