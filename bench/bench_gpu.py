@@ -6,6 +6,7 @@ LoRA r16 on every linear layer of the LLM, capped with torch.cuda.set_per_proces
 
     python -m bench.bench_gpu --output bench/results/gpu_7b.json
     python -m bench.bench_gpu --base-quant int8 nf4 fp8   # bf16 vs quantized bases -> gpu_7b_quant.json
+    python -m bench.bench_gpu --compile-layers            # then the same policy compiled -> "compiled" in the JSON
 
 With `--base-quant` it measures instead the frozen base stored quantized (vla_actor.quant) against bf16 in the
 same run, on the same inputs: per mode the full-iteration peak and rates under `--quant-mem-cap-gib` (16), the
@@ -98,6 +99,12 @@ class BenchConfig:
     """Rollout batches tried under --mem-cap-gib per quantized-base mode; the largest that fits is reported."""
     quant_output: Path = Path("bench/results/gpu_7b_quant.json")
     """Where the --base-quant comparison JSON goes."""
+    compile_layers: bool = False
+    """After the eager measurements, compile the same policy (VLAPolicy.compile_layers) and measure it again: the
+    rollout curve, the update at the best micro-batch, the compile warm-up and the log-prob difference to eager
+    (results under "compiled"); OFT: the actions/s at each setup's best batch (compiled_actions_per_s)."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend of --compile-layers; aot_eager (no generated kernels) keeps the CPU smoke test quick."""
 
 
 def device_of(config: BenchConfig) -> torch.device:
@@ -329,8 +336,54 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
 
     # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
     results.update(iteration_peak(config, policy, optimizer, best_micro, rng))
+    if config.compile_layers:
+        results["compiled"] = compiled_rates(config, policy, optimizer, probe, curve, best_micro, rng)
     del policy, optimizer, seed_data, probe
     reset_peak(device)
+    return results
+
+
+def compiled_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, probe: Batch,
+                   eager_curve: dict, micro_batch: int, rng: np.random.Generator) -> dict:
+    """The lever VLAPolicy.compile_layers against the eager numbers of this run: the policy compiled in place,
+    then the rollout curve over the batches that fit eagerly and the update at the eager best micro-batch."""
+    with torch.no_grad():
+        eager_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                              temperature=config.temperature)
+    policy.compile_layers(config.compile_backend)
+    device = policy.device
+    synchronize(device)
+    start = time.perf_counter()  # the first calls compile: rollout (prefill, decode step), pi_old and the update
+    played = rollout(policy, observations(policy, len(probe.instructions), rng), config.temperature)
+    data = sampled(policy, config.mini_batch, micro_batch, rng, config.temperature)
+    with torch.no_grad():
+        compiled_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                                 temperature=config.temperature)
+        teacher_forced, _ = policy.log_probs(**played.rows(slice(None)), token_ids=played.token_ids,
+                                             temperature=config.temperature)
+    with_gradients, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                         temperature=config.temperature)
+    ratio_gap = float((with_gradients.detach() - compiled_log_probs).abs().max())  # eager: 0 (test_vla_gpu.py)
+    del with_gradients
+    update(policy, optimizer, data, micro_batch, config.temperature)
+    synchronize(device)
+    results: dict = {"compile_warmup_s": time.perf_counter() - start}
+    difference = (compiled_log_probs - eager_log_probs).abs().float()
+    mismatch = (teacher_forced.float().cpu() - played.old_log_probs).abs()
+    results.update(logprob_diff_vs_eager={"mean": float(difference.mean()), "max": float(difference.max())},
+                   logprob_mismatch=float(mismatch.mean()), logprob_mismatch_max=float(mismatch.max()),
+                   pi_old_vs_update_max=ratio_gap)
+    fitting = tuple(int(size) for size, point in eager_curve.items() if point is not None)
+    curve = rollout_curve(config, policy, fitting, rng, "compiled rollout")
+    best = fastest(curve, "actions_per_s")
+    reset_peak(device)
+    rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro_batch,
+                                                          config.temperature))
+    results.update(rollout_curve=curve, rollout_batch=best,
+                   rollout_actions_per_s=None if best is None else curve[str(best)]["actions_per_s"],
+                   update_micro_batch=micro_batch, update_samples_per_s=rate,
+                   update_peak_gib=None if rate is None else peak_gib(device))
+    print(f"compiled: {json.dumps({k: v for k, v in results.items() if k != 'rollout_curve'})}", flush=True)
     return results
 
 
@@ -376,11 +429,16 @@ def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> d
         policy = build_policy(config, "oft", workdir, num_images, use_proprio)
         device = policy.device
         curve = rollout_curve(config, policy, config.oft_batches, rng, f"oft {name}")
-        del policy
-        reset_peak(device)
         best = best_of(curve, "actions_per_s", f"OFT {name} batch")
         setups[name] = {"description": description, "curve": curve, "batch": best,
                         "actions_per_s": curve[str(best)]["actions_per_s"]}
+        if config.compile_layers:  # the same policy compiled, at the eager best batch
+            policy.compile_layers(config.compile_backend)
+            setups[name]["compiled_actions_per_s"] = try_measure(
+                device, lambda: actions_per_second(config, policy, best, rng))
+            print(f"oft {name} compiled, batch {best}: {setups[name]['compiled_actions_per_s']}", flush=True)
+        del policy
+        reset_peak(device)
     fastest = max(setups, key=lambda name: setups[name]["actions_per_s"])
     return {"oft_setups": setups, "oft_setup": fastest, "oft_batch": setups[fastest]["batch"],
             "oft_actions_per_s": setups[fastest]["actions_per_s"]}

@@ -26,6 +26,43 @@ def test_bench_gpu_code_paths_run_on_cpu(tmp_path):
     assert results["logprob_mismatch"] < 1e-4  # float32 on the CPU: rollout and update agree
 
 
+def test_bench_gpu_compile_layers_runs_on_cpu(tmp_path):
+    """--compile-layers: the same policies (OpenVLA, OFT) compiled after the eager numbers ("aot_eager" keeps it
+    quick on the CPU)."""
+    torch.set_num_threads(1)
+    # LoRA r4 with alpha 4, as tests/test_vla_lora.py's compile test: in one pytest run the second reuses the graphs
+    results = main(BenchConfig(model="tiny", rollout_batches=(2,), micro_batches=(2,), mini_batch=2, seed_samples=1,
+                               repeats=1, iteration_steps=1, iteration_batch=2, oft_batches=(2,), oft_setups=("1img",),
+                               lora_rank=4, compile_layers=True, compile_backend="aot_eager",
+                               output=tmp_path / "gpu_7b.json"))
+    assert results["oft_setups"]["1img"]["compiled_actions_per_s"] > 0
+    compiled = results["compiled"]
+    assert compiled["update_micro_batch"] == 2 and compiled["rollout_batch"] == 2 and compiled["compile_warmup_s"] > 0
+    assert compiled["logprob_diff_vs_eager"]["max"] < 1e-5 and compiled["pi_old_vs_update_max"] < 1e-5
+    assert compiled["logprob_mismatch"] < 1e-4 and compiled["update_samples_per_s"] > 0
+
+
+def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
+    """bench/profile_gpu.py on the tiny look-alike: every phase profiled, the summary and the tables written (no GPU
+    timeline on the CPU: the GPU figures are zero and the idle share is null)."""
+    from bench.profile_gpu import ProfileConfig
+    from bench.profile_gpu import main as profile_main
+
+    torch.set_num_threads(1)
+    output = tmp_path / "profile.json"
+    results = profile_main(ProfileConfig(model="tiny", rollout_batches=(2,), micro_batch=2, calls=1, warmup_calls=0,
+                                         timed_calls=1, top=5, output=output))
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    phases = results["variants"]["eager"]
+    assert set(phases) == {"rollout_batch2", "pi_old_forward", "update_micro_batch"}
+    for phase in phases.values():
+        assert phase["wall_s_per_call"] > 0 and phase["gpu_busy_s_per_call"] == 0 and phase["gpu_idle_share"] is None
+        assert len(phase["top_operators_by_host_time"]) == 5
+        assert "OpenVLAModel.vision" in phase["named_phases"]
+    assert {"DynamicDecoder.prefill", "DynamicDecoder.step"} <= set(phases["rollout_batch2"]["named_phases"])
+    assert "== eager/update_micro_batch" in output.with_suffix(".txt").read_text()
+
+
 def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
     """--base-quant: bf16 and int8 in one run on the tiny look-alike, the keys the GPU JSON will have."""
     torch.set_num_threads(1)
@@ -59,3 +96,32 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
         assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
         assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset"}
     assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4
+
+
+def test_profile_trace_summary_hand_computed():
+    """profile_gpu's reading of a Chrome trace, on a hand-written one of 2 calls: overlapping kernels count once
+    (busy 0-15 and 20-25 us = 20 us), launches and syncs are counted per call, a sync is named by its innermost named
+    range and operator, and the named ranges' host and GPU times are per call."""
+    from bench.profile_gpu import CALL_LABEL, trace_summary
+
+    def event(category, name, start, duration, tid=1):
+        return {"ph": "X", "cat": category, "name": name, "ts": start, "dur": duration, "tid": tid}
+
+    trace = {"traceEvents": [
+        event("user_annotation", CALL_LABEL, 0, 100), event("user_annotation", "GraphDecoder.prefill", 1, 40),
+        event("cpu_op", "aten::to", 2, 10), event("cpu_op", "aten::copy_", 3, 8),
+        event("cuda_runtime", "cudaStreamSynchronize", 4, 5), event("cuda_runtime", "cudaLaunchKernel", 20, 1),
+        event("cuda_runtime", "cudaLaunchKernel", 21, 1), event("cuda_runtime", "cudaGraphLaunch", 50, 1),
+        event("cuda_runtime", "cudaStreamSynchronize", 60, 2),
+        event("kernel", "gemm", 0, 10, tid=7), event("kernel", "gemm", 5, 10, tid=8),
+        event("gpu_memcpy", "Memcpy HtoD", 20, 5, tid=7), event("gpu_user_annotation", "GraphDecoder.prefill", 0, 15),
+        {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 3},
+    ]}
+    summary = trace_summary(trace, calls=2, top=5)
+    assert summary["gpu_busy_s_per_call"] == 10e-6 and summary["gpu_kernel_s_per_call"] == 10e-6
+    assert summary["kernels_per_call"] == 1 and summary["kernel_launches_per_call"] == 1
+    assert summary["graph_launches_per_call"] == 0.5
+    assert summary["host_syncs_per_call"] == {"cudaStreamSynchronize": 1.0}
+    assert summary["host_syncs_by_caller"] == {"GraphDecoder.prefill > aten::copy_": 0.5, "- > -": 0.5}
+    assert summary["named_phases"] == {"GraphDecoder.prefill": {"cpu_ms_per_call": 0.02, "gpu_ms_per_call": 0.0075}}
+    assert summary["top_kernels_by_gpu_time"] == [{"name": "gemm", "count_per_call": 1.0, "ms_per_call": 0.01}]

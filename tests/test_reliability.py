@@ -259,7 +259,7 @@ def test_lost_resets_are_counted(checkpoint, tmp_path):
     "adapter-missing", "checkpoint-config-not-json", "weight-decay", "eval-trials", "eval-temperature-inf",
     "plot-no-metrics", "optimizer-truncated", "trainer-state-garbled", "resume-finetune", "sft-no-demos",
     "demo-lr-nan", "device", "flash-attn-missing", "plot-unwritable", "base-quant-fp8-cpu", "base-quant-full",
-    "eval-adapter-of-another-base-quant", "eval-seed",
+    "eval-adapter-of-another-base-quant", "eval-seed", "compile-layers-full",
 ])
 def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
     runs = tmp_path / "new-runs"
@@ -317,6 +317,9 @@ def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
         "base-quant-full": (["train", *toy_args(checkpoint, runs), "--finetune", "full", "--kl-coef", "0",
                              "--base-quant", "nf4"], "--base-quant nf4 stores a frozen quantized base, which "
                             "--finetune full would train: use --finetune lora, or --base-quant none"),
+        "compile-layers-full": (["train", *toy_args(checkpoint, runs), "--finetune", "full", "--kl-coef", "0",
+                                 "--compile-layers"], "--compile-layers is for LoRA fine-tuning: use --finetune lora, "
+                                "or drop --compile-layers"),
         "plot-unwritable": (["plot", str(run), "--output", "/proc/no-such-dir/curves.png"],
                             "cannot write the plot to /proc/no-such-dir/curves.png ("),
         "resume-finetune": (["train", "--resume", str(run), "--finetune", "full", "--kl-coef", "0"],

@@ -1,10 +1,12 @@
-"""On a GPU: the CUDA-graph decode equals eager decoding (tiny checkpoint, fp32 and bf16); the 7B shape in bf16 with
-random weights: rollout, teacher forcing, a LoRA update within 24 GB; the same inside a quantized base
-(--base-quant int8 / nf4 / fp8, vla_actor.quant) with its memory."""
+"""On a GPU: the CUDA-graph decode equals eager decoding (tiny checkpoint, fp32 and bf16), and so do the compiled
+blocks (VLAPolicy.compile_layers); the 7B shape in bf16 with random weights: rollout, teacher forcing, a LoRA update
+within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8, vla_actor.quant) with its memory."""
 
 import numpy as np
 import pytest
 import torch
+from compiled_checks import assert_compiled_equals_eager
+from trained_adapters import apply_trained_adapter
 
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.openvla_7b import random_7b_policy
@@ -105,6 +107,18 @@ def test_7b_rollout_teacher_forcing_and_lora_update(variant):
     grads = [p.grad for p in policy.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert torch.cuda.max_memory_allocated() < 22 * GIB  # weights 15.1 GB + micro-batch 8 with checkpointing
+
+
+@pytest.mark.parametrize("graph_decode", [True, False])
+def test_compiled_blocks_equal_eager(tmp_path, monkeypatch, graph_decode):
+    """VLAPolicy.compile_layers with inductor's CUDA kernels (float32 without TF32), inside the CUDA-graph decoder
+    (captured after the eager warm-up step compiled them) and eagerly decoded."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = apply_trained_adapter(load_policy(make_tiny_checkpoint(tmp_path / "openvla"), device="cuda"))
+    policy.graph_decode = graph_decode
+    policy.gradient_checkpointing(True)
+    assert_compiled_equals_eager(policy, "inductor", atol=1e-4)
 
 
 def needs_mode(mode):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from compiled_checks import assert_compiled_equals_eager
 from trained_adapters import apply_trained_adapter
 
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
@@ -157,3 +158,13 @@ def test_merge_export_reload(variant, checkpoint, oft_checkpoint, tmp_path):
     assert torch.allclose(reloaded_log_probs, expected, atol=1e-4)
     assert len(trainable_names(policy)) == 34  # the exporting policy keeps its separate adapters
     assert not trainable_names(reloaded)
+
+
+def test_compiled_blocks_equal_eager(checkpoint):
+    """VLAPolicy.compile_layers traced by dynamo and AOTAutograd ("aot_eager": the graphs inductor would get, run
+    without code generation so the test takes seconds; inductor's kernels are checked on CUDA in test_vla_gpu.py):
+    sampling, teacher forcing with gradient checkpointing, LoRA gradients and adapter_disabled() unchanged, and no
+    recompilation for a new batch size and new prompt lengths."""
+    policy = with_trained_adapter(checkpoint, LoraSettings(rank=4, alpha=4))  # as test_bench_smoke's compile run
+    policy.gradient_checkpointing(True)
+    assert_compiled_equals_eager(policy, "aot_eager", atol=1e-5)

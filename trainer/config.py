@@ -63,6 +63,11 @@ class ModelConfig:
     only (not --finetune full)."""
     base_quant_vision: bool = False
     """With --base-quant: also quantize the linear layers of the two ViTs' blocks."""
+    compile_layers: bool = False
+    """torch.compile (inductor, dynamic shapes) the blocks without a KV cache: per Llama layer the RMSNorms, the MLP
+    and the q/k/v/o projections with their LoRA adapters, and every ViT block (VLAPolicy.compile_layers), so the
+    element-wise work around the matrix products runs fused; the first calls compile. Off by default: no GPU
+    measurement shows yet that it helps (BENCHMARKS.md). Not with --finetune full."""
 
 
 @dataclass

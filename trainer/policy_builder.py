@@ -22,7 +22,8 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
     """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
     trainable; lora=None with no adapter and not full gives the plain policy for eval. `unnorm_key` names the
     checkpoint's action statistics to decode with (REF 1.3). With `model.base_quant` the loaded base is quantized
-    before the adapter goes on (vla_actor.quant)."""
+    before the adapter goes on (vla_actor.quant); with `model.compile_layers` the finished policy's blocks are
+    compiled last, adapters included."""
     policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device),
                          dtype=resolve_dtype(model.dtype, model.checkpoint, device),
                          attn_implementation=model.attn_implementation)
@@ -35,4 +36,6 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
         fsdp.make_trainable(policy)
     if model.gradient_checkpointing and (lora is not None or full):
         policy.gradient_checkpointing(True)
+    if model.compile_layers:
+        policy.compile_layers()
     return policy

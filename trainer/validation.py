@@ -24,7 +24,7 @@ from vla_actor.quant import check_base_quant
 MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", "eval_at_start",
                         "eval_episodes_per_task", "num_videos", "save_every", "keep_last", "output_dir", "run_name",
                         "use_wandb", "wandb_mode", "wandb_project", "progress", "device", "attn_implementation",
-                        "gradient_checkpointing", "num_envs", "config", "resume", "dry_run")
+                        "gradient_checkpointing", "compile_layers", "num_envs", "config", "resume", "dry_run")
 """Fields (flags) a resumed run may change: budgets, cadences, outputs and speed settings. Every other field
 (model, adapter, LoRA, suite and task ids, algorithm, optimizer, seed) is what the saved optimizer state and random
 generators belong to, and must match the run's config.json."""
@@ -108,10 +108,13 @@ def check_adapter_base(model: ModelConfig, adapter: Path) -> None:
 
 
 def check_finetune_base(finetune: str, model: ModelConfig) -> None:
-    """A quantized base is frozen: only LoRA adapters train on top of it."""
+    """A quantized base is frozen: only LoRA adapters train on top of it. Compiled blocks are measured and tested
+    with LoRA only (full fine-tuning shards the model with FSDP around them)."""
     if finetune == "full" and model.base_quant != "none":
         raise ValueError(f"--base-quant {model.base_quant} stores a frozen quantized base, which --finetune full "
                          f"would train: use --finetune lora, or --base-quant none")
+    if finetune == "full" and model.compile_layers:
+        raise ValueError("--compile-layers is for LoRA fine-tuning: use --finetune lora, or drop --compile-layers")
 
 
 def check_env(env: EnvConfig) -> list[int]:

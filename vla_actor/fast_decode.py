@@ -7,6 +7,9 @@ slow host it is bound by the launches, not by the GPU. `GraphDecoder` (CUDA only
 transformers StaticCache with a prepared 4D mask, so every step has the same shapes and buffer addresses: the first
 step runs eagerly (warm-up), is then captured in a CUDA graph, and the remaining steps replay it. The capture lives
 for one `sample` call, so batch size and prompt length may change between calls and adapter updates are always seen.
+Each phase is a named range in torch.profiler traces (bench/profile_gpu.py): `GraphDecoder.prefill`,
+`GraphDecoder.capture` (the eager warm-up step, the capture and the graph's instantiation), `GraphDecoder.replay`,
+`DynamicDecoder.prefill`, `DynamicDecoder.step`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache, PretrainedConfig, StaticCache
 from transformers.cache_utils import Cache
 
@@ -42,7 +46,8 @@ class DynamicDecoder:
     def prefill(self, embeddings: torch.Tensor) -> torch.Tensor:
         batch, length = self._mask.shape
         positions = torch.arange(length, device=embeddings.device).expand(batch, length)
-        hidden = self._forward(embeddings, self._mask, positions, self._cache)
+        with record_function("DynamicDecoder.prefill"):
+            hidden = self._forward(embeddings, self._mask, positions, self._cache)
         if self._cache.get_seq_length() != length:
             raise RuntimeError(f"the KV cache holds {self._cache.get_seq_length()} positions after a prefill of "
                                f"{length}: this transformers version ignored the cache argument")
@@ -51,7 +56,8 @@ class DynamicDecoder:
     def step(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings [B, 1, D] of each sample's next token, placed at its own next position."""
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        hidden = self._forward(embeddings, self._mask, self._positions, self._cache)
+        with record_function("DynamicDecoder.step"):
+            hidden = self._forward(embeddings, self._mask, self._positions, self._cache)
         self._positions = self._positions + 1
         return hidden
 
@@ -101,7 +107,8 @@ class GraphDecoder:
         causal = torch.ones(self._length, slots, dtype=torch.bool, device=embeddings.device).tril()
         mask = (causal & self._visible[:, None, :])[:, None]
         positions = torch.arange(self._length, device=embeddings.device).expand(batch, self._length)
-        return self._forward(embeddings, mask, positions, self._cache)
+        with record_function("GraphDecoder.prefill"):
+            return self._forward(embeddings, mask, positions, self._cache)
 
     def step(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings [B, 1, D]; the returned hidden states are overwritten by the next step."""
@@ -110,14 +117,15 @@ class GraphDecoder:
         if self._graph is not None:
             self._positions.add_(1)
             self._embeddings.copy_(embeddings)
-            self._graph.replay()
+            with record_function("GraphDecoder.replay"):
+                self._graph.replay()
             return self._hidden
         self._embeddings = embeddings.clone()
         mask = self._visible[:, None, None, :]
         current, side = torch.cuda.current_stream(embeddings.device), self._stream
         # Warm up on the capture stream (cuBLAS workspaces, attention plans), then record the same step.
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), record_function("GraphDecoder.capture"):
             hidden = self._forward(self._embeddings, mask, self._positions, self._cache)
             self._graph = torch.cuda.CUDAGraph()
             self._graph.capture_begin()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 DINO_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
@@ -149,7 +150,8 @@ class OpenVLAModel(nn.Module):
 
     def prefix_embeddings(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
         """Projected patches [B, 256n, D], followed by one proprio token when `proprio` [B, P] is given."""
-        prefix = self.projector(self.vision_backbone(pixel_values))
+        with record_function("OpenVLAModel.vision"):  # a named range in torch.profiler traces (bench/profile_gpu.py)
+            prefix = self.projector(self.vision_backbone(pixel_values))
         if proprio is None:
             return prefix
         proprio_token = self.proprio_projector(proprio.to(prefix.dtype)).unsqueeze(1)

@@ -475,6 +475,26 @@ class VLAPolicy:
         for vit in (self.model.vision_backbone.featurizer, self.model.vision_backbone.fused_featurizer):
             vit.set_grad_checkpointing(enabled)
 
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """torch.compile (inductor, dynamic shapes) every block that holds no KV cache, in place: per Llama layer
+        the two RMSNorms, the MLP and the q/k/v/o projections (with their LoRA adapters), and every ViT block, so
+        that the element-wise work around the GEMMs (LoRA's scale-and-add, RMSNorm, SiLU, GELU) runs fused. The
+        attention core stays eager: it indexes the KV cache by layer, which would compile once per layer.
+
+        Call it after apply_lora / load_adapter (the projections it compiles are the adapters' wrappers). Module
+        names, state dicts and parameters are unchanged; gradient checkpointing wraps the compiled blocks,
+        adapter_disabled() and train/eval switch compiled variants (a few per block kind, not per call), and the
+        CUDA-graph decoder captures their kernels after its eager warm-up step has compiled them. `backend`: the
+        torch.compile backend; "aot_eager" traces the same graphs without generating kernels (fast, for checks)."""
+        vision = self.model.vision_backbone
+        blocks = [*vision.featurizer.blocks, *vision.fused_featurizer.blocks]
+        for layer in self.model.language_model.model.layers:
+            attention = layer.self_attn
+            blocks += [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, attention.q_proj,
+                       attention.k_proj, attention.v_proj, attention.o_proj]
+        for block in blocks:
+            block.compile(backend=backend, dynamic=True)
+
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """The base model (adapters bypassed) inside the block, e.g. for a KL reference; no copy is made."""
