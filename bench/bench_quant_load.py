@@ -12,6 +12,7 @@ bench/bench_gpu.py.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import re
@@ -25,7 +26,6 @@ import tyro
 
 from trainer.checkpoint import write_json
 from vla_actor import load_policy, make_tiny_checkpoint
-from vla_actor.checkpoint import DEFAULT_SHARD_BYTES
 from vla_actor.quant import QUANT_MODES, is_quantized, quantize_layer, quantized_layer_names
 
 GIB = 2**30
@@ -42,6 +42,9 @@ class QuantLoadConfig:
     """Decoder layers of the look-alike's Llama."""
     llm_heads: int = 16
     """Attention heads of the look-alike's Llama."""
+    shard_mib: int = 256
+    """Shard size limit of the written checkpoint: the loader maps one shard at a time, and the pages of it that
+    were read count as resident until it is closed (clean file pages the kernel may drop, unlike the model's)."""
     modes: tuple[str, ...] = ("int8", "nf4")
     """--base-quant modes measured (bf16 with no quantization is measured too)."""
     output: Path = Path("bench/results/quant_load_cpu.json")
@@ -72,9 +75,19 @@ def tensor_gib(model: torch.nn.Module) -> float:
     return sum(nbytes(t) for t in (*model.parameters(), *model.buffers())) / GIB
 
 
-def load(checkpoint: Path, mode: str, path: str, output: Path) -> None:
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter: allocations from this size on are mapped on their own and unmapped when freed."""
+ALLOCATORS = {"glibc_default": None, "mmap_threshold_1mib": 2**20}
+"""glibc's default raises its mmap threshold up to 32 MiB as large blocks are freed, so freed bf16 weights stay in
+the heap as holes that the smaller quantized tensors fill only in part; a fixed 1 MiB threshold returns each freed
+tensor, which leaves the loader's own footprint."""
+
+
+def load(checkpoint: Path, mode: str, path: str, mmap_threshold: int | None, output: Path) -> None:
     """In a fresh process: load `checkpoint` in bf16 with `mode` along `path`; the measurements go to `output`."""
     torch.set_num_threads(1)
+    if mmap_threshold is not None:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, mmap_threshold)
     reset_peak()
     before = memory_status_gib("VmRSS")
     started = time.perf_counter()
@@ -90,16 +103,17 @@ def load(checkpoint: Path, mode: str, path: str, output: Path) -> None:
                         "resident_after_gib": memory_status_gib("VmRSS") - before, "seconds": seconds})
 
 
-def measure(checkpoint: Path, mode: str, path: str) -> dict:
-    output = checkpoint.parent / f"{mode}_{path}.json"
-    process = multiprocessing.get_context("spawn").Process(target=load, args=(checkpoint, mode, path, output))
+def measure(checkpoint: Path, mode: str, path: str, allocator: str) -> dict:
+    output = checkpoint.parent / f"{mode}_{path}_{allocator}.json"
+    process = multiprocessing.get_context("spawn").Process(
+        target=load, args=(checkpoint, mode, path, ALLOCATORS[allocator], output))
     process.start()
     process.join()
     if process.exitcode != 0:
         raise SystemExit(f"bench_quant_load.py: loading with {mode} along {path} failed (exit code "
                          f"{process.exitcode}; its error is printed above)")
     result = json.loads(output.read_text())
-    print(f"{mode} {path}: {json.dumps(result)}", flush=True)
+    print(f"{allocator} {mode} {path}: {json.dumps(result)}", flush=True)
     return result
 
 
@@ -110,12 +124,15 @@ def main(config: QuantLoadConfig) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint = make_tiny_checkpoint(Path(workdir) / "midsize", llm_dim=config.llm_dim,
                                           llm_layers=config.llm_layers, llm_heads=config.llm_heads,
-                                          dtype=torch.bfloat16, max_shard_bytes=DEFAULT_SHARD_BYTES)
+                                          dtype=torch.bfloat16, max_shard_bytes=config.shard_mib * 2**20)
         checkpoint_gib = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / GIB
-        bf16 = measure(checkpoint, "none", "quantize_while_loading")
-        modes = {mode: {path: measure(checkpoint, mode, path) for path in PATHS} for mode in config.modes}
+        allocators = {allocator: {"bf16": measure(checkpoint, "none", PATHS[0], allocator),
+                                  "modes": {mode: {path: measure(checkpoint, mode, path, allocator) for path in PATHS}
+                                            for mode in config.modes}}
+                      for allocator in ALLOCATORS}
     results = {"machine": "CPU, 1 thread per load", "torch": torch.__version__, "llm_dim": config.llm_dim,
-               "llm_layers": config.llm_layers, "checkpoint_gib": checkpoint_gib, "bf16": bf16, "modes": modes}
+               "llm_layers": config.llm_layers, "shard_mib": config.shard_mib, "checkpoint_gib": checkpoint_gib,
+               "allocators": allocators}
     config.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(config.output, results)
     print(json.dumps(results, indent=2))

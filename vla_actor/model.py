@@ -222,9 +222,13 @@ def fill(model: OpenVLAModel, tensors: Iterable[tuple[str, torch.Tensor]], devic
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name)
         empty = getattr(owner, leaf)
-        tensor = torch.empty_like(empty, device=device).copy_(values)
+        quantized = owner_name in selected and leaf == "weight"
+        # what stays gets storage of its own (a tensor read from a file may view the file's mapping); what is
+        # quantized is only read, so it is converted, and copied, only where the dtype or device differs
+        tensor = (values.to(device=device, dtype=empty.dtype) if quantized
+                  else torch.empty_like(empty, device=device).copy_(values))
         setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False) if isinstance(empty, nn.Parameter) else tensor)
-        if owner_name in selected and leaf == "weight":
+        if quantized:
             quantize_layer(owner, base_quant)
     unfilled = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if unfilled:
