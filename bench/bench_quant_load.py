@@ -3,10 +3,10 @@
 
     python -m bench.bench_quant_load     # -> bench/results/quant_load_cpu.json
 
-A mid-size look-alike checkpoint (a Llama of 8 layers of width 2048, 0.54e9 parameters, 1.09 GB in bf16, one
-shard as the released files have ~5 GB shards) is written with the repo's own writer; each (mode, path) then loads
-it in a fresh process, and that process's peak resident memory (VmHWM, reset after the imports) above its
-resident memory before the load is the load's peak. The GPU's counterpart (device memory of the 7B) is in tests/test_vla_gpu.py and
+A mid-size look-alike checkpoint (a Llama of 8 layers of width 2048: 0.55e9 parameters, 1.02 GiB in bf16, in
+256 MiB shards) is written with the repo's own writer; each (allocator setting, mode, path) then loads it in a
+fresh process, and that process's peak resident memory (VmHWM, reset after the imports) above its resident memory
+before the load is the load's peak. The GPU's counterpart (device memory of the 7B) is in tests/test_vla_gpu.py and
 bench/bench_gpu.py.
 """
 
