@@ -9,14 +9,16 @@ LoRA r16 on every linear layer of the LLM, capped with torch.cuda.set_per_proces
     python -m bench.bench_gpu --compile-layers            # then the same policy compiled -> "compiled" in the JSON
 
 With `--base-quant` it measures instead the frozen base stored quantized (vla_actor.quant) against bf16 in the
-same run, on the same inputs: per mode the full-iteration peak and rates under `--quant-mem-cap-gib` (16), the
-log-prob difference to bf16, and the largest rollout batch under `--mem-cap-gib` (24).
+same run, on the same inputs, each mode in a fresh process: per mode the full-iteration peak and rates under
+`--quant-mem-cap-gib` (16), the log-prob difference to bf16, and the largest rollout batch under `--mem-cap-gib`
+(24).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -31,13 +33,14 @@ import numpy as np
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 import tyro
+from safetensors.torch import load_file, save_file
 
 import grpo
 from trainer.checkpoint import write_json
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.openvla_7b import random_7b_policy
 from vla_actor.policy import VLAPolicy
-from vla_actor.quant import check_base_quant, quantize_base
+from vla_actor.quant import check_base_quant
 
 INSTRUCTIONS = (
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -146,19 +149,19 @@ def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float
 
 def build_policy(config: BenchConfig, variant: str, workdir: Path, num_images: int = 1,
                  use_proprio: bool = False, base_quant: str = "none") -> VLAPolicy:
-    """The policy under test with LoRA applied (on the base quantized by `base_quant`); num_images / use_proprio are
-    OFT's inputs."""
+    """The policy under test with LoRA applied (on the base quantized by `base_quant` as it is built); num_images /
+    use_proprio are OFT's inputs."""
     device = device_of(config)
     if config.model == "tiny":
         path = make_tiny_checkpoint(workdir / f"{variant}_{num_images}_{use_proprio}", variant=variant,
                                     seed=config.seed, num_images=num_images, use_proprio=use_proprio)
-        policy = load_policy(path, unnorm_key="libero_spatial", device=device, dtype=torch.float32)
+        policy = load_policy(path, unnorm_key="libero_spatial", device=device, dtype=torch.float32,
+                             base_quant=base_quant, base_quant_vision=config.base_quant_vision)
     else:
         torch.manual_seed(config.seed)
         policy = random_7b_policy(device, torch.bfloat16, variant=variant, num_images=num_images,
-                                  use_proprio=use_proprio)
-    quantize_base(policy.model, base_quant, config.base_quant_vision)
-    reset_peak(device)  # hands the replaced bf16 weights back before anything is measured
+                                  use_proprio=use_proprio, base_quant=base_quant,
+                                  base_quant_vision=config.base_quant_vision)
     policy.apply_lora(LoraSettings(rank=config.lora_rank, alpha=config.lora_rank))
     return policy
 
@@ -451,56 +454,82 @@ def set_memory_cap(device: torch.device, gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), device)
 
 
-def bench_base_quant(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> dict:
-    """bf16 and each --base-quant mode in turn (one policy at a time, LoRA applied, OpenVLA mode): the same probe
-    inputs and tokens give the log-prob difference to bf16 (a fresh adapter is zero, so it is the base's
-    difference); the largest rollout batch is found under --mem-cap-gib, then the rollout and update rates and the
-    iteration peak under --quant-mem-cap-gib (None where nothing fits)."""
-    device = device_of(config)
+def bench_base_quant(config: BenchConfig, workdir: Path) -> dict:
+    """bf16 and each --base-quant mode (LoRA applied, OpenVLA mode), each measured by `measure_base_quant_mode` in a
+    fresh process of its own, so nothing one mode leaves on the GPU (or in the allocator's cache) counts in the next
+    one's memory."""
+    # CUDA needs a fresh interpreter (and gets a fresh CUDA context); on the CPU (the smoke run) a fork is as fresh
+    # for memory and skips re-importing the stack
+    context = multiprocessing.get_context("spawn" if device_of(config).type == "cuda" else "fork")
     modes: dict = {}
-    reference = None
     for mode in ("none", *config.base_quant):
-        set_memory_cap(device, config.mem_cap_gib)
-        policy = build_policy(config, "openvla", workdir, base_quant=mode)
-        results: dict = {"weights_gib": torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0}
-        if reference is None:
-            reference = rollout(policy, observations(policy, 16, rng), config.temperature)
-        with torch.no_grad():
-            log_probs, _ = policy.log_probs(**reference.rows(slice(None)), token_ids=reference.token_ids,
-                                            temperature=config.temperature)
-        difference = (log_probs.float().cpu() - reference.old_log_probs).abs()
-        results["logprob_diff_vs_bf16"] = {"mean": float(difference.mean()), "max": float(difference.max())}
-        del log_probs
-
-        wide = rollout_curve(config, policy, config.quant_rollout_batches, rng,
-                             f"{mode} rollout under {config.mem_cap_gib:g} GiB")
-        largest = max((int(size) for size, point in wide.items() if point is not None), default=None)
-        results.update(rollout_curve_mem_cap=wide, largest_rollout_batch=largest,
-                       largest_rollout_batch_actions_per_s=None if largest is None
-                       else wide[str(largest)]["actions_per_s"])
-
-        set_memory_cap(device, config.quant_mem_cap_gib)
-        policy.gradient_checkpointing(True)
-        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
-        curve = rollout_curve(config, policy, config.rollout_batches, rng,
-                              f"{mode} rollout under {config.quant_mem_cap_gib:g} GiB")
-        rollout_batch = fastest(curve, "actions_per_s")
-        results.update(rollout_curve=curve, rollout_batch=rollout_batch, rollout_actions_per_s=None
-                       if rollout_batch is None else curve[str(rollout_batch)]["actions_per_s"])
-        update_curve = None if rollout_batch is None else try_measure(
-            device, lambda: micro_batch_curve(config, policy, optimizer, min(rollout_batch, 16), rng))
-        micro = None if update_curve is None else fastest(update_curve, "samples_per_s")
-        results.update(update_curve=update_curve, update_micro_batch=micro,
-                       update_samples_per_s=None if micro is None else update_curve[str(micro)]["samples_per_s"])
-        iteration = None if micro is None else try_measure(
-            device, lambda: iteration_peak(config, policy, optimizer, micro, rng))
-        results.update(iteration or {"peak_gib_iteration": None})
-        print(f"{mode}: {json.dumps({k: v for k, v in results.items() if 'curve' not in k})}", flush=True)
-        modes["bf16" if mode == "none" else mode] = results
-        del policy, optimizer
-        reset_peak(device)
+        process = context.Process(target=measure_base_quant_mode,
+                                args=(config, mode, workdir, torch.get_num_threads()))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"bench_gpu.py: the --base-quant {mode} measurement failed (exit code "
+                             f"{process.exitcode}; its error is printed above)")
+        modes["bf16" if mode == "none" else mode] = json.loads((workdir / f"{mode}.json").read_text())
     return {"mem_cap_gib": config.quant_mem_cap_gib, "rollout_mem_cap_gib": config.mem_cap_gib,
             "base_quant_vision": config.base_quant_vision, "modes": modes}
+
+
+def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_threads: int) -> None:
+    """One mode of `bench_base_quant`, written to workdir/<mode>.json. Every mode draws the same observations (same
+    seed); bf16 (measured first) samples the probe's tokens into workdir, and each mode's log-probs of those tokens
+    give its difference to bf16 (a fresh adapter is zero, so it is the base's difference). The largest rollout batch
+    is found under --mem-cap-gib, then the rollout and update rates and the iteration peak under
+    --quant-mem-cap-gib (None where nothing fits)."""
+    torch.set_num_threads(num_threads)
+    device = device_of(config)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rng = np.random.default_rng(config.seed)
+    set_memory_cap(device, config.mem_cap_gib)
+    policy = build_policy(config, "openvla", workdir, base_quant=mode)
+    results: dict = {"weights_gib": torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0,
+                     "build_peak_gib": peak_gib(device)}
+    probe = observations(policy, 16, rng)
+    probe_path = workdir / "probe_tokens.safetensors"
+    if mode == "none":
+        rollout(policy, probe, config.temperature)
+        save_file({"token_ids": probe.token_ids.cpu(), "log_probs": probe.old_log_probs.cpu()}, probe_path)
+    else:
+        sampled_probe = load_file(probe_path)
+        probe.token_ids, probe.old_log_probs = sampled_probe["token_ids"], sampled_probe["log_probs"]
+    with torch.no_grad():
+        log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                        temperature=config.temperature)
+    difference = (log_probs.float().cpu() - probe.old_log_probs).abs()
+    results["logprob_diff_vs_bf16"] = {"mean": float(difference.mean()), "max": float(difference.max())}
+    del log_probs
+
+    wide = rollout_curve(config, policy, config.quant_rollout_batches, rng,
+                         f"{mode} rollout under {config.mem_cap_gib:g} GiB")
+    largest = max((int(size) for size, point in wide.items() if point is not None), default=None)
+    results.update(rollout_curve_mem_cap=wide, largest_rollout_batch=largest,
+                   largest_rollout_batch_actions_per_s=None if largest is None
+                   else wide[str(largest)]["actions_per_s"])
+
+    set_memory_cap(device, config.quant_mem_cap_gib)
+    policy.gradient_checkpointing(True)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
+    curve = rollout_curve(config, policy, config.rollout_batches, rng,
+                          f"{mode} rollout under {config.quant_mem_cap_gib:g} GiB")
+    rollout_batch = fastest(curve, "actions_per_s")
+    results.update(rollout_curve=curve, rollout_batch=rollout_batch, rollout_actions_per_s=None
+                   if rollout_batch is None else curve[str(rollout_batch)]["actions_per_s"])
+    update_curve = None if rollout_batch is None else try_measure(
+        device, lambda: micro_batch_curve(config, policy, optimizer, min(rollout_batch, 16), rng))
+    micro = None if update_curve is None else fastest(update_curve, "samples_per_s")
+    results.update(update_curve=update_curve, update_micro_batch=micro,
+                   update_samples_per_s=None if micro is None else update_curve[str(micro)]["samples_per_s"])
+    iteration = None if micro is None else try_measure(
+        device, lambda: iteration_peak(config, policy, optimizer, micro, rng))
+    results.update(iteration or {"peak_gib_iteration": None})
+    print(f"{mode}: {json.dumps({k: v for k, v in results.items() if 'curve' not in k})}", flush=True)
+    write_json(workdir / f"{mode}.json", results)
 
 
 def fastest(curve: dict, key: str) -> int | None:
@@ -526,7 +555,7 @@ def main(config: BenchConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     with tempfile.TemporaryDirectory() as workdir:
         if config.base_quant:
-            results.update(bench_base_quant(config, Path(workdir), rng))
+            results.update(bench_base_quant(config, Path(workdir)))
             output = config.quant_output
         else:
             results.update(bench_openvla(config, Path(workdir), rng))

@@ -64,7 +64,8 @@ def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
 
 
 def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
-    """--base-quant: bf16 and int8 in one run on the tiny look-alike, the keys the GPU JSON will have."""
+    """--base-quant: bf16 and int8 in one run (each in a process of its own) on the tiny look-alike, the keys the GPU
+    JSON will have."""
     torch.set_num_threads(1)
     output = tmp_path / "gpu_7b_quant.json"
     results = main(BenchConfig(model="tiny", base_quant=("int8",), rollout_batches=(2,), quant_rollout_batches=(2, 4),
@@ -74,7 +75,7 @@ def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
     assert results["mem_cap_gib"] == 16 and set(results["modes"]) == {"bf16", "int8"}
     for mode in results["modes"].values():
         assert {"peak_gib_iteration", "rollout_actions_per_s", "update_samples_per_s", "largest_rollout_batch",
-                "largest_rollout_batch_actions_per_s"} <= set(mode)
+                "largest_rollout_batch_actions_per_s", "weights_gib", "build_peak_gib"} <= set(mode)
         assert mode["largest_rollout_batch"] == 4 and mode["update_micro_batch"] == 2
     assert results["modes"]["bf16"]["logprob_diff_vs_bf16"]["max"] < 1e-5  # the probe was sampled by bf16 itself
     assert 0 < results["modes"]["int8"]["logprob_diff_vs_bf16"]["max"] < 0.5

@@ -3,6 +3,8 @@ closeness to the unquantized model, the sampling invariants inside the quantized
 merged export and the one-line errors. The GPU-only modes and the 7B shape are in tests/test_vla_gpu.py."""
 
 import importlib.util
+import json
+import shutil
 import sys
 
 import numpy as np
@@ -10,11 +12,18 @@ import pytest
 import torch
 from trained_adapters import apply_trained_adapter
 
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from trainer.config import LoraConfig, ModelConfig
 from trainer.policy_builder import build_policy
 from trainer.validation import check_model
 from vla_actor import load_policy, make_tiny_checkpoint
-from vla_actor.quant import check_base_quant, dequantize, is_quantized, quantize_base, quantized_layer_names
+from vla_actor.checkpoint import CONFIG_FILE, read_json
+from vla_actor.model import EMPTY_PARTS, ModelSpec, build_model, fill
+from vla_actor.openvla_7b import random_language_model
+from vla_actor.policy import file_tensors
+from vla_actor.quant import check_base_quant, dequantize, is_quantized, quantize_layer, quantized_layer_names
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 torch.set_num_threads(1)
@@ -39,9 +48,7 @@ def images(batch=3, seed=0):
 
 
 def quantized(checkpoint, mode, include_vision=False):
-    policy = load_policy(checkpoint)
-    quantize_base(policy.model, mode, include_vision)
-    return policy
+    return load_policy(checkpoint, base_quant=mode, base_quant_vision=include_vision)
 
 
 def with_trained_adapter(policy, seed=0):
@@ -61,9 +68,9 @@ def greedy_log_probs(policy, tokens=None):
 def test_quantized_base_computes_with_its_dequantized_weights_close_to_the_originals(checkpoint, mode):
     reference = load_policy(checkpoint)
     tokens, expected = greedy_log_probs(reference)
-    policy = load_policy(checkpoint)
-    assert quantize_base(policy.model, mode) == 2 * 7  # the 2 Llama layers' linears; embeddings, LM head, projector
-    names = quantized_layer_names(policy.model, include_vision=False)  # and ViTs stay as loaded
+    policy = quantized(checkpoint, mode)
+    names = quantized_layer_names(policy.model, include_vision=False)
+    assert len(names) == 2 * 7  # the 2 Llama layers' linears; embeddings, LM head, projector and ViTs stay as loaded
     assert all(is_quantized(policy.model.get_submodule(n).weight) for n in names)
     assert not is_quantized(policy.model.projector.fc1.weight)
     dequantized = load_policy(checkpoint)
@@ -145,7 +152,7 @@ def test_one_line_errors(checkpoint):
     with pytest.raises(ValueError, match="fp8 needs a CUDA GPU with FP8.*use --base-quant int8 or nf4"):
         check_base_quant("fp8", torch.device("cpu"))
     with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
-        quantize_base(load_policy(checkpoint).model, "fp8")
+        load_policy(checkpoint, base_quant="fp8")
     with pytest.raises(ValueError, match="--base-quant must be one of none, int8, nf4, fp8"):
         check_base_quant("int4", torch.device("cpu"))
     with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
@@ -154,7 +161,7 @@ def test_one_line_errors(checkpoint):
     with pytest.raises(ValueError, match="--base-quant-vision quantizes the ViTs of a quantized base"):
         check_model(ModelConfig(checkpoint=str(checkpoint), device="cpu", base_quant_vision=True))
     with pytest.raises(ValueError, match=r"nf4 needs layers with a multiple of 64 weights; a \[179, 48\] layer"):
-        quantize_base(load_policy(checkpoint).model, "nf4", include_vision=True)  # the tiny ViT's MLP
+        load_policy(checkpoint, base_quant="nf4", base_quant_vision=True)  # the tiny ViT's MLP, before any read
 
 
 def test_missing_torchao_is_a_one_line_error(monkeypatch):
@@ -163,3 +170,57 @@ def test_missing_torchao_is_a_one_line_error(monkeypatch):
         check_base_quant("int8", torch.device("cpu"))
     assert str(error.value) == ("--base-quant int8 needs the torchao package, which is not installed: pip install "
                                 "torchao (or use --base-quant none)")
+
+
+def test_each_layer_is_quantized_before_the_next_tensor_is_read(checkpoint):
+    """The quantized base never exists whole in the compute dtype: while loading, every selected layer that has its
+    weight already holds it quantized when the next tensor comes out of the file."""
+    model = build_model(ModelSpec.from_config(read_json(checkpoint / CONFIG_FILE)), empty=EMPTY_PARTS)
+    layers = [model.get_submodule(name) for name in quantized_layer_names(model, include_vision=False)]
+
+    def watched(tensors):
+        for key, tensor in tensors:
+            assert not [layer for layer in layers if not layer.weight.is_meta and not is_quantized(layer.weight)]
+            yield key, tensor
+
+    fill(model, watched(file_tensors(model, checkpoint)), "cpu", "nf4")
+    assert all(is_quantized(layer.weight) for layer in layers)
+
+
+def test_quantized_loading_stays_strict(checkpoint, tmp_path):
+    directory = shutil.copytree(checkpoint, tmp_path / "copy")
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    shard = directory / json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key] = torch.zeros(64, 128)
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"shape mismatch for 1 tensors \(language_model.model.layers.0.self_attn."
+                                         r"q_proj.weight: file \[64, 128\] vs expected \[64, 64\]\)"):
+        load_policy(directory, base_quant="nf4")
+
+
+def test_random_language_model_is_llamas_initialisation_whatever_the_base_quant(checkpoint):
+    """random_7b_policy's LLM on the tiny shape: normal(0, initializer_range) linears and embeddings with a zero
+    padding row, RMSNorm weights one; the same seed gives the same weights with and without a quantized base."""
+    spec = ModelSpec.from_config(read_json(checkpoint / CONFIG_FILE))
+    models = {}
+    for mode in ("none", "int8"):
+        torch.manual_seed(0)
+        models[mode] = build_model(spec, empty=("language_model",))
+        fill(models[mode], random_language_model(models[mode], "cpu"), "cpu", mode)
+    llm = models["none"].language_model
+    assert torch.equal(llm.model.norm.weight, torch.ones(64))
+    assert torch.equal(llm.model.layers[1].post_attention_layernorm.weight, torch.ones(64))
+    assert torch.equal(llm.model.embed_tokens.weight[32000], torch.zeros(64))
+    assert abs(llm.model.layers[0].mlp.up_proj.weight.std() - 0.2) < 0.01  # the tiny config's initializer_range
+    assert abs(llm.lm_head.weight.mean()) < 0.01
+    for name in quantized_layer_names(models["none"], include_vision=False):
+        weight = models["none"].get_submodule(name).weight
+        reference = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        reference.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        quantize_layer(reference, "int8")
+        assert torch.equal(dequantize(models["int8"].get_submodule(name).weight), dequantize(reference.weight))
+    quantized_names = set(quantized_layer_names(models["none"], include_vision=False))
+    for name, tensor in models["none"].state_dict().items():
+        if name.rpartition(".")[0] not in quantized_names:
+            assert torch.equal(models["int8"].state_dict()[name], tensor)

@@ -7,7 +7,6 @@ from trainer import fsdp
 from trainer.checkpoint import resolve_adapter
 from trainer.config import LoraConfig, ModelConfig
 from vla_actor import LoraSettings, VLAPolicy, load_policy, resolve_dtype
-from vla_actor.quant import quantize_base
 
 
 def lora_settings(lora: LoraConfig) -> LoraSettings:
@@ -21,13 +20,13 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
                  full: bool = False) -> VLAPolicy:
     """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
     trainable; lora=None with no adapter and not full gives the plain policy for eval. `unnorm_key` names the
-    checkpoint's action statistics to decode with (REF 1.3). With `model.base_quant` the loaded base is quantized
-    before the adapter goes on (vla_actor.quant); with `model.compile_layers` the finished policy's blocks are
+    checkpoint's action statistics to decode with (REF 1.3). With `model.base_quant` the base is quantized while it
+    loads, before the adapter goes on (vla_actor.quant); with `model.compile_layers` the finished policy's blocks are
     compiled last, adapters included."""
     policy = load_policy(model.checkpoint, unnorm_key=unnorm_key, device=str(device),
                          dtype=resolve_dtype(model.dtype, model.checkpoint, device),
-                         attn_implementation=model.attn_implementation)
-    quantize_base(policy.model, model.base_quant, model.base_quant_vision)
+                         attn_implementation=model.attn_implementation, base_quant=model.base_quant,
+                         base_quant_vision=model.base_quant_vision)
     if lora is not None:
         policy.apply_lora(lora_settings(lora))
     if model.adapter is not None:

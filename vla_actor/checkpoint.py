@@ -225,9 +225,9 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
                          f"config and the weights must come from the same checkpoint")
 
 
-@torch.no_grad()
-def load_weights(targets: dict[str, torch.Tensor], directory: Path) -> None:
-    """Copy every tensor of the sharded safetensors into `targets` (file key -> tensor), strictly."""
+def read_weights(expected: dict[str, torch.Size], directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the sharded safetensors as (file key, tensor), one at a time in file order, after a strict
+    check of every name and shape against `expected` (file key -> shape) that reads only the headers."""
     mapping = weight_map(directory)
     shards: dict[str, list[str]] = {}
     for key, shard in mapping.items():
@@ -239,11 +239,18 @@ def load_weights(targets: dict[str, torch.Tensor], directory: Path) -> None:
             if absent:
                 raise ValueError(f"{shard} lacks {_names(absent)} that {INDEX_FILE} places in it")
             found.update({key: torch.Size(handle.get_slice(key).get_shape()) for key in keys})
-    check_keys({key: tensor.shape for key, tensor in targets.items()}, found, f"{directory} ({len(shards)} shards)")
+    check_keys(expected, found, f"{directory} ({len(shards)} shards)")
     for shard, keys in shards.items():
         with open_safetensors(directory / shard) as handle:
             for key in keys:
-                targets[key].copy_(handle.get_tensor(key))
+                yield key, handle.get_tensor(key)
+
+
+@torch.no_grad()
+def load_weights(targets: dict[str, torch.Tensor], directory: Path) -> None:
+    """Copy every tensor of the sharded safetensors into `targets` (file key -> tensor), strictly."""
+    for key, tensor in read_weights({key: target.shape for key, target in targets.items()}, directory):
+        targets[key].copy_(tensor)
 
 
 def find_one(directory: Path, pattern: str) -> Path | None:

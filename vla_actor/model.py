@@ -7,6 +7,7 @@ LayerScale parameter, which the files call `ls1.scale_factor` and timm calls `ls
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from vla_actor.quant import check_base_quant, check_quantizable, quantize_layer, quantized_layer_names
 
 DINO_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
 SIGLIP_ID = "vit_so400m_patch14_siglip_224"
@@ -174,19 +178,63 @@ class OpenVLAModel(nn.Module):
         return nn.functional.linear(hidden, head.weight[begin:end]).float()
 
 
+EMPTY_PARTS = ("vision_backbone", "projector", "language_model", "proprio_projector")
+
+
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                attn_implementation: str = "sdpa") -> OpenVLAModel:
-    """Randomly initialised network of `spec`, created directly on `device` in `dtype` (meta works too)."""
-    featurizer = build_vit(spec.featurizer, device, dtype)
-    fused_featurizer = build_vit(spec.fused_featurizer, device, dtype)
+                attn_implementation: str = "sdpa", empty: tuple[str, ...] = ()) -> OpenVLAModel:
+    """Randomly initialised network of `spec`, created directly on `device` in `dtype` (meta works too). The parts
+    named in `empty` (of EMPTY_PARTS) are left on the meta device, taking no memory, for `fill` to load tensor by
+    tensor; the LLM's rotary frequencies, computed rather than stored, are on `device` all the same."""
+    unknown = set(empty) - set(EMPTY_PARTS)
+    if unknown:
+        raise ValueError(f"empty takes parts of {EMPTY_PARTS}, got {sorted(unknown)}")
+
+    def where(part: str) -> torch.device | str:
+        return "meta" if part in empty else device
+
+    featurizer = build_vit(spec.featurizer, where("vision_backbone"), dtype)
+    fused_featurizer = build_vit(spec.fused_featurizer, where("vision_backbone"), dtype)
     vision = FusedVisionBackbone(featurizer, fused_featurizer)
     llama_config = spec.llama_config()
-    with torch.device(device):
+    with torch.device(where("language_model")):
         language_model = AutoModelForCausalLM.from_config(llama_config, dtype=dtype,
                                                           attn_implementation=attn_implementation)
+    if "language_model" in empty:
+        with torch.device(device):
+            language_model.model.rotary_emb = LlamaRotaryEmbedding(language_model.config)
     llm_dim = llama_config.hidden_size
-    proprio = None if spec.proprio_dim is None else ProprioProjector(spec.proprio_dim, llm_dim, device, dtype)
-    return OpenVLAModel(vision, FusedProjector(vision.embed_dim, llm_dim, device, dtype), language_model, proprio)
+    proprio = None if spec.proprio_dim is None else ProprioProjector(spec.proprio_dim, llm_dim,
+                                                                     where("proprio_projector"), dtype)
+    projector = FusedProjector(vision.embed_dim, llm_dim, where("projector"), dtype)
+    return OpenVLAModel(vision, projector, language_model, proprio)
+
+
+@torch.no_grad()
+def fill(model: OpenVLAModel, tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device | str,
+         base_quant: str = "none", quantize_vision: bool = False) -> None:
+    """Materialise the empty parts of `model` (`build_model(empty=...)`) from (module key, values) pairs, one tensor
+    at a time: each becomes a new tensor on `device` in the dtype the model was built with; with `base_quant` the
+    weight of each layer the quantized base stores in low precision (vla_actor.quant) is quantized as soon as it is
+    placed, so the unquantized base never exists whole. Every meta tensor must be filled."""
+    check_base_quant(base_quant, torch.device(device))
+    selected = set() if base_quant == "none" else set(quantized_layer_names(model, quantize_vision))
+    check_quantizable(model, base_quant, quantize_vision)
+    for key, values in tensors:
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        empty = getattr(owner, leaf)
+        quantized = owner_name in selected and leaf == "weight"
+        # what stays gets storage of its own (a tensor read from a file may view the file's mapping); what is
+        # quantized is only read, so it is converted, and copied, only where the dtype or device differs
+        tensor = (values.to(device=device, dtype=empty.dtype) if quantized
+                  else torch.empty_like(empty, device=device).copy_(values))
+        setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False) if isinstance(empty, nn.Parameter) else tensor)
+        if quantized:
+            quantize_layer(owner, base_quant)
+    unfilled = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if unfilled:
+        raise ValueError(f"{len(unfilled)} tensors of the model were not filled (first: {unfilled[:4]})")
 
 
 _LAYER_SCALE_MODULE = re.compile(r"\.(ls[12])\.gamma$")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import os
 import re
@@ -33,10 +34,11 @@ from vla_actor.action_tokens import (ACTION_TOKEN_BEGIN, ACTION_TOKEN_END, LLAMA
                                      detokenize, find_stats, tokenize_normalized)
 from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CONFIG, PREPROCESSOR_FILE,
                                   PROPRIO_PATTERN, TRAINING_DTYPE_KEY, atomic_directory, check_keys, dtype_name,
-                                  find_one, load_weights, open_safetensors, read_json, read_norm_stats,
+                                  find_one, open_safetensors, read_json, read_norm_stats, read_weights,
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
-from vla_actor.model import IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, to_file_key
+from vla_actor.model import (EMPTY_PARTS, IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, fill,
+                             to_file_key, to_module_key)
 from vla_actor.quant import dequantize, without_peft_requantize_warning
 from vla_actor.tokenizer import carried_files, load_tokenizer
 
@@ -629,8 +631,11 @@ def merged_checkpoint_tensors(model: OpenVLAModel) -> Iterator[tuple[str, torch.
 def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spatial",
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, attn_implementation: str = "sdpa", oft: bool | None = None,
                 num_images: int | None = None, use_proprio: bool | None = None,
-                revision: str | None = None) -> VLAPolicy:
-    """Load a released (or exported, or look-alike) OpenVLA / OpenVLA-OFT checkpoint, strictly.
+                revision: str | None = None, base_quant: str = "none", base_quant_vision: bool = False) -> VLAPolicy:
+    """Load a released (or exported, or look-alike) OpenVLA / OpenVLA-OFT checkpoint, strictly, tensor by tensor.
+
+    base_quant / base_quant_vision: store the frozen base's LLM linear layers (and the ViTs') quantized
+    (vla_actor.quant), each quantized on `device` as soon as it is read, so the unquantized base never exists whole.
 
     oft / num_images / use_proprio default to the checkpoint's hints: OFT when config.json has one of
     num_images_in_input / use_proprio / proprio_dim or a proprio_projector--*.pt file is present.
@@ -666,13 +671,15 @@ def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spa
         if "fc1.weight" not in proprio_state:
             raise ValueError(f"{proprio_path.name} has no fc1.weight; keys: {sorted(proprio_state)}")
     spec = ModelSpec.from_config(config, None if proprio_state is None else proprio_state["fc1.weight"].shape[1])
-    model = build_model(spec, device, dtype, attn_implementation)
-    load_weights(checkpoint_tensors(model), directory)
+    model = build_model(spec, device, dtype, attn_implementation, empty=EMPTY_PARTS)
+    tensors = file_tensors(model, directory)
     if proprio_state is not None:
         targets = model.proprio_projector.state_dict()
         check_keys({k: v.shape for k, v in targets.items()}, {k: v.shape for k, v in proprio_state.items()},
                    str(proprio_path))
-        model.proprio_projector.load_state_dict(proprio_state)
+        tensors = itertools.chain(tensors, ((f"proprio_projector.{key}", value)
+                                            for key, value in proprio_state.items()))
+    fill(model, tensors, device, base_quant, base_quant_vision)
     model.requires_grad_(False)
     model.eval()
     preprocessor_path = directory / PREPROCESSOR_FILE
@@ -681,6 +688,13 @@ def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spa
     return VLAPolicy(model, tokenizer, config=config, norm_stats=norm_stats, unnorm_key=unnorm_key,
                      is_oft=is_oft, num_images=num_images, uses_proprio=uses_proprio,
                      preprocessor_config=preprocessor_config, carried_files=carried_files(directory))
+
+
+def file_tensors(model: OpenVLAModel, directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's weights for `fill`: (module key, tensor) one at a time, after the strict check of every name
+    and shape against `model`'s (which may be on the meta device)."""
+    expected = {key: tensor.shape for key, tensor in checkpoint_tensors(model).items()}
+    return ((to_module_key(key), tensor) for key, tensor in read_weights(expected, directory))
 
 
 def checkpoint_dtype(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> torch.dtype:

@@ -58,27 +58,25 @@ def quantized_layer_names(model: nn.Module, include_vision: bool) -> list[str]:
             and (_LLM_LAYER.match(name) or (include_vision and _VIT_BLOCK.match(name)))]
 
 
-def quantize_base(model: nn.Module, mode: str, include_vision: bool = False) -> int:
-    """Replace the weights of `quantized_layer_names` by their `mode` quantization, in place (before LoRA is applied;
-    the weights were loaded in the compute dtype). Returns the number of quantized layers."""
-    check_base_quant(mode, next(model.parameters()).device)
-    if mode == "none":
-        return 0
-    names = quantized_layer_names(model, include_vision)
+def check_quantizable(model: nn.Module, mode: str, include_vision: bool) -> None:
+    """One clear error, from the shapes alone (the model may still be on the meta device), when a layer the base
+    would quantize cannot be stored in `mode`."""
+    if mode == "nf4":
+        for name in quantized_layer_names(model, include_vision):
+            nf4_scaler_block(model.get_submodule(name).weight)
+
+
+def quantize_layer(layer: nn.Linear, mode: str) -> None:
+    """Replace the layer's weight (loaded in the compute dtype, on its device) by its `mode` quantization, in place;
+    the caller drops its last reference to the original, so one layer at a time exists unquantized."""
     if mode == "nf4":
         from torchao.quantization import to_nf4
-        for name in names:
-            layer = model.get_submodule(name)
-            layer.weight = nn.Parameter(to_nf4(layer.weight.detach(), NF4_BLOCK, nf4_scaler_block(layer.weight)),
-                                        requires_grad=False)
-        return len(names)
+        layer.weight = nn.Parameter(to_nf4(layer.weight.detach(), NF4_BLOCK, nf4_scaler_block(layer.weight)),
+                                    requires_grad=False)
+        return
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
-    selected = set(names)
-    quantize_(model, config, filter_fn=lambda module, name: name in selected)
-    for name in names:
-        model.get_submodule(name).weight.requires_grad_(False)
-    return len(names)
+    quantize_(layer, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
+    layer.weight.requires_grad_(False)
 
 
 def nf4_scaler_block(weight: torch.Tensor) -> int:
