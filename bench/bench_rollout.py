@@ -48,7 +48,7 @@ class Args:
 
 
 class CountingEnv:
-    """The env, counting its step calls (rounds of policy queries)."""
+    """The env, counting its receive_step calls (rounds of policy queries, per half when overlapped)."""
 
     def __init__(self, env: LiberoVectorEnv) -> None:
         self.env, self.num_envs, self.step_calls = env, env.num_envs, 0
@@ -56,9 +56,12 @@ class CountingEnv:
     def reset(self, specs, envs=None, wait=True):
         return self.env.reset(specs, envs, wait)
 
-    def step(self, actions):
+    def send_step(self, actions, envs=None):
+        self.env.send_step(actions, envs)
+
+    def receive_step(self, envs=None):
         self.step_calls += 1
-        return self.env.step(actions)
+        return self.env.receive_step(envs)
 
     def frames(self, i):
         return self.env.frames(i)

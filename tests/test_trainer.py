@@ -94,7 +94,10 @@ class ScriptedEnv:
         return SimpleNamespace(agentview=np.zeros((self.num_envs, 224, 224, 3), np.uint8), wrist=None, proprio=None,
                                instructions=list(self.instructions))
 
-    def step(self, actions):
+    def send_step(self, actions, envs=None):
+        pass
+
+    def receive_step(self, envs=None):
         self.step_calls += 1
         running = ~self.starting
         self.steps[running] = np.minimum(self.steps[running] + 1, self.length[running])
