@@ -275,7 +275,7 @@ def count_groups(where: np.ndarray, group_ids: np.ndarray) -> int:
 
 def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
-                   progress: bool = False) -> tuple[Rollouts, dict[str, float]]:
+                   progress: bool = False, overlap: bool = False) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
@@ -286,7 +286,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         group_ids = np.repeat(np.arange(next_group, next_group + wanted), group_size)
         next_group += wanted
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
-                                    keep_steps=True, progress=progress))
+                                    keep_steps=True, progress=progress, overlap=overlap))
         group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
                                               for k in ("group_ids", "task_ids", "success", "lost"))
         usable = ~np.isin(group_ids, group_ids[lost])
