@@ -30,6 +30,7 @@ import numpy as np
 
 from libero_env import EpisodeSpec, Observation, StepResult
 from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM
+from libero_env.vector_env import check_not_stepping, env_indices
 
 IMAGE_SIZE = POLICY_IMAGE_SIZE
 TASK_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -136,10 +137,10 @@ class ToyVectorEnv:
         self._check_open()
         if envs is None and len(specs) != self.num_envs:
             raise ValueError(f"reset needs one EpisodeSpec per env: got {len(specs)} for num_envs={self.num_envs}")
-        envs = self._check_envs(envs)
+        envs = env_indices(envs, self.num_envs)
         if len(envs) != len(specs):
             raise ValueError(f"reset needs one EpisodeSpec per env it names: {len(envs)} envs, {len(specs)} specs")
-        self._check_not_stepping(envs)
+        check_not_stepping(envs, self._in_flight)
         markers = [self.marker_position(spec.task_id, spec.init_index) for spec in specs]  # checks them all first
         for i, spec, marker in zip(envs, specs, markers):
             self._markers[i] = marker
@@ -163,7 +164,7 @@ class ToyVectorEnv:
         self._check_open()
         if all(spec is None for spec in self._specs):
             raise RuntimeError("step called before reset: call env.reset(specs) first")
-        envs = self._check_envs(envs)
+        envs = env_indices(envs, self.num_envs)
         actions = np.asarray(actions)
         if actions.ndim == 2:
             actions = actions[:, None, :]
@@ -176,14 +177,14 @@ class ToyVectorEnv:
         if not np.isfinite(actions).all():
             bad = sorted({envs[row] for row in np.nonzero(~np.isfinite(actions))[0].tolist()})
             raise ValueError(f"actions contain NaN or inf (envs {bad}); nothing was stepped")
-        self._check_not_stepping(envs)
+        check_not_stepping(envs, self._in_flight)
         self._in_flight.update(zip(envs, actions))
 
     def receive_step(self, envs: list[int] | None = None) -> StepResult:
         """step()'s second half: executes the actions send_step sent to `envs` (default all); `started` names
         only envs among `envs`, as LiberoVectorEnv's."""
         self._check_open()
-        envs = self._check_envs(envs)
+        envs = env_indices(envs, self.num_envs)
         chunks = {i: self._in_flight.pop(i) for i in envs if i in self._in_flight}
         sent = np.zeros(self.num_envs, dtype=bool)
         sent[list(chunks)] = True
@@ -252,17 +253,6 @@ class ToyVectorEnv:
         for i, spec in enumerate(self._specs):
             if moved[i] and spec.record_video:
                 self._frames[i].append(self._render(i, cursors[i], wrist=False))
-
-    def _check_envs(self, envs: list[int] | None) -> list[int]:
-        envs = list(range(self.num_envs)) if envs is None else [int(i) for i in envs]
-        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
-            raise ValueError(f"envs must be distinct indices in 0..{self.num_envs - 1}, got {envs}")
-        return envs
-
-    def _check_not_stepping(self, envs: list[int]) -> None:
-        stepping = sorted(set(envs) & set(self._in_flight))
-        if stepping:
-            raise RuntimeError(f"env(s) {stepping} have a step in flight: receive_step() them first")
 
     def _check_task(self, task_id: int) -> None:
         if not 0 <= task_id < self.num_tasks:

@@ -57,6 +57,21 @@ class StepResult:
     """bool [N]: envs whose reset(..., wait=False) finished during this call; their episode starts from `obs`."""
 
 
+def env_indices(envs: Sequence[int] | None, num_envs: int) -> list[int]:
+    """The env indices a vector env call names (default all), checked."""
+    envs = list(range(num_envs)) if envs is None else [int(i) for i in envs]
+    if len(set(envs)) != len(envs) or not all(0 <= i < num_envs for i in envs):
+        raise ValueError(f"envs must be distinct indices in [0, {num_envs - 1}], got {envs}")
+    return envs
+
+
+def check_not_stepping(envs: list[int], in_flight: dict) -> None:
+    """A call on envs that were sent a step whose answer has not been taken would be misread as that answer."""
+    stepping = sorted(set(envs) & set(in_flight))
+    if stepping:
+        raise RuntimeError(f"env(s) {stepping} have a step in flight: receive_step() them first")
+
+
 # SIGKILL cannot be refused, so this bounds only a teardown stuck in the kernel (a worker in uninterruptible I/O)
 KILL_WAIT_S = 30.0
 
@@ -227,7 +242,7 @@ class LiberoVectorEnv:
         specs = list(specs)
         if envs is None and len(specs) != self.num_envs:
             raise ValueError(f"reset needs one EpisodeSpec per env: expected {self.num_envs}, got {len(specs)}")
-        envs = self._check_envs(envs)
+        envs = env_indices(envs, self.num_envs)
         if len(envs) != len(specs):
             raise ValueError(f"reset needs one EpisodeSpec per env it names: {len(envs)} envs, {len(specs)} specs")
         for spec in specs:
@@ -239,7 +254,7 @@ class LiberoVectorEnv:
         if any(i in self._starting for i in envs):
             raise RuntimeError(f"env(s) {sorted(set(envs) & set(self._starting))} are still resetting: step() "
                                "until `started` reports them")
-        self._check_not_stepping(envs)
+        check_not_stepping(envs, self._in_flight)
         for i, spec in zip(envs, specs):
             self._specs[i] = None  # until its reset has finished, step() leaves the env alone
             self._done[i] = True
@@ -262,11 +277,11 @@ class LiberoVectorEnv:
         every env) to those of `envs` that are not done and returns at once, so the caller can compute other envs'
         actions while these simulate. receive_step(envs) takes the answers."""
         self._check_open()
-        envs = self._check_envs(envs)
+        envs = env_indices(envs, self.num_envs)
         chunks = self._check_actions(actions, envs)
         if all(spec is None for spec in self._specs) and not self._starting:
             raise RuntimeError("call reset() before step()")
-        self._check_not_stepping(envs)
+        check_not_stepping(envs, self._in_flight)
         env_actions = to_env_actions(chunks)
         try:  # every message goes out before any answer is awaited, so the workers run in parallel
             for row, i in enumerate(envs):
@@ -282,7 +297,7 @@ class LiberoVectorEnv:
         returns the batch. `started` names only envs among `envs` (another env's finished reset waits for its own
         receive_step); the observation of an env whose step is still in flight is the one before that step."""
         self._check_open()
-        envs = self._check_envs(envs)
+        envs = env_indices(envs, self.num_envs)
         sent = {i: self._in_flight.pop(i) for i in envs if i in self._in_flight}
         replies, failures = self._receive(sent)
         for i, payload in replies.items():
@@ -399,18 +414,6 @@ class LiberoVectorEnv:
             proprio=self._proprio.copy(),
             instructions=["" if spec is None else self._tasks[spec.task_id].language for spec in self._specs],
         )
-
-    def _check_envs(self, envs: Sequence[int] | None) -> list[int]:
-        """The env indices a call names (default all), checked."""
-        envs = list(range(self.num_envs)) if envs is None else [int(i) for i in envs]
-        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
-            raise ValueError(f"envs must be distinct indices in [0, {self.num_envs - 1}], got {envs}")
-        return envs
-
-    def _check_not_stepping(self, envs: list[int]) -> None:
-        stepping = sorted(set(envs) & set(self._in_flight))
-        if stepping:
-            raise RuntimeError(f"env(s) {stepping} have a step in flight: receive_step() them first")
 
     def _check_actions(self, actions, envs: list[int]) -> np.ndarray:
         """[len(envs),7] or [len(envs),K,7] -> float64 [len(envs),K,7]; raises before anything reaches a worker."""
