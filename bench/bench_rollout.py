@@ -2,11 +2,15 @@
 as soon as their episode ends, each worker keeping its simulator across resets (libero_env.suites.start_episode).
 Two baselines in the same run: the same with every reset rebuilding the simulator from the scene XML (LIBERO's
 hard reset, as the reference eval's env), and that with lockstep batches of num_envs episodes, where every env waits
-for the batch's longest episode (the same function called once per batch).
+for the batch's longest episode (the same function called once per batch). And one candidate: the trainer's way
+with --overlap-rollouts (two halves of the envs, one half simulating while the policy samples the other's). On a
+CPU the policy and the simulators share the cores, so overlapping them has little to gain there; its case is a GPU
+policy (bench_e2e).
 
 Greedy episodes of the shipped policy, each in scene 0 of its (task, init state), so all three modes play the very
 same episodes (checked: `same_episodes`). Counts env actions per second (policy steps summed over the envs),
 including the policy, the image pipeline, resets and scene builds. Writes bench/results/rollout.json.
+A quick check of every mode: --tasks 0 --episodes-per-task 2 --out /tmp/rollout.json
 
     OMP_NUM_THREADS=1 MUJOCO_GL=egl .venv/bin/python -m bench.bench_rollout
 """
@@ -48,7 +52,7 @@ class Args:
 
 
 class CountingEnv:
-    """The env, counting its step calls (rounds of policy queries)."""
+    """The env, counting its receive_step calls (rounds of policy queries, per half when overlapped)."""
 
     def __init__(self, env: LiberoVectorEnv) -> None:
         self.env, self.num_envs, self.step_calls = env, env.num_envs, 0
@@ -56,28 +60,33 @@ class CountingEnv:
     def reset(self, specs, envs=None, wait=True):
         return self.env.reset(specs, envs, wait)
 
-    def step(self, actions):
+    def send_step(self, actions, envs=None):
+        self.env.send_step(actions, envs)
+
+    def receive_step(self, envs=None):
         self.step_calls += 1
-        return self.env.step(actions)
+        return self.env.receive_step(envs)
 
     def frames(self, i):
         return self.env.frames(i)
 
 
-def play(args: Args, policy, specs: list[EpisodeSpec], lockstep: bool, rebuild_on_reset: bool) -> dict:
+def play(args: Args, policy, specs: list[EpisodeSpec], lockstep: bool, rebuild_on_reset: bool,
+         overlap: bool = False) -> dict:
     inputs = policy_inputs(policy)
     with LiberoVectorEnv(args.suite, num_envs=args.num_envs, rebuild_on_reset=rebuild_on_reset) as vector_env:
         env = CountingEnv(vector_env)
         batches = [specs[i:i + args.num_envs] for i in range(0, len(specs), args.num_envs)] if lockstep else [specs]
         started = time.perf_counter()
         results = [play_episodes(env, policy, batch, np.zeros(len(batch), np.int64), inputs, temperature=1.0,
-                                 greedy=True, keep_steps=False) for batch in batches]
+                                 greedy=True, keep_steps=False, overlap=overlap) for batch in batches]
         seconds = time.perf_counter() - started
     result = Rollouts.concat(results)
     actions = int(result.lengths.sum())
     return {"seconds": round(seconds, 1), "env_actions": actions, "actions_per_second": round(actions / seconds, 2),
             "step_calls": env.step_calls, "episode_lengths": result.lengths.tolist(),
-            "success": result.success.tolist()}
+            "success": result.success.tolist(), "model_seconds": round(result.model_seconds, 1),
+            "env_seconds": round(result.env_seconds, 1)}
 
 
 def main(args: Args) -> None:
@@ -87,15 +96,19 @@ def main(args: Args) -> None:
     specs = [EpisodeSpec(task, init) for task in args.tasks for init in heldout[:args.episodes_per_task]]
     modes = {"lockstep_rebuilt": play(args, policy, specs, lockstep=True, rebuild_on_reset=True),
              "refill_rebuilt": play(args, policy, specs, lockstep=False, rebuild_on_reset=True),
-             "refill_kept": play(args, policy, specs, lockstep=False, rebuild_on_reset=False)}
+             "refill_kept": play(args, policy, specs, lockstep=False, rebuild_on_reset=False),
+             "refill_kept_overlapped": play(args, policy, specs, lockstep=False, rebuild_on_reset=False,
+                                            overlap=True)}
     rate = {name: mode["actions_per_second"] for name, mode in modes.items()}
     result = {
         "what": "env actions per second of a greedy rollout of the same episodes: envs refilled as each episode ends "
                 "with simulators kept across resets (the trainer's way), against refill with every reset rebuilding "
-                "the simulator (LIBERO's hard reset) and lockstep batches of num_envs episodes with rebuilding",
+                "the simulator (LIBERO's hard reset) and lockstep batches of num_envs episodes with rebuilding; "
+                "and the trainer's way with --overlap-rollouts (step_calls then counts each half's rounds)",
         "speedup_kept_vs_rebuilt": round(rate["refill_kept"] / rate["refill_rebuilt"], 3),
         "speedup_refill_vs_lockstep": round(rate["refill_rebuilt"] / rate["lockstep_rebuilt"], 3),
         "speedup_vs_lockstep_rebuilt": round(rate["refill_kept"] / rate["lockstep_rebuilt"], 3),
+        "speedup_overlapped_vs_kept": round(rate["refill_kept_overlapped"] / rate["refill_kept"], 3),
         "same_episodes": all(mode["episode_lengths"] == modes["refill_kept"]["episode_lengths"]
                              and mode["success"] == modes["refill_kept"]["success"] for mode in modes.values()),
         **modes, "episodes": len(specs), "num_envs": args.num_envs,

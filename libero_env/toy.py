@@ -30,6 +30,7 @@ import numpy as np
 
 from libero_env import EpisodeSpec, Observation, StepResult
 from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM
+from libero_env.vector_env import check_not_stepping, env_indices
 
 IMAGE_SIZE = POLICY_IMAGE_SIZE
 TASK_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -105,6 +106,7 @@ class ToyVectorEnv:
         self._success = np.zeros(num_envs, dtype=bool)
         self._done = np.ones(num_envs, dtype=bool)
         self._starting = np.zeros(num_envs, dtype=bool)
+        self._in_flight: dict[int, np.ndarray] = {}  # env -> its chunk [K, 7], sent by send_step()
         self._frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
 
     @property
@@ -133,14 +135,12 @@ class ToyVectorEnv:
         """Starts `specs[i]` on env i; with `envs`, `specs[j]` on env `envs[j]` only, the others carry on. With
         wait=False the envs start on the next step() (reported in `started`), as LiberoVectorEnv's do."""
         self._check_open()
-        if envs is None:
-            if len(specs) != self.num_envs:
-                raise ValueError(f"reset needs one EpisodeSpec per env: got {len(specs)} for num_envs={self.num_envs}")
-            envs = list(range(self.num_envs))
+        if envs is None and len(specs) != self.num_envs:
+            raise ValueError(f"reset needs one EpisodeSpec per env: got {len(specs)} for num_envs={self.num_envs}")
+        envs = env_indices(envs, self.num_envs)
         if len(envs) != len(specs):
             raise ValueError(f"reset needs one EpisodeSpec per env it names: {len(envs)} envs, {len(specs)} specs")
-        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
-            raise ValueError(f"envs must be distinct indices in 0..{self.num_envs - 1}, got {list(envs)}")
+        check_not_stepping(envs, self._in_flight)
         markers = [self.marker_position(spec.task_id, spec.init_index) for spec in specs]  # checks them all first
         for i, spec, marker in zip(envs, specs, markers):
             self._markers[i] = marker
@@ -155,34 +155,55 @@ class ToyVectorEnv:
 
     def step(self, actions: np.ndarray) -> StepResult:
         """actions: float [N, 7] or a chunk [N, K, 7]. Finished envs ignore theirs; any NaN/inf raises."""
+        self.send_step(actions)
+        return self.receive_step()
+
+    def send_step(self, actions: np.ndarray, envs: list[int] | None = None) -> None:
+        """step()'s first half, as LiberoVectorEnv's: actions [len(envs), 7] or [len(envs), K, 7] for `envs`
+        (default all), executed by receive_step(envs)."""
         self._check_open()
         if all(spec is None for spec in self._specs):
             raise RuntimeError("step called before reset: call env.reset(specs) first")
+        envs = env_indices(envs, self.num_envs)
         actions = np.asarray(actions)
         if actions.ndim == 2:
             actions = actions[:, None, :]
-        if (actions.ndim != 3 or actions.shape[0] != self.num_envs or actions.shape[2] != ACTION_DIM
+        if (actions.ndim != 3 or actions.shape[0] != len(envs) or actions.shape[2] != ACTION_DIM
                 or actions.shape[1] < 1):
-            raise ValueError(f"actions must have shape [N={self.num_envs}, {ACTION_DIM}] or a chunk "
-                             f"[N={self.num_envs}, K, {ACTION_DIM}], got {np.shape(actions)}")
+            raise ValueError(f"actions must have shape [N={len(envs)}, {ACTION_DIM}] or a chunk "
+                             f"[N={len(envs)}, K, {ACTION_DIM}], got {np.shape(actions)}")
         if not np.issubdtype(actions.dtype, np.number):
             raise ValueError(f"actions must be numeric, got dtype {actions.dtype}")
         if not np.isfinite(actions).all():
-            bad = sorted(set(np.nonzero(~np.isfinite(actions))[0].tolist()))
+            bad = sorted({envs[row] for row in np.nonzero(~np.isfinite(actions))[0].tolist()})
             raise ValueError(f"actions contain NaN or inf (envs {bad}); nothing was stepped")
+        check_not_stepping(envs, self._in_flight)
+        self._in_flight.update(zip(envs, actions))
+
+    def receive_step(self, envs: list[int] | None = None) -> StepResult:
+        """step()'s second half: executes the actions send_step sent to `envs` (default all); `started` names
+        only envs among `envs`, as LiberoVectorEnv's."""
+        self._check_open()
+        envs = env_indices(envs, self.num_envs)
+        chunks = {i: self._in_flight.pop(i) for i in envs if i in self._in_flight}
+        sent = np.zeros(self.num_envs, dtype=bool)
+        sent[list(chunks)] = True
         marker_signs = np.sign(self._markers)
-        for chunk_step in range(actions.shape[1]):
-            running = ~self._done
+        pushes = np.zeros((self.num_envs, 2))
+        for chunk_step in range(max((len(chunk) for chunk in chunks.values()), default=0)):
+            running = sent & ~self._done
+            for i, chunk in chunks.items():
+                running[i] &= chunk_step < len(chunk)
+                pushes[i] = np.sign(chunk[min(chunk_step, len(chunk) - 1), :2])
             if not running.any():
                 break
-            push = np.sign(actions[:, chunk_step, :2])
-            correct = running & (push == marker_signs).all(axis=1)
+            correct = running & (pushes == marker_signs).all(axis=1)
             self._correct += correct
             self._steps += running
             self._success |= self._correct >= self.pushes_to_goal
             self._done |= self._success | (self._steps >= self.horizon)
             self._record_frames(running)
-        started = self._starting.copy()
+        started = self._starting & np.isin(np.arange(self.num_envs), envs)
         self._done[started] = self._starting[started] = False
         return StepResult(obs=self._observe(), done=self._done.copy(), success=self._success.copy(),
                           steps=self._steps.copy(), lost=np.zeros(self.num_envs, dtype=bool), started=started)

@@ -57,6 +57,21 @@ class StepResult:
     """bool [N]: envs whose reset(..., wait=False) finished during this call; their episode starts from `obs`."""
 
 
+def env_indices(envs: Sequence[int] | None, num_envs: int) -> list[int]:
+    """The env indices a vector env call names (default all), checked."""
+    envs = list(range(num_envs)) if envs is None else [int(i) for i in envs]
+    if len(set(envs)) != len(envs) or not all(0 <= i < num_envs for i in envs):
+        raise ValueError(f"envs must be distinct indices in [0, {num_envs - 1}], got {envs}")
+    return envs
+
+
+def check_not_stepping(envs: list[int], in_flight: dict) -> None:
+    """A call on envs that were sent a step whose answer has not been taken would be misread as that answer."""
+    stepping = sorted(set(envs) & set(in_flight))
+    if stepping:
+        raise RuntimeError(f"env(s) {stepping} have a step in flight: receive_step() them first")
+
+
 # SIGKILL cannot be refused, so this bounds only a teardown stuck in the kernel (a worker in uninterruptible I/O)
 KILL_WAIT_S = 30.0
 
@@ -184,7 +199,8 @@ class LiberoVectorEnv:
         self._proprio = np.zeros((num_envs, PROPRIO_DIM), np.float32)
         self._specs: list[EpisodeSpec | None] = [None] * num_envs
         self._starting: dict[int, EpisodeSpec] = {}  # resets in flight
-        self._started: set[int] = set()  # resets finished since the last step()
+        self._started: set[int] = set()  # resets finished, not yet reported by receive_step()
+        self._in_flight: dict[int, str] = {}  # envs sent a step by send_step() -> "" or why the send failed
         self._reset_attempts = [0] * num_envs
         self._reset_deadlines = [0.0] * num_envs
         self._done = np.ones(num_envs, bool)
@@ -224,15 +240,11 @@ class LiberoVectorEnv:
         each env whose reset has finished in `started`. A worker that fails a reset is replaced and tried once more."""
         self._check_open()
         specs = list(specs)
-        if envs is None:
-            if len(specs) != self.num_envs:
-                raise ValueError(f"reset needs one EpisodeSpec per env: expected {self.num_envs}, got {len(specs)}")
-            envs = range(self.num_envs)
-        envs = [int(i) for i in envs]
+        if envs is None and len(specs) != self.num_envs:
+            raise ValueError(f"reset needs one EpisodeSpec per env: expected {self.num_envs}, got {len(specs)}")
+        envs = env_indices(envs, self.num_envs)
         if len(envs) != len(specs):
             raise ValueError(f"reset needs one EpisodeSpec per env it names: {len(envs)} envs, {len(specs)} specs")
-        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
-            raise ValueError(f"envs must be distinct indices in [0, {self.num_envs - 1}], got {envs}")
         for spec in specs:
             self._check_task(spec.task_id)
             if not 0 <= spec.init_index < NUM_INIT_STATES:
@@ -242,6 +254,7 @@ class LiberoVectorEnv:
         if any(i in self._starting for i in envs):
             raise RuntimeError(f"env(s) {sorted(set(envs) & set(self._starting))} are still resetting: step() "
                                "until `started` reports them")
+        check_not_stepping(envs, self._in_flight)
         for i, spec in zip(envs, specs):
             self._specs[i] = None  # until its reset has finished, step() leaves the env alone
             self._done[i] = True
@@ -256,16 +269,37 @@ class LiberoVectorEnv:
 
     def step(self, actions) -> StepResult:
         """Executes dataset-convention actions [N,7] or chunks [N,K,7] on the envs that are not done."""
+        self.send_step(actions)
+        return self.receive_step()
+
+    def send_step(self, actions, envs: Sequence[int] | None = None) -> None:
+        """step()'s first half: sends actions [len(envs),7] or chunks [len(envs),K,7] (row j for env envs[j]; default
+        every env) to those of `envs` that are not done and returns at once, so the caller can compute other envs'
+        actions while these simulate. receive_step(envs) takes the answers."""
         self._check_open()
-        chunks = self._check_actions(actions)
+        envs = env_indices(envs, self.num_envs)
+        chunks = self._check_actions(actions, envs)
         if all(spec is None for spec in self._specs) and not self._starting:
             raise RuntimeError("call reset() before step()")
+        check_not_stepping(envs, self._in_flight)
         env_actions = to_env_actions(chunks)
-        messages = {
-            i: ("step", env_actions[i, : self.max_steps - self._steps[i]], self._specs[i].record_video)
-            for i in np.flatnonzero(~self._done).tolist()
-        }
-        replies, failures = self._exchange(messages)
+        try:  # every message goes out before any answer is awaited, so the workers run in parallel
+            for row, i in enumerate(envs):
+                if not self._done[i]:
+                    self._in_flight[i] = self._workers[i].send(
+                        ("step", env_actions[row, : self.max_steps - self._steps[i]], self._specs[i].record_video))
+        except BaseException:
+            self.close()  # interrupted (Ctrl-C): answers in flight would be read as answers to the next command
+            raise
+
+    def receive_step(self, envs: Sequence[int] | None = None) -> StepResult:
+        """step()'s second half: waits for the answers to the steps send_step sent to `envs` (default every env) and
+        returns the batch. `started` names only envs among `envs` (another env's finished reset waits for its own
+        receive_step); the observation of an env whose step is still in flight is the one before that step."""
+        self._check_open()
+        envs = env_indices(envs, self.num_envs)
+        sent = {i: self._in_flight.pop(i) for i in envs if i in self._in_flight}
+        replies, failures = self._receive(sent)
         for i, payload in replies.items():
             self._store(i, payload)
             self._frames[i].extend(payload["frames"])
@@ -275,10 +309,14 @@ class LiberoVectorEnv:
         for i, reason in failures.items():
             self._lost[i] = self._done[i] = True
             self._restart(i, reason)
-        self._collect_starts(keep_waiting=lambda: not messages and not self._started)  # idle: wait for one
+        group = set(envs)
+        # nothing was stepped: wait for one of these envs' resets rather than return with nothing done
+        self._collect_starts(keep_waiting=lambda: not sent and not self._started & group
+                             and not group.isdisjoint(self._starting))
+        reported = self._started & group
+        self._started -= reported
         started = np.zeros(self.num_envs, bool)
-        started[list(self._started)] = True
-        self._started.clear()
+        started[list(reported)] = True
         return StepResult(self._observation(), self._done.copy(), self._success.copy(), self._steps.copy(),
                           self._lost.copy(), started)
 
@@ -339,12 +377,12 @@ class LiberoVectorEnv:
             self.close()  # resets still in flight would be read as answers to the next command
             raise
 
-    def _exchange(self, messages: dict[int, tuple]) -> tuple[dict[int, dict], dict[int, str]]:
-        """Sends every message before waiting for any answer, so the workers run in parallel."""
+    def _receive(self, sent: dict[int, str]) -> tuple[dict[int, dict], dict[int, str]]:
+        """The answers of the workers that were sent a step (env -> "" or why the send failed), and the failures."""
+        failures = {i: reason for i, reason in sent.items() if reason}
+        replies = {}
         try:
-            failures = {i: reason for i, message in messages.items() if (reason := self._workers[i].send(message))}
-            replies = {}
-            for i in messages:
+            for i in sent:
                 if i in failures:
                     continue
                 payload, reason = self._workers[i].receive(self.timeout_s)
@@ -377,17 +415,18 @@ class LiberoVectorEnv:
             instructions=["" if spec is None else self._tasks[spec.task_id].language for spec in self._specs],
         )
 
-    def _check_actions(self, actions) -> np.ndarray:
-        """[N,7] or [N,K,7] -> float64 [N,K,7]; raises before anything reaches a worker."""
+    def _check_actions(self, actions, envs: list[int]) -> np.ndarray:
+        """[len(envs),7] or [len(envs),K,7] -> float64 [len(envs),K,7]; raises before anything reaches a worker."""
+        count = len(envs)
         chunks = np.asarray(actions, dtype=np.float64)
         if chunks.ndim == 2:
             chunks = chunks[:, None, :]
-        if chunks.ndim != 3 or chunks.shape[0] != self.num_envs or chunks.shape[1] < 1 or chunks.shape[2] != ACTION_DIM:
-            raise ValueError(f"actions must have shape [{self.num_envs}, {ACTION_DIM}] or [{self.num_envs}, K, "
+        if chunks.ndim != 3 or chunks.shape[0] != count or chunks.shape[1] < 1 or chunks.shape[2] != ACTION_DIM:
+            raise ValueError(f"actions must have shape [{count}, {ACTION_DIM}] or [{count}, K, "
                              f"{ACTION_DIM}] with K >= 1, got {list(np.shape(actions))}")
-        bad_envs = np.flatnonzero(~np.isfinite(chunks).all(axis=(1, 2)))
-        if bad_envs.size:
-            raise ValueError(f"non-finite actions (NaN or inf) for env(s) {bad_envs.tolist()}; nothing was sent "
+        bad_envs = [envs[row] for row in np.flatnonzero(~np.isfinite(chunks).all(axis=(1, 2)))]
+        if bad_envs:
+            raise ValueError(f"non-finite actions (NaN or inf) for env(s) {bad_envs}; nothing was sent "
                              "to the simulator")
         return chunks
 

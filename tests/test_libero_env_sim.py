@@ -227,6 +227,31 @@ def test_killed_or_hung_worker_is_replaced_and_its_episode_lost(env):
     assert not is_running(frozen)
 
 
+def test_steps_sent_to_some_envs_and_a_worker_lost_while_the_others_answer(env):
+    """send_step / receive_step by env subset, as play_episodes overlaps two halves of the envs."""
+    env.reset([EpisodeSpec(0, 5), EpisodeSpec(0, 6)])
+    victim = env.worker_pids[1]
+    os.kill(victim, signal.SIGKILL)
+    env.send_step(open_gripper_actions(1, 2), envs=[0])
+    env.send_step(open_gripper_actions(1, 1), envs=[1])
+    with pytest.raises(RuntimeError, match=r"env\(s\) \[1\] have a step in flight: receive_step\(\) them first"):
+        env.reset([EpisodeSpec(0, 3)], envs=[1])
+    first = env.receive_step([0])
+    assert first.steps.tolist() == [2, 0] and not first.lost.any() and not first.done.any()
+    second = env.receive_step([1])
+    assert second.lost.tolist() == [False, True] and second.done.tolist() == [False, True]
+    assert env.worker_pids[1] != victim and not is_running(victim)
+
+    # env 1's background reset is reported by a receive_step that names it, not by env 0's
+    env.reset([EpisodeSpec(0, 7)], envs=[1], wait=False)
+    for steps in (3, 4):
+        env.send_step(open_gripper_actions(1, 1), envs=[0])
+        result = env.receive_step([0])
+        assert result.steps[0] == steps and not result.started.any()
+    result = env.receive_step([1])  # nothing was sent: it waits for the reset
+    assert result.started.tolist() == [False, True] and result.steps[1] == 0 and not result.lost[1]
+
+
 def test_close_and_garbage_collection_leave_no_processes():
     env = LiberoVectorEnv("libero_goal", num_envs=2)
     pids = env.worker_pids

@@ -172,9 +172,9 @@ def test_reset_of_some_envs_leaves_the_others_running():
     assert env.step(np.zeros((2, 7))).steps.tolist() == [1, 3]
     never_reset = ToyVectorEnv(num_envs=3).reset([EpisodeSpec(0, 0)], envs=[2])
     assert never_reset.instructions[:2] == ["", ""]  # envs 0 and 1 have no episode yet
-    with pytest.raises(ValueError, match=r"distinct indices in 0..1, got \[0, 0\]"):
+    with pytest.raises(ValueError, match=r"distinct indices in \[0, 1\], got \[0, 0\]"):
         env.reset([EpisodeSpec(0, 0)] * 2, envs=[0, 0])
-    with pytest.raises(ValueError, match=r"distinct indices in 0..1, got \[2\]"):
+    with pytest.raises(ValueError, match=r"distinct indices in \[0, 1\], got \[2\]"):
         env.reset([EpisodeSpec(0, 0)], envs=[2])
     with pytest.raises(ValueError, match="one EpisodeSpec per env it names: 1 envs, 2 specs"):
         env.reset([EpisodeSpec(0, 0)] * 2, envs=[0])
@@ -205,3 +205,25 @@ def test_bad_inputs_raise_clear_errors():
         ToyVectorEnv(num_envs=2, horizon=2, pushes_to_goal=3)
     with pytest.raises(ValueError, match="num_envs"):
         ToyVectorEnv(num_envs=0)
+
+
+def test_steps_sent_by_halves_equal_one_step_and_a_start_is_reported_by_its_half():
+    specs = [EpisodeSpec(task, 0) for task in range(3)]
+    whole, halves = ToyVectorEnv(num_envs=3), ToyVectorEnv(num_envs=3)
+    whole.reset(specs)
+    halves.reset(specs)
+    chunks = np.random.default_rng(0).uniform(-1, 1, size=(3, 2, 7))
+    expected = whole.step(chunks)
+    halves.send_step(chunks[:2], envs=[0, 1])
+    halves.send_step(chunks[2:], envs=[2])
+    with pytest.raises(RuntimeError, match=r"env\(s\) \[2\] have a step in flight: receive_step\(\) them first"):
+        halves.reset([specs[0]], envs=[2])
+    halves.receive_step([2])
+    result = halves.receive_step([0, 1])
+    for key in ("done", "success", "steps"):
+        np.testing.assert_array_equal(getattr(result, key), getattr(expected, key))
+    np.testing.assert_array_equal(result.obs.agentview, expected.obs.agentview)
+
+    halves.reset([EpisodeSpec(3, 0)], envs=[0], wait=False)
+    assert not halves.receive_step([1, 2]).started.any()
+    assert halves.receive_step([0]).started.tolist() == [True, False, False]

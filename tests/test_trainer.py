@@ -94,7 +94,10 @@ class ScriptedEnv:
         return SimpleNamespace(agentview=np.zeros((self.num_envs, 224, 224, 3), np.uint8), wrist=None, proprio=None,
                                instructions=list(self.instructions))
 
-    def step(self, actions):
+    def send_step(self, actions, envs=None):
+        pass
+
+    def receive_step(self, envs=None):
         self.step_calls += 1
         running = ~self.starting
         self.steps[running] = np.minimum(self.steps[running] + 1, self.length[running])
@@ -120,6 +123,102 @@ def test_play_episodes_refills_an_env_as_soon_as_its_episode_ends():
     assert env.step_calls == 8
     assert result.lengths.tolist() == [6, 1, 2, 2, 1] and result.success.tolist() == [True, False, True, True, False]
     assert np.bincount(result.step_episode).tolist() == [6, 1, 2, 2, 1]
+
+
+def episode_steps(rollouts: Rollouts) -> list[tuple]:
+    """Per episode: its outcome and its stored steps in order (token ids, images, instructions)."""
+    return [(bool(rollouts.success[e]), int(rollouts.lengths[e]), bool(rollouts.lost[e]),
+             rollouts.token_ids[torch.from_numpy(rollouts.step_episode == e)].tolist(),
+             rollouts.agentview[rollouts.step_episode == e].tobytes(),
+             [s for s, k in zip(rollouts.instructions, rollouts.step_episode == e) if k])
+            for e in range(rollouts.num_episodes)]
+
+
+class CallLog:
+    """Wraps an env and a policy, logging their calls in order as ("sample", envs) / ("send" | "receive", envs)."""
+
+    def __init__(self, env, policy) -> None:
+        self.env, self.policy, self.num_envs, self.calls = env, policy, env.num_envs, []
+
+    def reset(self, specs, envs=None, wait=True):
+        return self.env.reset(specs, envs, wait)
+
+    def send_step(self, actions, envs=None):
+        self.calls.append(("send", envs))
+        self.env.send_step(actions, envs)
+
+    def receive_step(self, envs=None):
+        self.calls.append(("receive", envs))
+        return self.env.receive_step(envs)
+
+    def frames(self, i):
+        return self.env.frames(i)
+
+    def sample(self, agentview, *args, **kwargs):
+        self.calls.append(("sample", len(agentview)))
+        return self.policy.sample(agentview, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(checkpoint):
+    from vla_actor import load_policy
+    return load_policy(checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("num_envs", [3, 4])
+def test_overlapped_rollouts_play_the_same_greedy_episodes(tiny_policy, num_envs):
+    specs = [EpisodeSpec(task, init, record_video=init == 1) for task in range(4) for init in range(2)]  # refills
+    inputs = PolicyInputs(wrist=False, proprio=False)
+    played = {}
+    for overlap in (False, True):
+        log = CallLog(ToyVectorEnv(num_envs, horizon=4), tiny_policy)
+        played[overlap] = play_episodes(log, log, specs, np.arange(8), inputs, temperature=1.0, greedy=True,
+                                        keep_steps=True, overlap=overlap)
+        log.env.close()
+    plain, overlapped = played[False], played[True]
+    assert episode_steps(overlapped) == episode_steps(plain)
+    assert plain.success.any() and not plain.success.all() and len(set(plain.lengths.tolist())) > 1
+    assert overlapped.videos.keys() == plain.videos.keys() == {1, 3, 5, 7}
+    assert all(np.array_equal(np.stack(overlapped.videos[e]), np.stack(plain.videos[e])) for e in plain.videos)
+    # the halves take turns: half B's actions are sampled while half A's are in flight, and the reverse
+    first, second = list(range((num_envs + 1) // 2)), list(range((num_envs + 1) // 2, num_envs))
+    assert log.calls[:6] == [("sample", len(first)), ("send", first), ("sample", len(second)), ("send", second),
+                             ("receive", first), ("sample", len(first))]
+
+
+class LosingToyEnv(ToyVectorEnv):
+    """Reports env `victim`'s episode lost (its worker died) at the `at`-th receive_step that moved it."""
+
+    def __init__(self, num_envs: int, victim: int, at: int) -> None:
+        super().__init__(num_envs, horizon=4)
+        self.victim, self.countdown = victim, at
+
+    def receive_step(self, envs=None):
+        moving = (self.countdown > 0 and self.victim in (envs or range(self.num_envs))
+                  and self.victim in self._in_flight and not self._done[self.victim])
+        result = super().receive_step(envs)
+        if moving:
+            self.countdown -= 1
+            if self.countdown == 0:
+                self._done[self.victim] = result.done[self.victim] = result.lost[self.victim] = True
+                result.success[self.victim] = False
+        return result
+
+
+def test_an_episode_lost_in_an_overlapped_round_is_reported_and_its_env_refilled(tiny_policy):
+    specs = [EpisodeSpec(task, 0) for task in range(4)] + [EpisodeSpec(0, 1)]
+    inputs = PolicyInputs(wrist=False, proprio=False)
+    plain = play_episodes(ToyVectorEnv(3, horizon=4), tiny_policy, specs, np.arange(5), inputs, temperature=1.0,
+                          greedy=True, keep_steps=True)
+    env = LosingToyEnv(3, victim=2, at=1)  # env 2 is half B's only env; it loses the first episode it plays
+    lossy = play_episodes(env, tiny_policy, specs, np.arange(5), inputs, temperature=1.0, greedy=True,
+                          keep_steps=True, overlap=True)
+    assert env.countdown == 0 and lossy.lost.sum() == 1
+    victim = int(np.flatnonzero(lossy.lost)[0])
+    assert lossy.lengths[victim] == 1 and not lossy.success[victim]
+    same = episode_steps(plain)
+    assert [e for i, e in enumerate(episode_steps(lossy)) if i != victim] == [e for i, e in enumerate(same)
+                                                                             if i != victim]
 
 
 class RecordingPolicy:

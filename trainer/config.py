@@ -100,6 +100,11 @@ class EnvConfig:
     """Tasks to use (--task-id 3 or --task-ids 0 1 2); empty: every task of the suite."""
     num_envs: int = 8
     """Episodes stepped together by the vector env (per rank under torchrun)."""
+    overlap_rollouts: bool = False
+    """Play the envs as two fixed halves, one half's simulators stepping while the policy computes the other half's
+    actions (trainer.rollout.play_episodes), in rollouts and evals. Helps where the policy and the simulators take
+    similar time per round (OpenVLA-OFT's action chunks); costs where one dominates (half batches per query). Off
+    until measured on a GPU."""
     max_steps: int | None = None
     """Override the policy-step horizon; None keeps the suite's (REF 5.4: libero_spatial 220, ..., toy 4)."""
     num_heldout: int = 10

@@ -31,7 +31,8 @@ class VectorEnv(Protocol):
     """Resets whose worker was lost and replaced (the episode then starts on the new worker), since creation."""
 
     def reset(self, specs: list[EpisodeSpec], envs: list[int] | None = None, wait: bool = True) -> Any: ...
-    def step(self, actions: np.ndarray) -> Any: ...
+    def send_step(self, actions: np.ndarray, envs: list[int] | None = None) -> None: ...
+    def receive_step(self, envs: list[int] | None = None) -> Any: ...
     def frames(self, i: int) -> list[np.ndarray]: ...
 
 
@@ -149,10 +150,13 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
 
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
-                  progress: bool = False) -> Rollouts:
+                  progress: bool = False, overlap: bool = False) -> Rollouts:
     """Plays `specs` on env.num_envs envs and returns their outcomes, plus every policy step when `keep_steps`.
     An env starts its next episode (next_episode) as soon as its last one ends, and resets while the others step
-    (reset(wait=False)), so no env waits for the longest episode of a batch or for another env's scene build."""
+    (reset(wait=False)), so no env waits for the longest episode of a batch or for another env's scene build.
+    With `overlap`, the envs play as two fixed halves: one half's simulators execute its actions while the policy
+    samples the other half's (sample A, send A, sample B, send B, receive A, sample A, send A, receive B, ...), so
+    the policy and the simulators work at the same time, at half the batch per query."""
     n, total = env.num_envs, len(specs)
     steps: dict[str, list] = {k: [] for k in ("agentview", "wrist", "proprio", "instructions", "token_ids",
                                               "log_probs", "step_episode")}
@@ -167,62 +171,77 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     playing = np.full(n, -1)  # each env's episode (resetting or running), -1 when idle
     running = np.zeros(n, dtype=bool)
     env_tasks: list[int | None] = [None] * n
+    halves = np.array_split(np.arange(n), 2) if overlap and n > 1 else [np.arange(n)]
 
-    def start_episodes() -> list[int]:
-        idle = [i for i in range(n) if playing[i] < 0][:sum(map(len, pending.values()))]
+    def start_episodes(envs: np.ndarray) -> list[int]:
+        idle = [int(i) for i in envs if playing[i] < 0][:sum(map(len, pending.values()))]
         for i in idle:
             playing[i] = next_episode(pending, env_tasks[i], [env_tasks[j] for j in range(n) if playing[j] >= 0])
             env_tasks[i] = specs[playing[i]].task_id
         return idle
 
     model_seconds = env_seconds = reset_seconds = 0.0
-    first = start_episodes()
+    first = start_episodes(np.arange(n))
+    observations = [None] * len(halves)  # each half's latest observation (its rows are current)
     if first:
         started = time.perf_counter()
-        obs = env.reset([specs[playing[i]] for i in first], envs=first)
+        observations = [env.reset([specs[playing[i]] for i in first], envs=first)] * len(halves)
         env_seconds = reset_seconds = time.perf_counter() - started
         running[first] = True
-    while (playing >= 0).any():
-        alive = np.flatnonzero(running)
-        if alive.size:
-            instructions = [obs.instructions[i] for i in alive]
+    in_flight: dict[int, np.ndarray] = {}  # half -> its envs that were running when its actions were sent
+    while True:
+        for half, envs in enumerate(halves):
+            if half in in_flight:
+                started = time.perf_counter()
+                result = env.receive_step(envs.tolist())
+                env_seconds += time.perf_counter() - started
+                alive = in_flight.pop(half)
+                for i in alive[result.done[alive]]:
+                    episode = int(playing[i])
+                    success[episode], lost[episode], lengths[episode] = (result.success[i], result.lost[i],
+                                                                         result.steps[i])
+                    if specs[episode].record_video:
+                        videos[episode] = env.frames(int(i))
+                    playing[i], running[i] = -1, False
+                    bar.update(1)
+                running |= result.started
+                observations[half] = result.obs
+                starting = start_episodes(envs)
+                if starting:
+                    started = time.perf_counter()
+                    env.reset([specs[playing[i]] for i in starting], envs=starting, wait=False)
+                    env_seconds += time.perf_counter() - started
+            if not (playing[envs] >= 0).any():
+                continue
+            obs, alive = observations[half], envs[running[envs]]
+            if alive.size:
+                instructions = [obs.instructions[i] for i in alive]
+                started = time.perf_counter()
+                out = policy.sample(obs.agentview[alive], instructions,
+                                    wrist=obs.wrist[alive] if inputs.wrist else None,
+                                    proprio=obs.proprio[alive] if inputs.proprio else None,
+                                    temperature=temperature, greedy=greedy)
+                model_seconds += time.perf_counter() - started
+                actions = np.zeros((len(envs), *out.actions.shape[1:]), dtype=np.float32)
+                actions[running[envs]] = out.actions
+                if keep_steps:
+                    steps["agentview"].append(obs.agentview[alive])
+                    if inputs.wrist:
+                        steps["wrist"].append(obs.wrist[alive])
+                    if inputs.proprio:
+                        steps["proprio"].append(obs.proprio[alive])
+                    steps["instructions"].extend(instructions)
+                    steps["token_ids"].append(out.token_ids.cpu())
+                    steps["log_probs"].append(out.log_probs.float().cpu())
+                    steps["step_episode"].append(playing[alive])
+            else:  # every env of the half is resetting: receive_step only waits for one
+                actions = np.zeros((len(envs), ACTION_DIM), dtype=np.float32)
             started = time.perf_counter()
-            out = policy.sample(obs.agentview[alive], instructions,
-                                wrist=obs.wrist[alive] if inputs.wrist else None,
-                                proprio=obs.proprio[alive] if inputs.proprio else None,
-                                temperature=temperature, greedy=greedy)
-            model_seconds += time.perf_counter() - started
-            actions = np.zeros((n, *out.actions.shape[1:]), dtype=np.float32)
-            actions[alive] = out.actions
-            if keep_steps:
-                steps["agentview"].append(obs.agentview[alive])
-                if inputs.wrist:
-                    steps["wrist"].append(obs.wrist[alive])
-                if inputs.proprio:
-                    steps["proprio"].append(obs.proprio[alive])
-                steps["instructions"].extend(instructions)
-                steps["token_ids"].append(out.token_ids.cpu())
-                steps["log_probs"].append(out.log_probs.float().cpu())
-                steps["step_episode"].append(playing[alive])
-        else:
-            actions = np.zeros((n, ACTION_DIM), dtype=np.float32)  # every env is resetting: step() only waits for one
-        started = time.perf_counter()
-        result = env.step(actions)
-        env_seconds += time.perf_counter() - started
-        for i in alive[result.done[alive]]:
-            episode = int(playing[i])
-            success[episode], lost[episode], lengths[episode] = result.success[i], result.lost[i], result.steps[i]
-            if specs[episode].record_video:
-                videos[episode] = env.frames(int(i))
-            playing[i], running[i] = -1, False
-            bar.update(1)
-        running |= result.started
-        obs = result.obs
-        starting = start_episodes()
-        if starting:
-            started = time.perf_counter()
-            env.reset([specs[playing[i]] for i in starting], envs=starting, wait=False)
+            env.send_step(actions, envs.tolist())
             env_seconds += time.perf_counter() - started
+            in_flight[half] = alive
+        if not in_flight:
+            break
     bar.close()
     return Rollouts(
         agentview=_stack(steps["agentview"], np.uint8, IMAGES),
@@ -256,7 +275,7 @@ def count_groups(where: np.ndarray, group_ids: np.ndarray) -> int:
 
 def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
-                   progress: bool = False) -> tuple[Rollouts, dict[str, float]]:
+                   progress: bool = False, overlap: bool = False) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
@@ -267,7 +286,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         group_ids = np.repeat(np.arange(next_group, next_group + wanted), group_size)
         next_group += wanted
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
-                                    keep_steps=True, progress=progress))
+                                    keep_steps=True, progress=progress, overlap=overlap))
         group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
                                               for k in ("group_ids", "task_ids", "success", "lost"))
         usable = ~np.isin(group_ids, group_ids[lost])
