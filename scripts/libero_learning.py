@@ -112,6 +112,10 @@ class Experiment:
     """Training init states per task in the train-split evals."""
     max_steps: int | None = None
     """Override the suite's policy-step horizon in evals and GRPO (short smoke runs only); None: the suite's."""
+    train_evals: bool = True
+    """Also evaluate greedily on the training init states (train_eval_per_task per task), before and after GRPO: how
+    GRPO does on what it trains on. The seed records (scripts/libero_seeds.py) need only the held-out evals, and
+    leaving these out saves two evals per seed."""
     sampled_evals: bool = True
     """Also evaluate the training init states with actions sampled at the rollout temperature, before and after
     GRPO (what GRPO optimises; greedy success is what it is judged by)."""
@@ -195,6 +199,11 @@ EvalKind = Literal["heldout", "train", "sampled"]
 """Greedy on the held-out or the training init states, or sampled at the rollout temperature on the training ones."""
 
 
+def eval_protocols(ex: Experiment) -> tuple[EvalKind, ...]:
+    """The evals made before and after GRPO: held-out always, the training init states as asked."""
+    return ("heldout", *(("train",) if ex.train_evals else ()), *(("sampled",) if ex.sampled_evals else ()))
+
+
 def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: EvalKind) -> Path:
     """Evaluates `checkpoint` (once: a finished eval is read back) and returns its results.json."""
     results = ex.work_dir / name / "results.json"
@@ -223,7 +232,7 @@ def main(ex: Experiment) -> None:
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
             return
         export_bfloat16(sft_model, sft_export)
-    protocols: tuple[EvalKind, ...] = ("heldout", "train", "sampled") if ex.sampled_evals else ("heldout", "train")
+    protocols = eval_protocols(ex)
     if ex.until == "grpo":
         reinforcement_learning(ex, sft_export)
         return
@@ -367,8 +376,8 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
               "heldout_success_grpo": success_rate(after["heldout"]),
               "heldout_ci95_sft": json.loads(before["heldout"].read_text())["overall"].get("ci95"),
               "heldout_ci95_grpo": heldout_after["overall"].get("ci95"),
-              "train_success_sft": success_rate(before["train"]),
-              "train_success_grpo": success_rate(after["train"]),
+              **({"train_success_sft": success_rate(before["train"]),
+                  "train_success_grpo": success_rate(after["train"])} if ex.train_evals else {}),
               "episodes_eval": heldout_after["overall"]["episodes"], "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
               **({"rollout_temperature": ex.temperature,

@@ -2,11 +2,16 @@
 success before and after GRPO on the same held-out episodes, the mean and smallest lift, and a 95 % interval of
 the mean lift over seeds (Student's t on the per-seed lifts, which pairs each seed's before and after).
 
-    for s in 1 2 3; do python -m scripts.libero_learning --seed $s --num-heldout 25 --work-dir runs/ll_seed$s \\
-        --result-json runs/ll_seed$s/record.json --media-dir runs/ll_seed$s/media; done
+    for s in 1 2 3; do python -m scripts.libero_learning --seed $s --num-heldout 25 --tasks 0 1 2 3 \\
+        --demos-per-task 3 --sft-steps 1000 --workers 16 --group-size 8 --groups 16 --temperature 0.5 \\
+        --grpo-lr 1e-5 --ppo-epochs 2 --mini-batch-size 256 --eval-every 5 --min-start-success 0.1 \\
+        --no-train-evals --no-sampled-evals --work-dir runs/ll_seed$s --result-json runs/ll_seed$s/record.json \\
+        --media-dir runs/ll_seed$s/media; done
     python -m scripts.libero_seeds runs/ll_seed1/record.json runs/ll_seed2/record.json runs/ll_seed3/record.json
 
-writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed).
+writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed). The
+recipe is the recorded single-seed run's; one seed takes ~25 minutes of one H200 machine, so each fits a GPU
+session, and every stage resumes from what an earlier session brought back.
 """
 
 import json

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from scripts import libero_learning
-from scripts.libero_learning import (Experiment, before_after_videos, device_name, evaluate, grpo_metrics,
-                                     reinforcement_learning, run, success_rate)
+from scripts.libero_learning import (Experiment, before_after_videos, device_name, eval_protocols, evaluate,
+                                     grpo_metrics, reinforcement_learning, run, success_rate)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,12 @@ def test_eval_stages_take_their_split_and_temperature(checkpoint, tmp_path, monk
     assert recorded["config"]["protocol"] == ("heldout" if protocol == "heldout" else "train")
     assert recorded["config"]["temperature"] == temperature
     assert json.loads((tmp_path / "stage_seconds.json").read_text())[f"eval_sft_{protocol}"] > 0
+
+
+def test_the_evals_before_and_after_grpo_are_held_out_plus_what_is_asked():
+    assert eval_protocols(Experiment()) == ("heldout", "train", "sampled")
+    assert eval_protocols(Experiment(sampled_evals=False)) == ("heldout", "train")
+    assert eval_protocols(Experiment(train_evals=False, sampled_evals=False)) == ("heldout",)
 
 
 def test_stages_record_their_time_and_machine(tmp_path):
