@@ -2,7 +2,7 @@
 with videos from rank 0."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,7 @@ def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs
         if ctx.is_main and video_dir is not None and len(recorded) < num_videos and spec.task_id not in filmed_tasks:
             recorded.add(index)
             filmed_tasks.add(spec.task_id)
-    specs = [EpisodeSpec(s.task_id, s.init_index, record_video=i in recorded, scene=s.scene)
-             for i, s in enumerate(mine)]
+    specs = [replace(spec, record_video=i in recorded) for i, spec in enumerate(mine)]
     success = np.zeros(len(specs), dtype=bool)
     pending = np.arange(len(specs))
     for _ in range(MAX_REPLAYS + 1):
