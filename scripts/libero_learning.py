@@ -15,9 +15,10 @@ continues after a stop, here or on another machine:
              python OpenVLA_GRPO.py eval --protocol heldout / train on it, and --protocol train --temperature T
              (success with actions sampled as GRPO's rollouts sample them: the signal GRPO starts from)
   grpo       python OpenVLA_GRPO.py train --finetune full from the bfloat16 SFT model the evals measured (periodic
-             held-out eval = the learning curve), then its last checkpoint exported the same way; with
+             held-out eval = the learning curve), then its last checkpoint exported the same way (with
+             --grpo-finetune lora: a LoRA adapter trains on that model and its float32 copy is the export); with
              --min-start-success, the sampled eval comes first and a start too weak to learn from stops the run
-  eval_grpo  the same evals of that export
+  eval_grpo  the same evals of that export (an adapter on the SFT model)
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
 Every command it runs is printed, so each stage can be reproduced by hand.
 
@@ -46,16 +47,19 @@ import torch
 import tyro
 
 from libero_env.suites import NUM_INIT_STATES, init_state_split
-from trainer.checkpoint import MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint, write_json
+from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint,
+                                write_json)
 from trainer.errors import one_line_errors, traceback_requested
 from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
+from vla_actor.checkpoint import CONFIG_FILE, atomic_directory
 from vla_actor.policy import checkpoint_dtype
 
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"
 CONTINUED_RUN_PREFIX = "grpo_from"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's name, which marks an exported adapter
 
 
 @dataclass
@@ -91,7 +95,12 @@ class Experiment:
     grpo_iterations: int = 15
     """GRPO iterations (each: group_size x groups rollouts, one PPO epoch)."""
     grpo_lr: float = 3e-5
-    """GRPO learning rate (full fine-tuning of the small model)."""
+    """GRPO learning rate."""
+    grpo_finetune: Literal["full", "lora"] = "full"
+    """full: GRPO trains every weight and its result is a whole model (24 MB in bfloat16 for the default size);
+    lora: GRPO trains a LoRA adapter on the SFT model (--lora-* flags through extra_grpo) and its result is that
+    adapter, evaluated as `--checkpoint sft_export --adapter grpo<N>_export`, so the SFT start and the GRPO result
+    ship together in little more than the room of one model."""
     group_size: int = 8
     """G rollouts per (task, init state)."""
     groups: int = 8
@@ -204,15 +213,16 @@ def eval_protocols(ex: Experiment) -> tuple[EvalKind, ...]:
     return ("heldout", *(("train",) if ex.train_evals else ()), *(("sampled",) if ex.sampled_evals else ()))
 
 
-def evaluate(ex: Experiment, name: str, checkpoint: Path, protocol: EvalKind) -> Path:
-    """Evaluates `checkpoint` (once: a finished eval is read back) and returns its results.json."""
+def evaluate(ex: Experiment, name: str, model: Path, protocol: EvalKind) -> Path:
+    """Evaluates `model` (sft_export or a GRPO export, see model_flags) once, a finished eval being read back, and
+    returns its results.json."""
     results = ex.work_dir / name / "results.json"
     if not results.is_file():
         shutil.rmtree(ex.work_dir / name, ignore_errors=True)  # an eval cut short is simply played again
         trials = ["--trials-per-task", str(ex.num_heldout if protocol == "heldout" else ex.train_eval_per_task)]
         sampling = ["--temperature", str(ex.temperature)] if protocol == "sampled" else []
         videos = len(ex.tasks) if ex.eval_videos and protocol == "heldout" else 0
-        run(python("OpenVLA_GRPO.py", "eval", "--checkpoint", str(checkpoint), *env_flags(ex),
+        run(python("OpenVLA_GRPO.py", "eval", *model_flags(ex.work_dir / "sft_export", model), *env_flags(ex),
                    "--protocol", "heldout" if protocol == "heldout" else "train", *trials, *sampling,
                    "--num-videos", str(videos), "--output-dir", str(ex.work_dir), "--run-name", name,
                    "--no-progress"), name, ex.work_dir)
@@ -226,7 +236,11 @@ def success_rate(results: Path) -> float:
 def main(ex: Experiment) -> None:
     ex.work_dir.mkdir(parents=True, exist_ok=True)
     sft_export = ex.work_dir / "sft_export"
-    if not (sft_export / "config.json").is_file() and not grpo_exports(ex.work_dir):  # GRPO needs SFT only to start
+    exports = grpo_exports(ex.work_dir)
+    if not (sft_export / CONFIG_FILE).is_file() and any(map(is_adapter, exports)):
+        raise FileNotFoundError(f"{exports[-1]} is a LoRA adapter for {sft_export}, which is missing: bring "
+                                "sft_export back together with the GRPO exports")
+    if not (sft_export / CONFIG_FILE).is_file() and not exports:  # a whole GRPO model needs SFT only to start
         sft_model = supervised_fine_tuning(ex)
         if sft_model is None:
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")
@@ -269,13 +283,14 @@ def supervised_fine_tuning(ex: Experiment) -> Path | None:
 
 
 def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
-    """GRPO from the bfloat16 SFT model that the evals measure, resumed from its checkpoints; returns the bfloat16
-    export of its last checkpoint, grpo<N>_export after N iterations in all.
+    """GRPO from the bfloat16 SFT model that the evals measure, resumed from its checkpoints; returns the export of
+    its last checkpoint, grpo<N>_export after N iterations in all: the whole model in bfloat16, or with
+    grpo_finetune lora the adapter (for sft_export).
 
     Without checkpoints but with an export, GRPO ran on another machine and grpo<N>_export (with the runs'
     metrics.jsonl) was brought back. Then that export is GRPO's result, unless `until` is grpo and fewer than
     grpo_iterations are done: a new run grpo_from<N>/ continues from the export (fresh optimizer state, seed N),
-    so GRPO goes on across machines from which only the bfloat16 export comes back."""
+    so GRPO goes on across machines from which only the export comes back."""
     start, run_dir = grpo_runs(ex.work_dir)[-1]
     source = sft_export if start == 0 else grpo_export_dir(ex.work_dir, start)
     brought_back = grpo_exports(ex.work_dir)
@@ -285,6 +300,10 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
         if ex.until != "grpo" or start >= ex.grpo_iterations:
             return source
         run_dir = ex.work_dir / f"{CONTINUED_RUN_PREFIX}{start}"
+    if source != sft_export and is_adapter(source) != (ex.grpo_finetune == "lora"):
+        raise ValueError(f"{source} is {'a LoRA adapter' if is_adapter(source) else 'a whole model'}, so GRPO cannot "
+                         f"continue it with --grpo-finetune {ex.grpo_finetune}: pass --grpo-finetune "
+                         f"{'lora' if is_adapter(source) else 'full'}")
     if start + grpo_iterations_done(run_dir) < ex.grpo_iterations:
         resuming = bool(checkpoint_dirs(run_dir))
         if ex.min_start_success > 0 and source == sft_export and not resuming:
@@ -293,7 +312,7 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
         launcher = (python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ex.gpus))
                     if ex.gpus > 1 else python())
         mini_batch = ex.mini_batch_size // ex.gpus  # sizes per rank (README "Several GPUs")
-        run([*launcher, "OpenVLA_GRPO.py", "train", "--checkpoint", str(source), "--finetune", "full",
+        run([*launcher, "OpenVLA_GRPO.py", "train", *model_flags(sft_export, source), "--finetune", ex.grpo_finetune,
              "--dtype", "float32", "--no-gradient-checkpointing", *env_flags(ex, ex.workers // ex.gpus),
              "--group-size", str(ex.group_size), "--groups-per-iteration", str(ex.groups // ex.gpus),
              "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
@@ -304,7 +323,10 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
              *shlex.split(ex.extra_grpo)], "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
     done = start + grpo_iterations_done(run_dir)
-    return export_bfloat16(latest_checkpoint(run_dir) / MODEL_DIR, grpo_export_dir(ex.work_dir, done))
+    latest, export_dir = latest_checkpoint(run_dir), grpo_export_dir(ex.work_dir, done)
+    if ex.grpo_finetune == "lora":
+        return export_adapter(latest / ADAPTER_DIR, export_dir)
+    return export_bfloat16(latest / MODEL_DIR, export_dir)
 
 
 def require_learnable_start(ex: Experiment, sft_export: Path) -> None:
@@ -321,8 +343,23 @@ def require_learnable_start(ex: Experiment, sft_export: Path) -> None:
 
 
 def grpo_exports(work_dir: Path) -> list[Path]:
-    """The complete grpo<N>_export directories, by iteration."""
-    return sorted((path.parent for path in work_dir.glob("grpo*_export/config.json")), key=export_iteration)
+    """The complete grpo<N>_export directories (whole models or adapters), by iteration."""
+    complete = {path.parent for name in (CONFIG_FILE, ADAPTER_CONFIG_FILE)
+                for path in work_dir.glob(f"grpo*_export/{name}")}
+    return sorted(complete, key=export_iteration)
+
+
+def is_adapter(export_dir: Path) -> bool:
+    """Whether a GRPO export is a LoRA adapter (to put on sft_export) rather than a whole model."""
+    return (export_dir / ADAPTER_CONFIG_FILE).is_file()
+
+
+def model_flags(sft_export: Path, model: Path) -> list[str]:
+    """The eval / train flags that load `model`: sft_export itself, a whole exported model, or sft_export with an
+    exported adapter."""
+    if is_adapter(model):
+        return ["--checkpoint", str(sft_export), "--adapter", str(model)]
+    return ["--checkpoint", str(model)]
 
 
 def grpo_runs(work_dir: Path) -> list[tuple[int, Path]]:
@@ -359,9 +396,25 @@ def export_bfloat16(model_dir: Path, export_dir: Path) -> Path:
     return export_dir
 
 
+def export_adapter(adapter_dir: Path, export_dir: Path) -> Path:
+    """A copy of GRPO's adapter as trained (float32: a few MB), written atomically."""
+    if not is_adapter(export_dir):
+        with atomic_directory(export_dir) as staging:
+            shutil.copytree(adapter_dir, staging, dirs_exist_ok=True)
+    return export_dir
+
+
 def grpo_iterations_done(grpo_dir: Path) -> int:
     found = checkpoint_dirs(grpo_dir)
     return checkpoint_iteration(found[-1]) if found else 0
+
+
+EVALUATED_MODELS = {
+    "full": "sft_export and grpo<N>_export, stored in bfloat16 as shipped and computed in the dtype they were trained "
+            "in (float32); the learning curve is GRPO's own periodic eval of the model it trains",
+    "lora": "sft_export, stored in bfloat16 as shipped and computed in the dtype it was trained in (float32), without "
+            "and with GRPO's float32 LoRA adapter grpo<N>_export; the learning curve is GRPO's own periodic eval of "
+            "the model it trains"}
 
 
 def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> None:
@@ -389,9 +442,8 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
                   "grpo_continued_note": "at these iterations GRPO continued from its bfloat16 export in a new run "
                                          "(fresh optimizer state, seed = the iteration) on a new machine lease"}
                  if restarts else {}),
-              "evaluated_models": "sft_export and grpo<N>_export, stored in bfloat16 as shipped and computed in the "
-                                  "dtype they were trained in (float32); the learning curve is GRPO's own periodic "
-                                  "eval of the model it trains",
+              "grpo_finetune": ex.grpo_finetune,
+              "evaluated_models": EVALUATED_MODELS[ex.grpo_finetune],
               "command": "python -m scripts.libero_learning " + shlex.join(
                   sys.argv[1:]), "device": "; ".join(sorted({name for names in devices.values() for name in names})),
               "stage_devices": devices}

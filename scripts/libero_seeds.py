@@ -12,6 +12,12 @@ the mean lift over seeds (Student's t on the per-seed lifts, which pairs each se
 writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed). The
 recipe is the recorded single-seed run's; one seed takes ~25 minutes of one H200 machine, so each fits a GPU
 session, and every stage resumes from what an earlier session brought back.
+
+Both ends of one seed ship. With full fine-tuning (the recipe above) each end is a 24 MB bfloat16 model, and the two
+do not fit beside the LIBERO bundle in one 64 MiB transfer to the GPU machine. With `--grpo-finetune lora
+'--extra-grpo=--lora-rank 32 --lora-alpha 32 --lora-vision --lora-projector'` the GRPO end is a 3.7 MB float32
+adapter on the SFT model (1.3 MB for the LLM's layers alone). Whether LoRA lifts this model as far as full
+fine-tuning is not measured yet, and all seeds take one recipe, so the first seed decides it.
 """
 
 import json

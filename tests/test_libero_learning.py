@@ -2,6 +2,7 @@
 sampled at the rollout temperature on the training ones), and its hand-over between machines."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from scripts import libero_learning
 from scripts.libero_learning import (Experiment, before_after_videos, device_name, eval_protocols, evaluate,
-                                     grpo_metrics, reinforcement_learning, run, success_rate)
+                                     grpo_metrics, is_adapter, main, reinforcement_learning, run, success_rate)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,6 +140,46 @@ def test_grpo_on_two_ranks_runs_for_real_and_exports(checkpoint, tmp_path, monke
     rows = grpo_metrics(tmp_path)
     assert [row["iteration"] for row in rows] == [1, 2]
     assert all(row["rollout/episodes"] == 8 for row in rows)  # 1 group of 4 on each rank, summed
+
+
+@pytest.mark.slow
+def test_lora_grpo_exports_its_adapter_and_the_evals_put_it_on_the_sft_model(checkpoint, tmp_path, monkeypatch):
+    """--grpo-finetune lora end to end on the CPU: GRPO trains an adapter on sft_export, the export is that adapter
+    alone, and the eval of the GRPO result loads sft_export with it."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sft_export = tmp_path / "sft_export"
+    shutil.copytree(checkpoint, sft_export)
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), workers=2, group_size=4, groups=1,
+                            mini_batch_size=4, temperature=1.6, grpo_iterations=1, eval_every=0, max_steps=1,
+                            grpo_finetune="lora", until="grpo")
+    export = reinforcement_learning(experiment, sft_export)
+    assert export == tmp_path / "grpo1_export" and is_adapter(export)
+    names = {path.name for path in export.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "config.json" not in names
+    results = evaluate(experiment, "eval_grpo1_heldout", export, "heldout")
+    model = json.loads(results.read_text())["config"]["model"]
+    assert (model["checkpoint"], model["adapter"]) == (str(sft_export), str(export))
+
+
+def test_an_export_of_the_other_kind_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "grpo4_export").mkdir()
+    (tmp_path / "grpo4_export" / "config.json").write_text("{}")
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_iterations=8, until="grpo",
+                            grpo_finetune="lora")
+    with pytest.raises(ValueError, match="is a whole model, so GRPO cannot continue it with --grpo-finetune lora: "
+                                         "pass --grpo-finetune full"):
+        reinforcement_learning(experiment, tmp_path / "sft_export")
+    assert not (tmp_path / "stage_seconds.json").exists()
+
+
+def test_an_adapter_brought_back_without_its_sft_model_is_refused(tmp_path):
+    (tmp_path / "grpo4_export").mkdir()
+    (tmp_path / "grpo4_export" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="grpo4_export is a LoRA adapter for .*sft_export, which is missing"):
+        main(Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), grpo_finetune="lora"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grpo4_export"]
 
 
 def test_gpus_that_do_not_divide_the_groups_are_refused():
