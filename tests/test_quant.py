@@ -23,7 +23,8 @@ from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.model import EMPTY_PARTS, ModelSpec, build_model, fill
 from vla_actor.openvla_7b import random_language_model
 from vla_actor.policy import file_tensors
-from vla_actor.quant import check_base_quant, dequantize, is_quantized, quantize_layer, quantized_layer_names
+from vla_actor.quant import (check_base_quant, dequantize, is_quantized, quantize_layer, quantized_layer_names,
+                             quantized_weight_bytes)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 torch.set_num_threads(1)
@@ -146,6 +147,25 @@ def test_merged_export_dequantizes_into_the_released_layout(checkpoint, mode, tm
     base_weight = dequantize(policy.model.get_submodule(layer).base_layer.weight)
     delta = policy.model.get_submodule(layer).get_delta_weight("default")
     assert torch.allclose(reloaded.model.get_submodule(layer).weight, base_weight + delta, atol=1e-6)
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of every plain tensor a (possibly torchao-wrapped) tensor is made of."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        inner, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in inner)
+    return tensor.numel() * tensor.element_size()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(11008, 4096), (64, 48)])  # a 7B MLP layer; a small one (48 NF4 blocks)
+def test_the_memory_model_knows_the_quantized_storage_to_the_byte(mode, dtype, shape):
+    """fp8 weights cannot multiply on the CPU, but torchao stores them here as on the GPU."""
+    layer = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
+    meta = torch.empty(shape, device="meta")
+    quantize_layer(layer, mode)
+    assert quantized_weight_bytes(meta, mode, dtype.itemsize) == stored_bytes(layer.weight)
 
 
 def test_one_line_errors(checkpoint):

@@ -1,16 +1,19 @@
 """GPU memory and time of a GRPO + LoRA run, predicted from its flags and the checkpoint's shapes before anything
 loads: `train --dry-run` prints the prediction, and `train` refuses a configuration predicted not to fit the card.
 
-Memory is counted by part. Resident all run: the frozen weights in the compute dtype, the LoRA weights and their
-two AdamW moments in float32. Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA;
+Memory is counted by part. Resident all run: the frozen weights in the compute dtype (with --base-quant, the
+quantized layers in their torchao storage, to the byte), the LoRA weights and their two AdamW moments in float32. Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA;
 OFT decodes in one forward) plus the activations of the no-grad forward, proportional to tokens x MLP width.
 Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
 the one layer recomputed in the backward pass. The activation factors and the fixed workspace terms are fitted to
 the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_e2e.json`,
-`gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py).
+`gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
+dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
+are counted as alive at a peak, an assumption no GPU measurement has checked yet (bench_gpu --base-quant).
 
 Time scales the per-query and per-sample seconds measured by the real trainer on an H200 (bench_e2e) by the
-card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement.
+card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
+quantized base, whose dequantizing layers were not timed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from vla_actor.action_tokens import OFT_CHUNK
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.model import ModelSpec, build_model
 from vla_actor.policy import OFT_CONFIG_HINTS, LoraSettings, lora_target_modules, resolve_dtype
+from vla_actor.quant import quantized_layer_names, quantized_weight_bytes
 
 GIB = 2**30
 PATCHES_PER_IMAGE = 256
@@ -56,6 +60,9 @@ SECONDS_PER_SAMPLE = {"openvla": 0.0504, "oft": 0.108}
 """Update seconds per trained policy step, pi_old recomputed (bench_e2e: 177.5 s / 3520, 48.6 s / 448)."""
 SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
 """Env actions per second per worker process in the steady state (bench_e2e OFT, 16 workers on 16 cores)."""
+DEQUANTIZED_COPIES = 2
+"""Dequantized weights of the largest quantized layer counted alive at a peak (the forward's and, in the update, the
+backward's through the same layer)."""
 FIRST_RESET_SECONDS = 8.0
 """The blocking first reset of every rollout round (LIBERO's hard reset and 10 wait steps; bench_e2e)."""
 
@@ -74,6 +81,12 @@ class ModelShape:
     images: int
     proprio: bool
     dtype_bytes: int
+    quantized_parameters: int = 0
+    """Weights of the layers stored quantized (--base-quant), included in frozen_parameters."""
+    quantized_bytes: int = 0
+    """Their storage, scales included."""
+    largest_quantized: int = 0
+    """Weights of the largest quantized layer: the size of a dequantized copy."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -101,14 +114,15 @@ class Prediction:
     def summary(self) -> str:
         time = (f"~{self.iteration_seconds / 60:.0f} min per iteration on {self.card} (an estimate scaled from "
                 f"{MEASURED_ON} measurements)" if self.iteration_seconds is not None else
-                f"no time estimate for {self.card}")
+                f"no time estimate for {self.card} (measured with bf16 bases of known cards only)")
         return (f"predicted GPU memory {self.peak_gib:.1f} GiB (weights and LoRA state {self.resident_gib:.1f}, "
                 f"rollout peak {self.rollout_gib:.1f}, update peak {self.update_gib:.1f}); {time}")
 
 
-def model_shape(checkpoint: str | Path, lora: LoraSettings, dtype_bytes: int) -> ModelShape:
+def model_shape(checkpoint: str | Path, lora: LoraSettings, dtype_bytes: int, base_quant: str = "none",
+                base_quant_vision: bool = False) -> ModelShape:
     """The shapes of a checkpoint's network (built on the meta device from its config.json, so no weight is read)
-    with `lora`'s adapters, computed in a dtype of `dtype_bytes` bytes."""
+    with `lora`'s adapters, computed in a dtype of `dtype_bytes` bytes, its base stored as `base_quant` says."""
     config = read_json(Path(checkpoint) / CONFIG_FILE)
     oft = any(key in config for key in OFT_CONFIG_HINTS)
     proprio = oft and bool(config.get("use_proprio", False))
@@ -118,23 +132,28 @@ def model_shape(checkpoint: str | Path, lora: LoraSettings, dtype_bytes: int) ->
     targets = set(lora_target_modules(model, lora))
     lora_parameters = sum(lora.rank * (module.in_features + module.out_features)
                           for name, module in model.named_modules() if name in targets)
+    quantized = ([model.get_submodule(name).weight for name in quantized_layer_names(model, base_quant_vision)]
+                 if base_quant != "none" else [])
     heads = llama.num_attention_heads
     return ModelShape(
         frozen_parameters=sum(p.numel() for p in model.parameters()), lora_parameters=lora_parameters,
         layers=llama.num_hidden_layers, hidden=llama.hidden_size,
         kv_hidden=llama.hidden_size * (llama.num_key_value_heads or heads) // heads, mlp=llama.intermediate_size,
         oft=oft, images=config.get("num_images_in_input", 1) if oft else 1, proprio=proprio,
-        dtype_bytes=dtype_bytes)
+        dtype_bytes=dtype_bytes, quantized_parameters=sum(weight.numel() for weight in quantized),
+        quantized_bytes=sum(quantized_weight_bytes(weight, base_quant, dtype_bytes) for weight in quantized),
+        largest_quantized=max((weight.numel() for weight in quantized), default=0))
 
 
 def checkpoint_shape(config: TrainConfig) -> ModelShape | None:
-    """`model_shape` of the run's checkpoint in the dtype it computes in on CUDA; None for a hub id that is not
-    downloaded yet."""
+    """`model_shape` of the run's checkpoint in the dtype it computes in on CUDA, with its --base-quant; None for a
+    hub id that is not downloaded yet."""
     checkpoint = Path(config.model.checkpoint).expanduser()
     if not (checkpoint / CONFIG_FILE).is_file():
         return None
     dtype = resolve_dtype(config.model.dtype, checkpoint, torch.device("cuda"))
-    return model_shape(checkpoint, lora_settings(config.lora), torch.tensor([], dtype=dtype).element_size())
+    return model_shape(checkpoint, lora_settings(config.lora), torch.tensor([], dtype=dtype).element_size(),
+                       config.model.base_quant, config.model.base_quant_vision)
 
 
 def rollout_bytes_per_sample(shape: ModelShape) -> float:
@@ -160,19 +179,27 @@ def card_tflops(card: str) -> float | None:
 
 def predict(config: TrainConfig, shape: ModelShape, card: str) -> Prediction:
     """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`."""
-    resident = shape.frozen_parameters * shape.dtype_bytes + shape.lora_parameters * 12  # fp32 weights + 2 moments
-    rollout = (resident + ROLLOUT_WORKSPACE_GIB * GIB
-               + config.env.num_envs * rollout_bytes_per_sample(shape))
-    update = (resident + shape.lora_parameters * 4 + UPDATE_WORKSPACE_GIB * GIB
-              + config.optim.micro_batch_size * update_bytes_per_sample(shape, config.model.gradient_checkpointing))
+    resident, rollout, update = peaks(shape, config.env.num_envs, config.optim.micro_batch_size,
+                                      config.model.gradient_checkpointing)
     return Prediction(resident / GIB, rollout / GIB, update / GIB, iteration_seconds(config, shape, card), card)
 
 
+def peaks(shape: ModelShape, num_envs: int, micro_batch: int, gradient_checkpointing: bool) -> tuple[float, ...]:
+    """Bytes resident all run, at the rollout peak and at the update peak."""
+    frozen = (shape.frozen_parameters - shape.quantized_parameters) * shape.dtype_bytes + shape.quantized_bytes
+    resident = frozen + shape.lora_parameters * 12  # fp32 LoRA weights + 2 moments
+    dequantized = DEQUANTIZED_COPIES * shape.largest_quantized * shape.dtype_bytes
+    rollout = resident + ROLLOUT_WORKSPACE_GIB * GIB + dequantized + num_envs * rollout_bytes_per_sample(shape)
+    update = (resident + shape.lora_parameters * 4 + UPDATE_WORKSPACE_GIB * GIB + dequantized
+              + micro_batch * update_bytes_per_sample(shape, gradient_checkpointing))
+    return resident, rollout, update
+
+
 def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> float | None:
-    """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card
-    or a policy not in bf16 (the measurements are of the bf16 7B)."""
+    """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card,
+    a policy not in bf16 or a quantized base (the measurements are of the unquantized bf16 7B)."""
     rate = card_tflops(card)
-    if rate is None or shape.dtype_bytes != 2:
+    if rate is None or shape.dtype_bytes != 2 or shape.quantized_parameters:
         return None
     horizon = config.env.max_steps or suite_shape(config.env.task_suite).max_steps
     episodes = config.grpo.groups_per_iteration * config.grpo.group_size
@@ -187,19 +214,25 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
 
 def check_fits(config: TrainConfig, shape: ModelShape | None, card: str,
                available_gib: float | None) -> Prediction | None:
-    """The prediction for a LoRA run of a bf16 base that is not quantized (what the model is calibrated on), or
-    None where it does not apply; raises a ValueError naming the flag to change when the peak is over
-    `available_gib` (None: no GPU to check against)."""
-    if shape is None or config.finetune != "lora" or config.model.base_quant != "none" or shape.dtype_bytes != 2:
+    """The prediction for a LoRA run computing in bf16 (what the model is calibrated on), or None where it does not
+    apply; raises a ValueError naming the flag to change when the peak is over `available_gib` (None: no GPU to
+    check against)."""
+    if shape is None or config.finetune != "lora" or shape.dtype_bytes != 2:
         return None
     prediction = predict(config, shape, card)
-    if available_gib is not None and prediction.peak_gib > available_gib:
-        flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib
-                else f"--micro-batch-size (now {config.optim.micro_batch_size})")
-        raise ValueError(f"this configuration is predicted to need {prediction.peak_gib:.1f} GiB of GPU memory and "
-                         f"{card} gives this process {available_gib:.1f} GiB: lower {flag}"
-                         + ("" if config.model.gradient_checkpointing else " or turn --gradient-checkpointing on"))
-    return prediction
+    if available_gib is None or prediction.peak_gib <= available_gib:
+        return prediction
+    need = (f"this configuration is predicted to need {prediction.peak_gib:.1f} GiB of GPU memory and {card} gives "
+            f"this process {available_gib:.1f} GiB")
+    smallest = max(peaks(shape, 1, 1, gradient_checkpointing=True)) / GIB
+    if smallest > available_gib:
+        fix = (f"store the frozen base in 4 bits (--base-quant nf4)" if config.model.base_quant == "none" else
+               "use a card with more memory")
+        raise ValueError(f"{need}, and even 1 env and a micro-batch of 1 would need {smallest:.1f} GiB: {fix}")
+    flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib
+            else f"--micro-batch-size (now {config.optim.micro_batch_size})")
+    raise ValueError(f"{need}: lower {flag}"
+                     + ("" if config.model.gradient_checkpointing else " or turn --gradient-checkpointing on"))
 
 
 def detected_card(device: str) -> tuple[str, float | None]:

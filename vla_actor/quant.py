@@ -89,6 +89,22 @@ def nf4_scaler_block(weight: torch.Tensor) -> int:
     return math.gcd(NF4_SCALER_BLOCK, weight.numel() // NF4_BLOCK)
 
 
+def quantized_weight_bytes(weight: torch.Tensor, mode: str, dtype_bytes: int) -> int:
+    """Bytes a Linear's [out, in] weight (any device, meta included) takes stored in `mode`, scales included, as
+    torchao lays it out; `dtype_bytes`: the compute dtype, which NF4 keeps its second-level scales in."""
+    out_features, count = weight.shape[0], weight.numel()
+    if mode == "int8":
+        return count + out_features * 5  # int8 data, a float32 scale and an int8 zero point per row
+    if mode == "fp8":
+        return count + out_features * 4  # e4m3 data, a float32 scale per row
+    if mode == "nf4":
+        blocks = count // NF4_BLOCK
+        scaler_blocks = blocks // nf4_scaler_block(weight)
+        # 4-bit codes, an int8 scale per block, a scale per block of scales, their mean and the 16-entry code table
+        return count // 2 + blocks + (scaler_blocks + 1 + 16) * dtype_bytes
+    raise ValueError(f"no quantized storage for mode {mode!r}; expected one of {', '.join(QUANT_MODES[1:])}")
+
+
 def is_quantized(tensor: torch.Tensor) -> bool:
     """A torchao weight (int8 / fp8 / nf4) rather than a plain (or otherwise wrapped, e.g. FSDP's) tensor."""
     return type(tensor).__module__.startswith("torchao.")
