@@ -5,7 +5,8 @@ for single actions (OpenVLA: the cameras render after every step, as robosuite's
 Counts env steps summed over the envs, including the image pipeline and the pipe round trip, excluding scene
 build and reset. Then the seconds of one reset round (every env to a new init state, 10 wait steps included) with
 simulators kept across resets (the default) against rebuilt at every reset (LIBERO's hard reset, the baseline).
-Writes bench/results/libero_env.json.
+Last, where one process's time goes: robosuite's env.step (physics and control), one camera render, and the image
+pipeline of one frame, each timed alone. Writes bench/results/libero_env.json.
 
     OMP_NUM_THREADS=1 MUJOCO_GL=egl .venv/bin/python -m bench.bench_libero_env
 """
@@ -73,6 +74,37 @@ def reset_seconds(args: Args, num_envs: int, rebuild_on_reset: bool) -> float:
         return (time.perf_counter() - start) / args.resets
 
 
+def step_breakdown_ms(args: Args) -> dict[str, float]:
+    """Milliseconds, in this process, of one env.step (25 physics substeps and the controller), one render of the
+    agentview camera at 256x256, and preprocess_image of that frame: which of them a step of the vector env is
+    mostly made of on this machine."""
+    from libero_env._worker import AGENTVIEW, _Simulator
+    from libero_env.processing import preprocess_image
+    from libero_env.suites import load_tasks
+
+    task = load_tasks(args.suite)[0]
+    simulator = _Simulator(wrist=True, resolution=256)
+    try:
+        simulator.reset(task.bddl_file, task.init_states[0], 0, record=False)
+        actions = np.random.default_rng(0).uniform(-0.3, 0.3, size=(args.warmup_steps + args.steps, 7))
+        actions[:, 6] = 1.0
+
+        def mean_ms(work, repeats: int) -> float:
+            start = time.perf_counter()
+            for index in range(repeats):
+                work(index)
+            return round((time.perf_counter() - start) / repeats * 1e3, 2)
+
+        for action in actions[:args.warmup_steps]:
+            simulator.env.step(action.tolist())
+        frame = simulator.render(AGENTVIEW)
+        return {"env_step": mean_ms(lambda i: simulator.env.step(actions[args.warmup_steps + i].tolist()), args.steps),
+                "render_one_camera": mean_ms(lambda i: simulator.render(AGENTVIEW), args.warmup_steps + 5),
+                "preprocess_one_image": mean_ms(lambda i: preprocess_image(frame), 20)}
+    finally:
+        simulator.close()
+
+
 def gl_renderer() -> str:
     """The OpenGL renderer MuJoCo gets here, e.g. "llvmpipe" for Mesa's software rasteriser."""
     import mujoco
@@ -110,6 +142,7 @@ def main(args: Args) -> None:
         "chunk_speedup": {f"{workers}_workers": round(rates[f"{workers}_workers_chunk_{max(args.chunks)}"]
                                                      / rates[f"{workers}_workers_chunk_{min(args.chunks)}"], 2)
                           for workers in args.workers},
+        "one_process_ms": step_breakdown_ms(args),
         "render": f"MUJOCO_GL={os.environ['MUJOCO_GL']}, {gl_renderer()}; agentview + wrist at 256x256",
         "cpu": cpu_description(),
         "suite": args.suite,

@@ -107,7 +107,7 @@ def start_episode(env, init_state: np.ndarray, seed: int) -> dict:
     wait steps; REF 5.4), with the fixtures placed by LIBERO's own samplers from numpy's global generator seeded
     with `seed` (LIBERO's env.seed). Built with hard_reset=False, the env keeps the simulator of its task, where
     the reference's hard reset rebuilds it from the scene XML at every reset (a whole reset 3.7 s on a CPU core,
-    against 0.37 s kept: BENCHMARKS.md);
+    against 0.34 s kept: BENCHMARKS.md);
     with the same seed both play the same episode, state for state (tests/test_libero_env_sim.py). Returns the
     observation after the wait steps."""
     env.seed(seed)
