@@ -32,6 +32,8 @@ from scipy import stats
 from trainer.checkpoint import write_json
 
 SEED_KEYS = ("seed", "heldout_success_sft", "heldout_success_grpo", "episodes_eval", "grpo_iterations", "dtype")
+RECIPE_KEYS = ("suite", "tasks", "num_heldout", "dtype", "grpo_finetune")
+"""What every seed of one combined record must share."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ def combine(records: list[dict]) -> dict:
     seeds = [record["seed"] for record in records]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {seeds}; each record must come from its own --seed")
-    for key in ("suite", "tasks", "num_heldout", "dtype"):
+    for key in RECIPE_KEYS:
         found = {json.dumps(record.get(key)) for record in records}
         if len(found) > 1:
             raise ValueError(f"the records differ in {key}: {sorted(found)}; one recipe per combined record")
@@ -72,6 +74,7 @@ def combine(records: list[dict]) -> dict:
         "seeds": [{key: record.get(key) for key in SEED_KEYS} for record in records],
         "mean_lift": sum(lifts) / len(lifts), "min_lift": min(lifts), "lift_ci95": [low, high],
         "suite": records[0]["suite"], "tasks": records[0]["tasks"], "num_heldout": records[0]["num_heldout"],
+        "grpo_finetune": records[0].get("grpo_finetune"),
         "device": "; ".join(sorted({record["device"] for record in records})),
         "wall_seconds": round(sum(record["wall_seconds"] for record in records), 1),
         "commands": [record["command"] for record in records],

@@ -238,7 +238,7 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
     paths = []
     for seed, (before, after) in enumerate([(0.20, 0.50), (0.25, 0.45), (0.15, 0.40)], start=1):
         record = {"seed": seed, "suite": "libero_spatial", "tasks": [0, 1, 2, 3], "num_heldout": 25,
-                  "dtype": "float32", "heldout_success_sft": before, "heldout_success_grpo": after,
+                  "dtype": "float32", "grpo_finetune": "lora", "heldout_success_sft": before, "heldout_success_grpo": after,
                   "episodes_eval": 100, "grpo_iterations": 10, "device": "NVIDIA H200", "wall_seconds": 1500.0,
                   "command": f"python -m scripts.libero_learning --seed {seed}",
                   "heldout_success_by_iteration": {"0": before, "10": after}}
@@ -250,5 +250,10 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
     assert result["lift_ci95"] == pytest.approx([0.25 - 0.124208, 0.25 + 0.124208], abs=1e-5)
     assert [s["seed"] for s in result["seeds"]] == [1, 2, 3] and result["wall_seconds"] == 4500.0
     assert (tmp_path / "curves.png").stat().st_size > 0
+    assert result["grpo_finetune"] == "lora"
     with pytest.raises(ValueError, match="at least 2 seeds"):
         main(Seeds(records=tuple(paths[:1]), output=tmp_path / "one.json", curves=tmp_path / "one.png"))
+    full = json.loads(paths[0].read_text()) | {"grpo_finetune": "full"}
+    paths[0].write_text(json.dumps(full))
+    with pytest.raises(ValueError, match="the records differ in grpo_finetune"):
+        main(Seeds(records=tuple(paths), output=tmp_path / "mixed.json", curves=tmp_path / "mixed.png"))
