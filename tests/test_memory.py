@@ -83,6 +83,8 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
     def config(mode, *flags):
         return parse_command(["train", "--checkpoint", str(directory), "--base-quant", mode, *flags])
 
+    shapes = {mode: checkpoint_shape(config(mode)) for mode in ("none", "int8", "fp8", "nf4")}
+
     # 32 decoder layers of q, k, v, o [4096 x 4096] and gate, up [11008 x 4096], down [4096 x 11008]
     layers, small, large = 32, 4096 * 4096, 11008 * 4096
     rows = 4 * 4096 + 2 * 11008 + 4096
@@ -93,9 +95,9 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
     expected = {"int8": layers * ((4 * small + 3 * large) + rows * 5),
                 "fp8": layers * ((4 * small + 3 * large) + rows * 4),
                 "nf4": layers * (4 * nf4(small) + 3 * nf4(large))}
-    bf16 = predict(config("none"), checkpoint_shape(config("none")), "NVIDIA H200")
+    bf16 = predict(config("none"), shapes["none"], "NVIDIA H200")
     for mode, stored in expected.items():
-        shape = checkpoint_shape(config(mode))
+        shape = shapes[mode]
         assert shape.quantized_parameters == layers * (4 * small + 3 * large) and shape.quantized_bytes == stored
         assert shape.largest_quantized == large
         prediction = predict(config(mode), shape, "NVIDIA H200")
@@ -104,12 +106,12 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
         assert prediction.rollout_gib == pytest.approx(bf16.rollout_gib - saved + 2 * large * 2 / GIB)
         assert prediction.iteration_seconds is None and "bf16 bases" in prediction.summary()  # not timed yet
     card = "NVIDIA GeForce RTX 4060 Ti"
-    fits = check_fits(config("nf4", "--num-envs", "16"), checkpoint_shape(config("nf4")), card, 16.0)
+    fits = check_fits(config("nf4", "--num-envs", "16"), shapes["nf4"], card, 16.0)
     assert fits.peak_gib < 15  # the goal for nf4, predicted
     with pytest.raises(ValueError, match=r"gives this process 16\.0 GiB: lower --num-envs \(now 16\)$"):
-        check_fits(config("none", "--num-envs", "16"), checkpoint_shape(config("none")), card, 16.0)
+        check_fits(config("none", "--num-envs", "16"), shapes["none"], card, 16.0)
     with pytest.raises(ValueError, match=r"even 1 env and a micro-batch of 1 would need 15\.\d GiB: store the frozen "
                                          r"base in 4 bits \(--base-quant nf4\)$"):
-        check_fits(config("none"), checkpoint_shape(config("none")), "Tesla T4", 15.0)
+        check_fits(config("none"), shapes["none"], "Tesla T4", 15.0)
     with pytest.raises(ValueError, match=r"would need [56]\.\d GiB: use a card with more memory$"):
-        check_fits(config("nf4"), checkpoint_shape(config("nf4")), "NVIDIA GeForce RTX 3060 Laptop GPU", 5.0)
+        check_fits(config("nf4"), shapes["nf4"], "NVIDIA GeForce RTX 3060 Laptop GPU", 5.0)
