@@ -480,7 +480,8 @@ def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_t
     seed); bf16 (measured first) samples the probe's tokens into workdir, and each mode's log-probs of those tokens
     give its difference to bf16 (a fresh adapter is zero, so it is the base's difference). The largest rollout batch
     is found under --mem-cap-gib, then the rollout and update rates and the iteration peak under
-    --quant-mem-cap-gib (None where nothing fits)."""
+    --quant-mem-cap-gib (None where nothing fits); bf16, whose weights alone nearly fill 16 GiB, under --mem-cap-gib,
+    the card it is made for."""
     torch.set_num_threads(num_threads)
     device = device_of(config)
     if device.type == "cuda":
@@ -512,11 +513,12 @@ def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_t
                    largest_rollout_batch_actions_per_s=None if largest is None
                    else wide[str(largest)]["actions_per_s"])
 
-    set_memory_cap(device, config.quant_mem_cap_gib)
+    cap = config.mem_cap_gib if mode == "none" else config.quant_mem_cap_gib
+    results["iteration_mem_cap_gib"] = cap
+    set_memory_cap(device, cap)
     policy.gradient_checkpointing(True)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
-    curve = rollout_curve(config, policy, config.rollout_batches, rng,
-                          f"{mode} rollout under {config.quant_mem_cap_gib:g} GiB")
+    curve = rollout_curve(config, policy, config.rollout_batches, rng, f"{mode} rollout under {cap:g} GiB")
     rollout_batch = fastest(curve, "actions_per_s")
     results.update(rollout_curve=curve, rollout_batch=rollout_batch, rollout_actions_per_s=None
                    if rollout_batch is None else curve[str(rollout_batch)]["actions_per_s"])
