@@ -45,6 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_FILE
 
 from libero_env.suites import NUM_INIT_STATES, init_state_split
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint,
@@ -59,7 +60,6 @@ from vla_actor.policy import checkpoint_dtype
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"
 CONTINUED_RUN_PREFIX = "grpo_from"
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's name, which marks an exported adapter
 
 
 @dataclass
@@ -237,10 +237,11 @@ def main(ex: Experiment) -> None:
     ex.work_dir.mkdir(parents=True, exist_ok=True)
     sft_export = ex.work_dir / "sft_export"
     exports = grpo_exports(ex.work_dir)
-    if not (sft_export / CONFIG_FILE).is_file() and any(map(is_adapter, exports)):
+    has_sft = (sft_export / CONFIG_FILE).is_file()
+    if not has_sft and any(map(is_adapter, exports)):
         raise FileNotFoundError(f"{exports[-1]} is a LoRA adapter for {sft_export}, which is missing: bring "
                                 "sft_export back together with the GRPO exports")
-    if not (sft_export / CONFIG_FILE).is_file() and not exports:  # a whole GRPO model needs SFT only to start
+    if not has_sft and not exports:  # a whole GRPO model needs SFT only to start
         sft_model = supervised_fine_tuning(ex)
         if sft_model is None:
             print("SFT stopped early (--max-seconds in extra_sft); run the same command again to continue")

@@ -238,8 +238,9 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
     paths = []
     for seed, (before, after) in enumerate([(0.20, 0.50), (0.25, 0.45), (0.15, 0.40)], start=1):
         record = {"seed": seed, "suite": "libero_spatial", "tasks": [0, 1, 2, 3], "num_heldout": 25,
-                  "dtype": "float32", "grpo_finetune": "lora", "heldout_success_sft": before, "heldout_success_grpo": after,
-                  "episodes_eval": 100, "grpo_iterations": 10, "device": "NVIDIA H200", "wall_seconds": 1500.0,
+                  "dtype": "float32", "grpo_finetune": "lora", "heldout_success_sft": before,
+                  "heldout_success_grpo": after, "episodes_eval": 100, "grpo_iterations": 10, "device": "NVIDIA H200",
+                  "wall_seconds": 1500.0,
                   "command": f"python -m scripts.libero_learning --seed {seed}",
                   "heldout_success_by_iteration": {"0": before, "10": after}}
         paths.append(tmp_path / f"seed{seed}.json")

@@ -2,14 +2,16 @@
 loads: `train --dry-run` prints the prediction, and `train` refuses a configuration predicted not to fit the card.
 
 Memory is counted by part. Resident all run: the frozen weights in the compute dtype (with --base-quant, the
-quantized layers in their torchao storage, to the byte), the LoRA weights and their two AdamW moments in float32. Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA;
-OFT decodes in one forward) plus the activations of the no-grad forward, proportional to tokens x MLP width.
+quantized layers in their torchao storage, to the byte), the LoRA weights and their two AdamW moments in float32.
+Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA; OFT decodes in one forward)
+plus the activations of the no-grad forward, proportional to tokens x MLP width.
 Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
 the one layer recomputed in the backward pass. The activation factors and the fixed workspace terms are fitted to
 the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_e2e.json`,
 `gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
 dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
-are counted as alive at a peak, an assumption no GPU measurement has checked yet (bench_gpu --base-quant).
+are counted as alive at a peak, an assumption that only nf4 rollout peaks have checked so far
+(`gpu_7b_quant_partial.json`).
 
 Time scales the per-query and per-sample seconds measured by the real trainer on an H200 (bench_e2e) by the
 card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
@@ -226,7 +228,7 @@ def check_fits(config: TrainConfig, shape: ModelShape | None, card: str,
             f"this process {available_gib:.1f} GiB")
     smallest = max(peaks(shape, 1, 1, gradient_checkpointing=True)) / GIB
     if smallest > available_gib:
-        fix = (f"store the frozen base in 4 bits (--base-quant nf4)" if config.model.base_quant == "none" else
+        fix = ("store the frozen base in 4 bits (--base-quant nf4)" if config.model.base_quant == "none" else
                "use a card with more memory")
         raise ValueError(f"{need}, and even 1 env and a micro-batch of 1 would need {smallest:.1f} GiB: {fix}")
     flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib
