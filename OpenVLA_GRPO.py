@@ -135,7 +135,7 @@ class GRPOTrainer:
             trained = metrics["train/steps"] * cfg.optim.ppo_epochs
             metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics,
                        **rollout_metrics(counts, self.task_ids),
-                       **perf_metrics(counts, trained, rollout_seconds, started, ctx)}
+                       **perf_metrics(counts, trained, rollout_seconds, started, ctx, cfg.env.num_envs)}
             if cfg.evaluation.eval_every > 0 and (self.iteration % cfg.evaluation.eval_every == 0 or self.finished()):
                 metrics.update(self.evaluate())
             self.logger.log(metrics)
@@ -398,11 +398,14 @@ def rollout_metrics(counts: dict[str, float], task_ids: list[int]) -> dict[str, 
 
 
 def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds: float, started: float,
-                 ctx: distributed.DistContext) -> dict[str, float]:
-    """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; and where
+                 ctx: distributed.DistContext, num_envs: int) -> dict[str, float]:
+    """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; where
     a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators (of which the first
-    blocking reset of each round: scene builds), the rest on the host (batching observations, storing steps)."""
+    blocking reset of each round: scene builds), the rest on the host (batching observations, storing steps); and
+    where a simulator worker's time went (mean over all ranks' envs; libero_env._worker.WORKER_TIMES), to set
+    against the wait."""
     seconds = time.perf_counter() - started
+    workers = num_envs * ctx.world_size
     model, env, reset = (counts[k] / ctx.world_size
                          for k in ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds"))
     metrics = {"perf/iteration_seconds": seconds, "perf/rollout_seconds": rollout_seconds,
@@ -410,7 +413,8 @@ def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds
                "perf/rollout_first_reset_seconds": reset,
                "perf/rollout_host_seconds": rollout_seconds - model - env,
                "perf/actions_per_second": counts["episode_length_sum"] / rollout_seconds,
-               "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds)}
+               "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds),
+               **{f"perf/{key}": value / workers for key, value in counts.items() if key.startswith("env_worker_")}}
     if ctx.device.type == "cuda":
         memory = {"gpu": torch.cuda.max_memory_allocated(ctx.device) / 2**30}
         metrics["perf/gpu_memory_gib"] = distributed.reduce_values(memory, ctx, "max")["gpu"]

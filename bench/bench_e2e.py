@@ -170,6 +170,10 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
     if all(key in steady[0] for key in breakdown):
         summary["rollout_breakdown_seconds"] = {key.split("/")[1].removeprefix("rollout_").removesuffix("_seconds"):
                                                 sum(r[key] for r in steady) for key in breakdown}
+    workers = sorted(key for key in steady[0] if key.startswith("perf/env_worker_"))
+    if workers:  # mean per simulator: set against env_wait above
+        summary["env_worker_seconds"] = {key.removeprefix("perf/env_worker_").removesuffix("_seconds"):
+                                         sum(r[key] for r in steady) for key in workers}
     if "train/rollout_logprob_mismatch" in steady[0]:
         summary["rollout_logprob_mismatch"] = float(np.mean([r["train/rollout_logprob_mismatch"] for r in steady]))
     return summary

@@ -3,8 +3,10 @@ for single actions (OpenVLA: the cameras render after every step, as robosuite's
 8-action chunks (OpenVLA-OFT: the workers render once per chunk), so the chunk-1 number is the baseline.
 
 Counts env steps summed over the envs, including the image pipeline and the pipe round trip, excluding scene
-build and reset. Then the seconds of one reset round (every env to a new init state, 10 wait steps included) with
-simulators kept across resets (the default) against rebuilt at every reset (LIBERO's hard reset, the baseline).
+build and reset; beside each rate, per env step, the wall time and what the workers report of theirs (physics,
+renders, image pipeline, the whole answer, CPU time: `worker_ms_per_env_step`). Then the seconds of one reset
+round (every env to a new init state, 10 wait steps included) with simulators kept across resets (the default)
+against rebuilt at every reset (LIBERO's hard reset, the baseline).
 Last, where one process's time goes: robosuite's env.step (physics and control), one camera render, and the image
 pipeline of one frame, each timed alone. Writes bench/results/libero_env.json.
 
@@ -42,7 +44,9 @@ class Args:
     """Result file, written atomically."""
 
 
-def steps_per_second(args: Args, num_envs: int, chunk: int) -> float:
+def steps_per_second(args: Args, num_envs: int, chunk: int) -> tuple[float, dict[str, float]]:
+    """Env steps per second summed over the envs, and per env step the milliseconds of wall time (one env's
+    share of a round) and of each part the workers report (libero_env._worker.WORKER_TIMES)."""
     rng = np.random.default_rng(0)
     total = args.warmup_steps + args.steps
     with LiberoVectorEnv(args.suite, num_envs=num_envs, wrist=True, resolution=256, max_steps=total) as env:
@@ -54,13 +58,16 @@ def steps_per_second(args: Args, num_envs: int, chunk: int) -> float:
             return batch
 
         env.step(actions(args.warmup_steps))
+        before = dict(env.worker_seconds)
         start = time.perf_counter()
         for _ in range(args.steps // chunk):
             result = env.step(actions(chunk))
         elapsed = time.perf_counter() - start
+        worker = {part: (env.worker_seconds[part] - seconds) * 1e3 / (num_envs * args.steps)
+                  for part, seconds in before.items()}
     if (result.steps != total).any() or result.lost.any():
         raise RuntimeError(f"an episode ended early (steps {result.steps.tolist()}, lost {result.lost.tolist()})")
-    return num_envs * args.steps / elapsed
+    return num_envs * args.steps / elapsed, {"wall": elapsed * 1e3 / args.steps, **worker}
 
 
 def reset_seconds(args: Args, num_envs: int, rebuild_on_reset: bool) -> float:
@@ -129,8 +136,9 @@ def main(args: Args) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     if any(args.steps % chunk for chunk in args.chunks):
         raise ValueError(f"--steps {args.steps} must be a multiple of every --chunks value {args.chunks}")
-    rates = {f"{workers}_workers_chunk_{chunk}": round(steps_per_second(args, workers, chunk), 2)
-             for workers in args.workers for chunk in args.chunks}
+    measured = {f"{workers}_workers_chunk_{chunk}": steps_per_second(args, workers, chunk)
+                for workers in args.workers for chunk in args.chunks}
+    rates = {key: round(rate, 2) for key, (rate, _) in measured.items()}
     resets = {f"{workers}_workers_{mode}": round(reset_seconds(args, workers, mode == "rebuilt"), 3)
               for workers in args.workers for mode in ("kept", "rebuilt")}
     results = {
@@ -142,6 +150,8 @@ def main(args: Args) -> None:
         "chunk_speedup": {f"{workers}_workers": round(rates[f"{workers}_workers_chunk_{max(args.chunks)}"]
                                                      / rates[f"{workers}_workers_chunk_{min(args.chunks)}"], 2)
                           for workers in args.workers},
+        "worker_ms_per_env_step": {key: {part: round(ms, 2) for part, ms in parts.items()}
+                                   for key, (_, parts) in measured.items()},
         "one_process_ms": step_breakdown_ms(args),
         "render": f"MUJOCO_GL={os.environ['MUJOCO_GL']}, {gl_renderer()}; agentview + wrist at 256x256",
         "cpu": cpu_description(),

@@ -2,13 +2,17 @@
 
 Messages in: ("reset", bddl_file, init_state, scene_seed, record), ("step", env_actions [K,7], record), ("close",).
 Answers: ("ok", payload dict) or ("error", traceback text); after an error the worker exits, since its simulator
-state can no longer be trusted, and the parent starts a fresh one.
+state can no longer be trusted, and the parent starts a fresh one. Every payload carries `seconds`: where the
+worker's time for that answer went (WORKER_TIMES).
 """
 
 import os
 import signal
 import sys
+import time
 import traceback
+from collections import defaultdict
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -17,6 +21,11 @@ from libero_env.processing import preprocess_image, proprio_vector, upright
 from libero_env.suites import start_episode
 
 AGENTVIEW, WRIST = "agentview", "robot0_eye_in_hand"
+WORKER_TIMES = ("build", "physics", "render", "preprocess", "answer", "cpu")
+"""Seconds a worker reports per answer: building a scene, robosuite's env.step and resets (physics and control),
+camera renders, the image pipeline; the wall time from taking the command to sending the answer, and the CPU time
+the process used meanwhile (all its threads): an answer well above the four parts, or CPU time well below the
+answer, says the worker waited for something other than its own work (a CPU core, the GPU's renderer)."""
 
 
 class _Simulator:
@@ -36,19 +45,32 @@ class _Simulator:
         self.cameras = [AGENTVIEW, WRIST] if wrist else [AGENTVIEW]
         self.env = None
         self.bddl_file = ""
+        self.seconds: dict[str, float] = defaultdict(float)
+        """Time of the current answer, by part (WORKER_TIMES); _serve clears it per command."""
+
+    @contextmanager
+    def timed(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - started
 
     def reset(self, bddl_file: str, init_state: np.ndarray, scene_seed: int, record: bool) -> dict:
         if bddl_file != self.bddl_file:
             self.close()
-            self.env = _make_env(bddl_file, self.cameras, self.resolution, self.rebuild_on_reset)
+            with self.timed("build"):
+                self.env = _make_env(bddl_file, self.cameras, self.resolution, self.rebuild_on_reset)
             self.bddl_file = bddl_file
-        obs = start_episode(self.env, init_state, scene_seed)
+        with self.timed("physics"):
+            obs = start_episode(self.env, init_state, scene_seed)
         return self._payload(obs, executed=0, success=False, frames=[upright(self.render(AGENTVIEW))] if record else [])
 
     def step(self, env_actions: np.ndarray, record: bool) -> dict:
         frames, executed, success = [], 0, False
         for action in env_actions:
-            obs, _, success, _ = self.env.step(action.tolist())
+            with self.timed("physics"):
+                obs, _, success, _ = self.env.step(action.tolist())
             executed += 1
             if record:
                 frames.append(upright(self.render(AGENTVIEW)))
@@ -58,12 +80,19 @@ class _Simulator:
 
     def render(self, camera: str) -> np.ndarray:
         """The raw (upside-down) frame of `camera` at the current simulator state."""
-        return self.env.sim.render(camera_name=camera, width=self.resolution, height=self.resolution)
+        with self.timed("render"):
+            return self.env.sim.render(camera_name=camera, width=self.resolution, height=self.resolution)
+
+    def policy_image(self, camera: str) -> np.ndarray:
+        """The current frame of `camera` as the policy sees it."""
+        frame = self.render(camera)
+        with self.timed("preprocess"):
+            return preprocess_image(frame)
 
     def _payload(self, obs: dict, executed: int, success: bool, frames: list) -> dict:
         return {
-            "agentview": preprocess_image(self.render(AGENTVIEW)),
-            "wrist": preprocess_image(self.render(WRIST)) if self.wrist else None,
+            "agentview": self.policy_image(AGENTVIEW),
+            "wrist": self.policy_image(WRIST) if self.wrist else None,
             "proprio": proprio_vector(obs["robot0_eef_pos"], obs["robot0_eef_quat"], obs["robot0_gripper_qpos"]),
             "executed": executed,
             "success": success,
@@ -110,6 +139,8 @@ def _serve(conn: Connection, simulator: _Simulator) -> None:
             return
         if command == "close":
             return
+        started, cpu_started = time.perf_counter(), time.process_time()
+        simulator.seconds.clear()
         try:
             if command == "reset":
                 payload = simulator.reset(*args)
@@ -120,6 +151,8 @@ def _serve(conn: Connection, simulator: _Simulator) -> None:
         except Exception:
             _answer(conn, ("error", traceback.format_exc()))
             return
+        payload["seconds"] = {**simulator.seconds, "answer": time.perf_counter() - started,
+                              "cpu": time.process_time() - cpu_started}
         if not _answer(conn, ("ok", payload)):
             return
 

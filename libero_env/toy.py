@@ -93,6 +93,7 @@ class ToyVectorEnv:
                              f"horizon={horizon}")
         self.num_envs = num_envs
         self.lost_resets = 0  # no workers: a reset is never lost (LiberoVectorEnv.lost_resets)
+        self.worker_seconds: dict[str, float] = {}  # no workers to time (LiberoVectorEnv.worker_seconds)
         self.num_init_states = num_init_states
         self.horizon = horizon
         self.pushes_to_goal = pushes_to_goal

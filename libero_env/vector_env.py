@@ -14,7 +14,7 @@ from multiprocessing.context import BaseContext
 import imageio.v2 as imageio
 import numpy as np
 
-from libero_env._worker import worker_main
+from libero_env._worker import WORKER_TIMES, worker_main
 from libero_env.processing import ACTION_DIM, POLICY_IMAGE_SIZE, PROPRIO_DIM, to_env_actions
 from libero_env.suites import (ENV_HORIZON, NUM_INIT_STATES, NUM_WAIT_STEPS, EpisodeSpec, get_suite, load_tasks,
                                 scene_seed)
@@ -208,6 +208,9 @@ class LiberoVectorEnv:
         self._lost = np.zeros(num_envs, bool)
         self.lost_resets = 0
         """Resets whose worker died, hung or failed and was replaced (counted per attempt), since creation."""
+        self.worker_seconds = dict.fromkeys(WORKER_TIMES, 0.0)
+        """Seconds the workers reported (libero_env._worker.WORKER_TIMES), summed over every answer of every env
+        since creation."""
         self._steps = np.zeros(num_envs, np.int64)
         self._frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
 
@@ -402,6 +405,9 @@ class LiberoVectorEnv:
         self._workers[env_index] = _Worker(self._ctx, self.wrist, self.resolution, self.rebuild_on_reset)
 
     def _store(self, env_index: int, payload: dict) -> None:
+        """Takes in an answer's observation and the worker's times."""
+        for part, seconds in payload["seconds"].items():
+            self.worker_seconds[part] += seconds
         self._agentview[env_index] = payload["agentview"]
         if self._wrist is not None:
             self._wrist[env_index] = payload["wrist"]

@@ -4,11 +4,13 @@ seconds per scene build and reset, so step counts stay tiny; max_steps is lowere
 import gc
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
 
 from libero_env import SUITES, EpisodeSpec, LiberoVectorEnv, center_crop, jpeg_round_trip, lanczos_resize
+from libero_env._worker import WORKER_TIMES
 
 pytestmark = pytest.mark.libero
 
@@ -137,6 +139,19 @@ def test_chunks_time_limit_and_finished_envs_stay_put(env):
     again = env.step(open_gripper_actions(2, 3))
     assert again.steps.tolist() == [5, 5] and len(env.frames(0)) == 6
     np.testing.assert_array_equal(again.obs.agentview, result.obs.agentview)
+
+
+def test_workers_report_where_their_time_went(env):
+    env.reset([EpisodeSpec(0, 3), EpisodeSpec(0, 4)])
+    before = dict(env.worker_seconds)
+    started = time.perf_counter()
+    env.step(open_gripper_actions(2, 3))
+    wall = time.perf_counter() - started
+    spent = {part: env.worker_seconds[part] - seconds for part, seconds in before.items()}
+    assert set(spent) == set(WORKER_TIMES) and spent["build"] == 0  # a step never builds a scene
+    assert spent["physics"] > 0 and spent["render"] > 0 and spent["preprocess"] > 0 and spent["cpu"] > 0
+    # the parts are timed inside each answer, and both workers answered within the parent's wait
+    assert spent["physics"] + spent["render"] + spent["preprocess"] <= spent["answer"] <= 2 * wall
 
 
 def test_reset_of_some_envs_leaves_the_others_running(env):

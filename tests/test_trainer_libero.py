@@ -34,6 +34,7 @@ def test_demo_writes_logs_checkpoint_plot_and_video(tmp_path):
     assert [row["iteration"] for row in rows] == [0, 1, 2]
     assert all(row["rollout/episodes"] == 4 and row["rollout/episode_length"] <= 16 for row in rows[1:])
     assert rows[-1]["eval/success_rate"] is not None and "train/loss" in rows[-1]
+    assert rows[-1]["perf/env_worker_physics_seconds"] > 0 and rows[-1]["perf/env_worker_render_seconds"] > 0
     assert (run / CHECKPOINTS / "iter_000002" / "model" / "config.json").is_file()
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     videos = list((run / "videos").glob("iter000002_task00_*.mp4"))

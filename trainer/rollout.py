@@ -29,6 +29,8 @@ class VectorEnv(Protocol):
     num_envs: int
     lost_resets: int
     """Resets whose worker was lost and replaced (the episode then starts on the new worker), since creation."""
+    worker_seconds: dict[str, float]
+    """Where the simulator workers' time went, by part, summed over envs since creation (empty without workers)."""
 
     def reset(self, specs: list[EpisodeSpec], envs: list[int] | None = None, wait: bool = True) -> Any: ...
     def send_step(self, actions: np.ndarray, envs: list[int] | None = None) -> None: ...
@@ -281,6 +283,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
     rounds: list[Rollouts] = []
     wanted, next_group, lost_resets = groups_per_iteration, 0, env.lost_resets
+    worker_seconds = dict(env.worker_seconds)
     for _ in range(1 + (max_refill_rounds if dynamic_sampling else 0)):
         specs = [spec for spec in sampler.next(wanted) for _ in range(group_size)]
         group_ids = np.repeat(np.arange(next_group, next_group + wanted), group_size)
@@ -310,6 +313,8 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         "rollout_model_seconds": sum(r.model_seconds for r in rounds),
         "rollout_env_seconds": sum(r.env_seconds for r in rounds),
         "rollout_reset_seconds": sum(r.reset_seconds for r in rounds),
+        **{f"env_worker_{part}_seconds": env.worker_seconds[part] - before
+           for part, before in worker_seconds.items()},
         # every configured task has its keys (zeros if not drawn), so ranks sum the same keys
         **{f"episodes_task_{t}": int((task_ids == t).sum()) for t in sampler.task_ids},
         **{f"successes_task_{t}": int(success[task_ids == t].sum()) for t in sampler.task_ids},
