@@ -20,6 +20,9 @@ continues after a stop, here or on another machine:
              --min-start-success, the sampled eval comes first and a start too weak to learn from stops the run
   eval_grpo  the same evals of that export (an adapter on the SFT model)
   record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
+With --heldout-evals grpo the held-out success before and after GRPO is GRPO's own held-out eval at its first and
+last iteration, so no eval stage plays the held-out episodes again and one command on the training machine records
+a seed (scripts/libero_seeds.py).
 Every command it runs is printed, so each stage can be reproduced by hand.
 
 Across machines: once sft_export (or a GRPO export) exists, the demos and the SFT run are no longer read.
@@ -55,7 +58,7 @@ from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
 from vla_actor.checkpoint import CONFIG_FILE, atomic_directory
-from vla_actor.policy import checkpoint_dtype
+from vla_actor.policy import checkpoint_dtype, resolve_dtype
 
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"
@@ -128,6 +131,11 @@ class Experiment:
     sampled_evals: bool = True
     """Also evaluate the training init states with actions sampled at the rollout temperature, before and after
     GRPO (what GRPO optimises; greedy success is what it is judged by)."""
+    heldout_evals: Literal["separate", "grpo"] = "separate"
+    """Where the held-out success before and after GRPO comes from. separate: eval stages of sft_export and of the
+    GRPO export (as shipped, on whichever machine runs them); grpo: GRPO's own held-out evals at its first and last
+    iteration (the same episodes and scenes, the model it trains in the dtype it trains in, on the machine that
+    trains it, at no extra cost); a GRPO run continued from an export plays other scenes, so it needs separate."""
     eval_videos: bool = True
     """Write one MP4 per task in the held-out evals, which the before/after videos come from (needs
     imageio-ffmpeg, which the GPU machine's image lacks: the start check's sampled eval runs there)."""
@@ -151,6 +159,9 @@ class Experiment:
         if not 0 <= self.min_start_success <= 1:
             raise ValueError(f"--min-start-success {self.min_start_success:g} is not a success rate: give one in "
                              "[0, 1] (0: no start check)")
+        if self.heldout_evals == "grpo" and self.eval_every < 1:
+            raise ValueError(f"--heldout-evals grpo reads GRPO's own held-out evals, which --eval-every "
+                             f"{self.eval_every} turns off: give --eval-every >= 1 or --heldout-evals separate")
         if self.gpus < 1:
             raise ValueError(f"--gpus {self.gpus}: GRPO needs at least one GPU (1 also means the CPU)")
         split = {"--workers": self.workers, "--groups": self.groups, "--mini-batch-size": self.mini_batch_size}
@@ -209,8 +220,10 @@ EvalKind = Literal["heldout", "train", "sampled"]
 
 
 def eval_protocols(ex: Experiment) -> tuple[EvalKind, ...]:
-    """The evals made before and after GRPO: held-out always, the training init states as asked."""
-    return ("heldout", *(("train",) if ex.train_evals else ()), *(("sampled",) if ex.sampled_evals else ()))
+    """The eval stages before and after GRPO: held-out unless GRPO's own evals give it, the training init states as
+    asked."""
+    return (*(("heldout",) if ex.heldout_evals == "separate" else ()), *(("train",) if ex.train_evals else ()),
+            *(("sampled",) if ex.sampled_evals else ()))
 
 
 def evaluate(ex: Experiment, name: str, model: Path, protocol: EvalKind) -> Path:
@@ -319,7 +332,8 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
              "--temperature", str(ex.temperature), "--lr", str(ex.grpo_lr), "--ppo-epochs", str(ex.ppo_epochs),
              "--mini-batch-size", str(mini_batch), "--micro-batch-size", str(math.gcd(64, mini_batch)),
              "--iterations", str(ex.grpo_iterations - start), "--seed", str(grpo_seed(ex, start)),
-             "--eval-every", str(ex.eval_every), "--num-videos", "0", "--save-every", "1", "--keep-last", "1",
+             "--eval-every", str(ex.eval_every), "--num-videos", str(grpo_videos(ex)), "--save-every", "1",
+             "--keep-last", "1",
              "--output-dir", str(ex.work_dir), "--run-name", run_dir.name, "--no-progress", *resume,
              *shlex.split(ex.extra_grpo)], "grpo", ex.work_dir)
     # Named by iteration: GRPO stopped by --max-seconds and later continued gets fresh final evals.
@@ -328,6 +342,11 @@ def reinforcement_learning(ex: Experiment, sft_export: Path) -> Path:
     if ex.grpo_finetune == "lora":
         return export_adapter(latest / ADAPTER_DIR, export_dir)
     return export_bfloat16(latest / MODEL_DIR, export_dir)
+
+
+def grpo_videos(ex: Experiment) -> int:
+    """Videos per GRPO eval: one per task when those evals are the before and after, none otherwise."""
+    return len(ex.tasks) if ex.heldout_evals == "grpo" and ex.eval_videos else 0
 
 
 def require_learnable_start(ex: Experiment, sft_export: Path) -> None:
@@ -415,7 +434,54 @@ EVALUATED_MODELS = {
             "in (float32); the learning curve is GRPO's own periodic eval of the model it trains",
     "lora": "sft_export, stored in bfloat16 as shipped and computed in the dtype it was trained in (float32), without "
             "and with GRPO's float32 LoRA adapter grpo<N>_export; the learning curve is GRPO's own periodic eval of "
-            "the model it trains"}
+            "the model it trains",
+    "grpo": "GRPO's own held-out evals of the model it trains, at iteration 0 (sft_export, stored in bfloat16 as "
+            "shipped, computed in the dtype it was trained in, float32) and at its last iteration (the float32 weights "
+            "or adapter it exports); the learning curve is the evals in between"}
+
+
+@dataclass
+class HeldoutEval:
+    """One held-out eval of the before / after pair."""
+
+    success_rate: float
+    ci95: list[float] | None
+    episodes: int
+    dtype: str | None
+    videos: list[Path]
+    """Its videos, named <prefix>_task<t>_init<i>_<success|failure>.mp4."""
+
+
+def stage_heldout_eval(results: Path) -> HeldoutEval:
+    """An eval stage's results (evaluate)."""
+    recorded = json.loads(results.read_text())
+    return HeldoutEval(recorded["overall"]["success_rate"], recorded["overall"].get("ci95"),
+                       recorded["overall"]["episodes"], recorded.get("dtype"),
+                       sorted((results.parent / "videos").glob("*.mp4")))
+
+
+def grpo_heldout_evals(ex: Experiment, rows: list[dict]) -> tuple[HeldoutEval, HeldoutEval]:
+    """GRPO's own held-out evals at its first and last iteration (--heldout-evals grpo)."""
+    if len(grpo_runs(ex.work_dir)) > 1:
+        raise ValueError(f"{ex.work_dir} holds GRPO continued from an export in a new run, whose evals play other "
+                         "scenes than the first run's: evaluate before and after with --heldout-evals separate")
+    evals = [row for row in rows if "eval/success_rate" in row]
+    last = rows[-1]["iteration"] if rows else None
+    if not evals or evals[0]["iteration"] != 0 or evals[-1]["iteration"] != last:
+        raise ValueError(f"GRPO's metrics in {ex.work_dir / 'grpo'} have held-out evals at iterations "
+                         f"{[row['iteration'] for row in evals]}, not at 0 and at its last iteration {last}: run "
+                         "GRPO with its start eval (no --no-eval-at-start) or use --heldout-evals separate")
+    run_dir = ex.work_dir / "grpo"
+    model = json.loads((run_dir / "config.json").read_text())["model"]
+    dtype = model["dtype"]
+    if dtype == "auto":  # as the trainer resolved it on the machine that ran it
+        on_gpu = any(not name.startswith("CPU") for name in read_json(ex.work_dir / DEVICES_FILE).get("grpo", []))
+        dtype = str(resolve_dtype("auto", model["checkpoint"], torch.device("cuda" if on_gpu else "cpu")))
+    return tuple(HeldoutEval(row["eval/success_rate"],
+                             [row["eval/success_rate_ci95_low"], row["eval/success_rate_ci95_high"]],
+                             int(row["eval/episodes"]), dtype.removeprefix("torch."),
+                             sorted((run_dir / "videos").glob(f"iter{row['iteration']:06d}_*.mp4")))
+                 for row in (evals[0], evals[-1]))
 
 
 def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> None:
@@ -423,16 +489,15 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
     restarts = [start for start, _ in grpo_runs(ex.work_dir)[1:]]
     timings, devices = read_json(ex.work_dir / TIMINGS_FILE), read_json(ex.work_dir / DEVICES_FILE)
     curve = {str(row["iteration"]): row["eval/success_rate"] for row in rows if "eval/success_rate" in row}
-    heldout_after = json.loads(after["heldout"].read_text())
+    sft, grpo = (grpo_heldout_evals(ex, rows) if ex.heldout_evals == "grpo"
+                 else (stage_heldout_eval(before["heldout"]), stage_heldout_eval(after["heldout"])))
     result = {"suite": ex.suite, "tasks": list(ex.tasks), "seed": ex.seed, "num_heldout": ex.num_heldout,
-              "dtype": heldout_after.get("dtype"),
-              "heldout_success_sft": success_rate(before["heldout"]),
-              "heldout_success_grpo": success_rate(after["heldout"]),
-              "heldout_ci95_sft": json.loads(before["heldout"].read_text())["overall"].get("ci95"),
-              "heldout_ci95_grpo": heldout_after["overall"].get("ci95"),
+              "dtype": grpo.dtype, "heldout_success_sft": sft.success_rate,
+              "heldout_success_grpo": grpo.success_rate, "heldout_ci95_sft": sft.ci95, "heldout_ci95_grpo": grpo.ci95,
+              "heldout_evals": ex.heldout_evals,
               **({"train_success_sft": success_rate(before["train"]),
                   "train_success_grpo": success_rate(after["train"])} if ex.train_evals else {}),
-              "episodes_eval": heldout_after["overall"]["episodes"], "grpo_iterations": rows[-1]["iteration"],
+              "episodes_eval": grpo.episodes, "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
               **({"rollout_temperature": ex.temperature,
                   "train_success_sft_sampled": success_rate(before["sampled"]),
@@ -444,7 +509,7 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
                                          "(fresh optimizer state, seed = the iteration) on a new machine lease"}
                  if restarts else {}),
               "grpo_finetune": ex.grpo_finetune,
-              "evaluated_models": EVALUATED_MODELS[ex.grpo_finetune],
+              "evaluated_models": EVALUATED_MODELS["grpo" if ex.heldout_evals == "grpo" else ex.grpo_finetune],
               "command": "python -m scripts.libero_learning " + shlex.join(
                   sys.argv[1:]), "device": "; ".join(sorted({name for names in devices.values() for name in names})),
               "stage_devices": devices}
@@ -452,18 +517,18 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
     ex.media_dir.mkdir(parents=True, exist_ok=True)
     title = "GRPO" + (f" (continued from its export at iteration {', '.join(map(str, restarts))})" if restarts else "")
     plot_metrics(rows, title, ex.media_dir / "libero_learning_curves.png")
-    pair = before_after_videos(before["heldout"].parent / "videos", after["heldout"].parent / "videos")
+    pair = before_after_videos(sft.videos, grpo.videos)
     for stage, video in zip(("before", "after"), pair):
         shutil.copyfile(video, ex.media_dir / f"libero_learning_{stage}.mp4")
     print(json.dumps(result, indent=2), flush=True)
 
 
-def before_after_videos(before_dir: Path, after_dir: Path) -> tuple[Path, Path] | tuple[()]:
+def before_after_videos(before_videos: list[Path], after_videos: list[Path]) -> tuple[Path, Path] | tuple[()]:
     """The same held-out episode filmed before and after GRPO: the first one GRPO turned from a failure into a
     success, else the first one filmed in both evals; () when there is none."""
-    def by_episode(folder: Path) -> dict[str, Path]:  # <prefix>_task<t>_init<i>_<success|failure>.mp4
-        return {video.stem.rsplit("_", 1)[0]: video for video in sorted(folder.glob("*.mp4"))}
-    before, after = by_episode(before_dir), by_episode(after_dir)
+    def by_episode(videos: list[Path]) -> dict[str, Path]:  # <prefix>_task<t>_init<i>_<success|failure>.mp4
+        return {video.stem[video.stem.rindex("_task") + 1:].rsplit("_", 1)[0]: video for video in sorted(videos)}
+    before, after = by_episode(before_videos), by_episode(after_videos)
     both = [episode for episode in before if episode in after]
     turned = [episode for episode in both
               if before[episode].stem.endswith("_failure") and after[episode].stem.endswith("_success")]

@@ -5,13 +5,15 @@ the mean lift over seeds (Student's t on the per-seed lifts, which pairs each se
     for s in 1 2 3; do python -m scripts.libero_learning --seed $s --num-heldout 25 --tasks 0 1 2 3 \\
         --demos-per-task 3 --sft-steps 1000 --workers 16 --group-size 8 --groups 16 --temperature 0.5 \\
         --grpo-lr 1e-5 --ppo-epochs 2 --mini-batch-size 256 --eval-every 5 --min-start-success 0.1 \\
-        --no-train-evals --no-sampled-evals --work-dir runs/ll_seed$s --result-json runs/ll_seed$s/record.json \\
-        --media-dir runs/ll_seed$s/media; done
+        --no-train-evals --no-sampled-evals --heldout-evals grpo --work-dir runs/ll_seed$s \\
+        --result-json runs/ll_seed$s/record.json --media-dir runs/ll_seed$s/media; done
     python -m scripts.libero_seeds runs/ll_seed1/record.json runs/ll_seed2/record.json runs/ll_seed3/record.json
 
 writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed). The
 recipe is the recorded single-seed run's; one seed takes ~25 minutes of one H200 machine, so each fits a GPU
-session, and every stage resumes from what an earlier session brought back.
+session. With --heldout-evals grpo a seed's before and after are GRPO's own held-out evals at iterations 0 and 10
+(100 episodes each, the same episodes, float32, on the machine that trains), so each seed's command records
+itself where it runs and no eval is played again elsewhere.
 
 Both ends of one seed ship. With full fine-tuning (the recipe above) each end is a 24 MB bfloat16 model, and the two
 do not fit beside the LIBERO bundle in one 64 MiB transfer to the GPU machine. With `--grpo-finetune lora

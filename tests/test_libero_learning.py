@@ -11,6 +11,7 @@ import pytest
 from scripts import libero_learning
 from scripts.libero_learning import (Experiment, before_after_videos, device_name, eval_protocols, evaluate,
                                      grpo_metrics, is_adapter, main, reinforcement_learning, run, success_rate)
+from trainer.config import SHIPPED_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,6 +164,29 @@ def test_lora_grpo_exports_its_adapter_and_the_evals_put_it_on_the_sft_model(che
     assert (model["checkpoint"], model["adapter"]) == (str(sft_export), str(export))
 
 
+@pytest.mark.slow
+def test_with_heldout_evals_grpo_one_command_trains_and_records_a_seed(checkpoint, tmp_path, monkeypatch):
+    """--heldout-evals grpo end to end on the CPU: GRPO's start and final held-out evals are the before and after,
+    and no eval stage runs."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    shutil.copytree(checkpoint, tmp_path / "sft_export")
+    experiment = Experiment(work_dir=tmp_path, suite="toy", tasks=(0,), workers=2, group_size=4, groups=1,
+                            mini_batch_size=4, temperature=1.6, grpo_iterations=2, eval_every=1, max_steps=1,
+                            grpo_finetune="lora", heldout_evals="grpo", train_evals=False, sampled_evals=False,
+                            result_json=tmp_path / "record.json", media_dir=tmp_path / "media")
+    main(experiment)
+    recorded = json.loads((tmp_path / "record.json").read_text())
+    curve = recorded["heldout_success_by_iteration"]
+    assert list(curve) == ["0", "1", "2"] and recorded["grpo_iterations"] == 2
+    assert (recorded["heldout_success_sft"], recorded["heldout_success_grpo"]) == (curve["0"], curve["2"])
+    assert recorded["episodes_eval"] == 10 and recorded["dtype"] == "float32"
+    assert not list(tmp_path.glob("eval_*"))  # nothing played the held-out episodes again
+    assert (tmp_path / "media" / "libero_learning_before.mp4").stat().st_size > 0
+    assert (tmp_path / "media" / "libero_learning_after.mp4").stat().st_size > 0
+
+
 def test_an_export_of_the_other_kind_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "grpo4_export").mkdir()
     (tmp_path / "grpo4_export" / "config.json").write_text("{}")
@@ -211,12 +235,63 @@ def test_before_after_videos_show_an_episode_grpo_turned_into_a_success(tmp_path
         folder.mkdir()
         for name in names:
             (folder / f"{name}.mp4").write_bytes(b"")
-    assert before_after_videos(before, after) == (before / "eval_task02_init02_failure.mp4",
-                                                  after / "eval_task02_init02_success.mp4")
+
+    def videos(folder):
+        return sorted(folder.glob("*.mp4"))
+    assert before_after_videos(videos(before), videos(after)) == (before / "eval_task02_init02_failure.mp4",
+                                                                  after / "eval_task02_init02_success.mp4")
     (after / "eval_task02_init02_success.mp4").unlink()
-    assert before_after_videos(before, after) == (before / "eval_task00_init02_failure.mp4",
-                                                  after / "eval_task00_init02_failure.mp4")
-    assert before_after_videos(before, tmp_path / "missing") == ()
+    assert before_after_videos(videos(before), videos(after)) == (before / "eval_task00_init02_failure.mp4",
+                                                                  after / "eval_task00_init02_failure.mp4")
+    assert before_after_videos(videos(before), []) == ()
+
+
+def grpo_eval_row(iteration: int, rate: float) -> dict:
+    """A metrics row of an iteration that ended with a held-out eval of 100 episodes."""
+    return {"iteration": iteration, "env_steps": 100 * iteration, "eval/success_rate": rate,
+            "eval/success_rate_ci95_low": rate - 0.1, "eval/success_rate_ci95_high": rate + 0.1, "eval/episodes": 100}
+
+
+def test_with_heldout_evals_grpo_the_before_and_after_are_grpos_first_and_last_evals(tmp_path):
+    from scripts.libero_learning import grpo_heldout_evals, record
+
+    run_dir = tmp_path / "grpo"
+    (run_dir / "videos").mkdir(parents=True)
+    rows = [grpo_eval_row(0, 0.2), {"iteration": 1, "env_steps": 100}, grpo_eval_row(2, 0.3),
+            {"iteration": 3, "env_steps": 300}, grpo_eval_row(4, 0.45)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run_dir / "config.json").write_text(json.dumps({"model": {"dtype": "auto",
+                                                               "checkpoint": str(SHIPPED_CHECKPOINT)}}))
+    (tmp_path / "stage_devices.json").write_text(json.dumps({"grpo": ["CPU (2 cores)"]}))
+    for name in ("iter000000_task00_init02_failure", "iter000002_task00_init02_success",
+                 "iter000004_task00_init02_success"):
+        (run_dir / "videos" / f"{name}.mp4").write_bytes(name.encode())
+    experiment = Experiment(work_dir=tmp_path, tasks=(0,), heldout_evals="grpo", train_evals=False,
+                            sampled_evals=False, result_json=tmp_path / "record.json", media_dir=tmp_path / "media")
+    assert eval_protocols(experiment) == ()  # no eval stage plays the held-out episodes again
+    before, after = grpo_heldout_evals(experiment, grpo_metrics(tmp_path))
+    assert (before.success_rate, after.success_rate) == (0.2, 0.45) and after.ci95 == [0.35, 0.55]
+    assert before.episodes == after.episodes == 100
+    assert before.dtype == after.dtype == "float32"  # auto on the CPU (and the shipped model's training dtype)
+
+    record(experiment, {}, {})
+    recorded = json.loads((tmp_path / "record.json").read_text())
+    assert (recorded["heldout_success_sft"], recorded["heldout_success_grpo"]) == (0.2, 0.45)
+    assert recorded["episodes_eval"] == 100 and recorded["grpo_iterations"] == 4 and recorded["dtype"] == "float32"
+    assert recorded["heldout_evals"] == "grpo"
+    assert recorded["heldout_success_by_iteration"] == {"0": 0.2, "2": 0.3, "4": 0.45}
+    assert (tmp_path / "media" / "libero_learning_before.mp4").read_bytes() == b"iter000000_task00_init02_failure"
+    assert (tmp_path / "media" / "libero_learning_after.mp4").read_bytes() == b"iter000004_task00_init02_success"
+
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    with pytest.raises(ValueError, match=r"evals at iterations \[0, 2\], not at 0 and at its last iteration 3"):
+        grpo_heldout_evals(experiment, grpo_metrics(tmp_path))
+    (tmp_path / "grpo_from3").mkdir()
+    (tmp_path / "grpo_from3" / "metrics.jsonl").write_text(json.dumps(grpo_eval_row(1, 0.5)) + "\n")
+    with pytest.raises(ValueError, match="continued from an export"):
+        grpo_heldout_evals(experiment, grpo_metrics(tmp_path))
+    with pytest.raises(ValueError, match="--eval-every 0"):
+        Experiment(heldout_evals="grpo", eval_every=0)
 
 
 def test_seeds_demonstrate_training_init_states_only_and_differ():
