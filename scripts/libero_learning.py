@@ -48,7 +48,6 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
-from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_FILE
 
 from libero_env.suites import NUM_INIT_STATES, init_state_split
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint,
@@ -58,7 +57,7 @@ from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
 from vla_actor.checkpoint import CONFIG_FILE, atomic_directory
-from vla_actor.policy import checkpoint_dtype, resolve_dtype
+from vla_actor.policy import ADAPTER_CONFIG_FILE, checkpoint_dtype, resolve_dtype
 
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from peft.utils import (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict, load_peft_weights,
+                        set_peft_model_state_dict)
 from torch import nn
 from transformers import LlamaModel, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
@@ -48,6 +49,8 @@ PAD_ID = 32000
 SPACE_PIECE_ID = 29871  # "▁", the space after "Out:" (REF 3.1)
 OFT_PLACEHOLDER_ID = 1  # any id works: placeholder embeddings are zeroed (REF 6.2)
 OFT_CONFIG_HINTS = ("num_images_in_input", "use_proprio", "proprio_dim")
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+"""The files of a PEFT adapter directory."""
 LLM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -518,7 +521,7 @@ class VLAPolicy:
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load a PEFT adapter saved by `save_adapter` (or by PEFT for this model) as the trainable adapter."""
         directory = Path(directory)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
+        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{name} not found in {directory}: expected a PEFT adapter directory")
         self._check_adapter_fits(directory)
@@ -543,7 +546,7 @@ class VLAPolicy:
         """Every lora_A [r, in] / lora_B [out, r] of the adapter file must sit on a Linear of this model with those
         in / out features; an adapter trained on another base model is refused here, naming the first misfit,
         instead of deep inside PEFT's loading."""
-        weights = directory / "adapter_model.safetensors"
+        weights = directory / ADAPTER_WEIGHTS_FILE
         with open_safetensors(weights) as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         for key, shape in sorted(shapes.items()):
