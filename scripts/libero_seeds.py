@@ -2,12 +2,12 @@
 success before and after GRPO on the same held-out episodes, the mean and smallest lift, and a 95 % interval of
 the mean lift over seeds (Student's t on the per-seed lifts, which pairs each seed's before and after).
 
+    lora='--lora-rank 32 --lora-alpha 32 --lora-vision --lora-projector --no-dynamic-sampling --max-seconds 1200'
     for s in 1 2 3; do python -m scripts.libero_learning --seed $s --num-heldout 25 --tasks 0 1 2 3 \\
         --demos-per-task 3 --sft-steps 1000 --workers 16 --group-size 8 --groups 16 --temperature 0.5 \\
         --grpo-lr 1e-4 --ppo-epochs 2 --mini-batch-size 256 --eval-every 10 --grpo-iterations 10 \\
         --no-train-evals --no-sampled-evals --grpo-finetune lora --heldout-evals grpo --no-eval-videos \\
-        '--extra-grpo=--lora-rank 32 --lora-alpha 32 --lora-vision --lora-projector --no-dynamic-sampling \\
-        --max-seconds 1200' --work-dir runs/ll_seed$s --result-json runs/ll_seed$s/record.json; done
+        "--extra-grpo=$lora" --work-dir runs/ll_seed$s --result-json runs/ll_seed$s/record.json; done
     python -m scripts.libero_seeds runs/ll_seed1/record.json runs/ll_seed2/record.json runs/ll_seed3/record.json
 
 writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed). One
