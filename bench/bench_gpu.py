@@ -72,6 +72,9 @@ class BenchConfig:
     """OFT inputs measured (see OFT_SETUPS); the fastest is reported as oft_actions_per_s."""
     micro_batches: tuple[int, ...] = (4, 8, 16)
     """Micro-batch sizes tried for the update with gradient checkpointing."""
+    no_checkpoint_micro_batches: tuple[int, ...] = ()
+    """Micro-batch sizes also tried for the update without gradient checkpointing (every layer keeps its
+    activations, so the backward pass runs no second forward; results under update_curve_no_checkpointing)."""
     mini_batch: int = 64
     """Samples (env steps) per optimizer step in our update."""
     seed_samples: int = 16
@@ -336,6 +339,11 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     results.update(update_curve=update_curve, update_micro_batch=best_micro,
                    update_samples_per_s=update_curve[str(best_micro)]["samples_per_s"],
                    update_mini_batch=config.mini_batch)
+    if config.no_checkpoint_micro_batches:
+        policy.gradient_checkpointing(False)
+        results["update_curve_no_checkpointing"] = micro_batch_curve(
+            config, policy, optimizer, min(best_batch, 16), rng, config.no_checkpoint_micro_batches)
+        policy.gradient_checkpointing(True)
 
     # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
     results.update(iteration_peak(config, policy, optimizer, best_micro, rng))
@@ -391,13 +399,13 @@ def compiled_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.opti
 
 
 def micro_batch_curve(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, rollout_batch: int,
-                      rng: np.random.Generator) -> dict:
-    """Micro-batch size -> update samples/s and peak GiB (gradient checkpointing, one step per mini-batch; None
-    where it does not fit under the cap)."""
+                      rng: np.random.Generator, micro_batches: tuple[int, ...] | None = None) -> dict:
+    """Micro-batch size (config.micro_batches unless given) -> update samples/s and peak GiB (one step per
+    mini-batch, the policy's gradient checkpointing as set; None where it does not fit under the cap)."""
     device = policy.device
     data = sampled(policy, config.mini_batch, rollout_batch, rng, config.temperature)
     curve = {}
-    for micro in config.micro_batches:
+    for micro in micro_batches or config.micro_batches:
         reset_peak(device)
         rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro,
                                                               config.temperature))
