@@ -13,7 +13,8 @@ def test_bench_gpu_code_paths_run_on_cpu(tmp_path):
     torch.set_num_threads(1)
     output = tmp_path / "gpu_7b.json"
     config = BenchConfig(model="tiny", rollout_batches=(2, 4), oft_batches=(2,), micro_batches=(2, 4), mini_batch=8,
-                         no_checkpoint_micro_batches=(2,), seed_samples=2, repeats=1, iteration_steps=2, iteration_batch=4, output=output)
+                         no_checkpoint_micro_batches=(2,), seed_samples=2, repeats=1, iteration_steps=2,
+                         iteration_batch=4, output=output)
     results = main(config)
     saved = json.loads(output.read_text())
     keys = ("device", "mem_cap_gib", "rollout_actions_per_s_seed", "rollout_actions_per_s", "rollout_batch",
