@@ -13,7 +13,8 @@ on the CPU (the CI smoke test; there is no GPU timeline then).
 Per variant and phase the JSON has: the unprofiled median wall time per call; from the profiled calls the GPU-busy
 time (union of kernel, memcpy and memset intervals) against the wall time, so a host-bound gap shows as
 `gpu_idle_share`; kernel launches, CUDA-graph launches and host synchronizations per call; the host and GPU time of
-the phases the policy names (`OpenVLAModel.vision`, `GraphDecoder.prefill` / `.capture` / `.replay`, ...); the top
+the phases the policy names (`OpenVLAModel.vision`, `VisionGraph.capture` / `.replay`, `GraphDecoder.prefill` /
+`.capture` / `.replay`, ...); the top
 kernels by GPU time and the top operators by host time. `<output>.txt` holds the same as profiler tables.
 """
 
@@ -58,8 +59,9 @@ class ProfileConfig:
     """Observations per rollout query, one phase each: what stays fixed as the batch grows is the cost per call."""
     micro_batch: int = 16
     """Samples per update micro-batch (and per pi_old forward)."""
-    graph_decode: bool = True
-    """Decode steps replayed from a CUDA graph (VLAPolicy.graph_decode, the default); --no-graph-decode: eager."""
+    cuda_graphs: bool = True
+    """Vision towers and decode steps replayed from CUDA graphs (VLAPolicy.cuda_graphs, the default);
+    --no-cuda-graphs: eager."""
     calls: int = 3
     """Profiled calls per phase (after the warm-up calls)."""
     warmup_calls: int = 2
@@ -175,7 +177,7 @@ def profile_phase(config: ProfileConfig, device: torch.device, call: Callable[[]
                **trace_summary(json.loads(trace_path.read_text()), config.calls, config.top)}
     if device.type == "cuda" and summary["kernels_per_call"] == 0:
         raise SystemExit(f"profile_gpu.py: the {name} trace holds no GPU kernels (CUPTI recorded nothing); rerun "
-                         f"with --no-graph-decode to rule out the CUDA-graph decoder (--trace-dir keeps the traces)")
+                         f"with --no-cuda-graphs to rule out the CUDA graphs (--trace-dir keeps the traces)")
     summary["gpu_idle_share"] = (1.0 - summary["gpu_busy_s_per_call"] / summary["profiled_wall_s_per_call"]
                                  if device.type == "cuda" else None)
     summary["top_operators_by_host_time"] = top_operators(prof, config.calls, config.top)
@@ -198,12 +200,12 @@ def main(config: ProfileConfig) -> dict:
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
                      "rollout_batches": list(config.rollout_batches), "micro_batch": config.micro_batch,
-                     "calls": config.calls, "graph_decode": config.graph_decode, "variants": {}}
+                     "calls": config.calls, "cuda_graphs": config.cuda_graphs, "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:
         policy = build_policy(bench, "openvla", Path(workdir))
         policy.gradient_checkpointing(True)
-        policy.graph_decode = config.graph_decode
+        policy.cuda_graphs = config.cuda_graphs
         trace_dir = config.trace_dir or Path(workdir)
         trace_dir.mkdir(parents=True, exist_ok=True)
         for variant in config.variants:

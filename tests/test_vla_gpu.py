@@ -1,5 +1,6 @@
-"""On a GPU: the CUDA-graph decode equals eager decoding (tiny checkpoint, fp32 and bf16), and so do the compiled
-blocks (VLAPolicy.compile_layers); the 7B shape in bf16 with random weights: rollout, teacher forcing, a LoRA update
+"""On a GPU: the CUDA graphs of sampling (vision towers and decode steps, kept from call to call) equal eager runs
+(tiny checkpoint, fp32 and bf16), errors inside a capture reach the caller as themselves, the compiled blocks equal
+eager (VLAPolicy.compile_layers); the 7B shape in bf16 with random weights: rollout, teacher forcing, a LoRA update
 within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8, vla_actor.quant) with its memory.
 
 The 7B tests measure memory from what was allocated at their start, check that all of it is handed back once the
@@ -77,9 +78,10 @@ def observations(batch, seed=0):
     return rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8), INSTRUCTIONS[:batch]
 
 
-def tiny_policy_with_lora(directory, dtype):
+def tiny_policy_with_lora(directory, dtype, everywhere=False):
+    """The tiny look-alike with LoRA on the LLM (everywhere: on the projector and the ViTs too), adapters random."""
     policy = load_policy(make_tiny_checkpoint(directory / "openvla"), device="cuda", dtype=dtype)
-    policy.apply_lora(LoraSettings(rank=4, alpha=8))
+    policy.apply_lora(LoraSettings(rank=4, alpha=8, include_projector=everywhere, include_vision=everywhere))
     with torch.no_grad():
         for parameter in policy.trainable_parameters():  # B starts at zero: make the adapters change the outputs
             parameter.normal_(0.0, 0.1)
@@ -92,7 +94,7 @@ def test_graph_decode_equals_eager_decode(tmp_path, dtype, atol):
     images, instructions = observations(8)  # prompts of different lengths: right padding is exercised
     outputs = {}
     for graph in (False, True):
-        policy.graph_decode = graph
+        policy.cuda_graphs = graph
         generator = torch.Generator("cuda").manual_seed(0)
         outputs[graph] = (policy.sample(images, instructions, temperature=1.6, generator=generator),
                           policy.sample(images, instructions, temperature=1.6, greedy=True))
@@ -100,6 +102,78 @@ def test_graph_decode_equals_eager_decode(tmp_path, dtype, atol):
         assert torch.equal(eager.token_ids, fast.token_ids)
         assert torch.allclose(eager.log_probs, fast.log_probs, atol=atol)
         assert np.array_equal(eager.actions, fast.actions)
+
+
+def sample_graph_and_eager(policy, images, instructions):
+    """The same draws with the CUDA-graph decoder and eagerly; the policy is left decoding with graphs."""
+    results = []
+    for graph in (True, False):
+        policy.cuda_graphs = graph
+        generator = torch.Generator("cuda").manual_seed(0)
+        results.append(policy.sample(images, instructions, temperature=1.6, generator=generator))
+    policy.cuda_graphs = True
+    return results
+
+
+def assert_same_samples(graph, eager, atol):
+    assert torch.equal(graph.token_ids, eager.token_ids)
+    assert torch.allclose(graph.log_probs, eager.log_probs, atol=atol)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(tmp_path, dtype, atol):
+    """The vision and decode graphs kept between calls of one shape equal eager runs for other images, after an
+    in-place update of the adapters (the optimizer's; on the ViTs too) and inside adapter_disabled(); a shape is
+    captured once, and another shape, a disabled adapter and a teacher-forced forward each lead to new captures."""
+    policy = tiny_policy_with_lora(tmp_path, dtype, everywhere=True)
+    images, instructions = observations(8)
+    assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
+    other_images, _ = observations(8, seed=1)
+    assert_same_samples(*sample_graph_and_eager(policy, other_images, instructions), atol)
+    assert policy.graph_captures == {"vision": 1, "decode": 1}
+    with torch.no_grad():
+        for parameter in policy.trainable_parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=0.1)
+    assert_same_samples(*sample_graph_and_eager(policy, other_images, instructions), atol)
+    assert policy.graph_captures == {"vision": 1, "decode": 1}
+    with policy.adapter_disabled():
+        assert_same_samples(*sample_graph_and_eager(policy, other_images, instructions), atol)
+    assert policy.graph_captures == {"vision": 2, "decode": 2}
+    assert_same_samples(*sample_graph_and_eager(policy, images[:4], instructions[:4]), atol)
+    assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
+    assert policy.graph_captures == {"vision": 4, "decode": 4}
+    with torch.no_grad():
+        policy.log_probs(images, instructions, policy.sample(images, instructions, greedy=True).token_ids)
+    assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
+    assert policy.graph_captures == {"vision": 5, "decode": 5}
+
+
+def test_errors_inside_a_decode_capture(tmp_path, monkeypatch):
+    """An out-of-memory error inside a capture is retried once (after emptying the allocator's cache, which a
+    capture cannot do) and a second one reaches the caller as itself; any other error reaches the caller as itself,
+    with the stream out of capture mode, and the next call captures afresh."""
+    policy = tiny_policy_with_lora(tmp_path, torch.float32)
+    llama, failures = policy._llama, []
+
+    def forward(*args):
+        if torch.cuda.is_current_stream_capturing() and failures:
+            raise failures.pop()
+        return llama(*args)
+
+    monkeypatch.setattr(policy, "_llama", forward)
+    images, instructions = observations(8)
+    failures[:] = [torch.OutOfMemoryError("CUDA out of memory (raised by the test)")]
+    assert_same_samples(*sample_graph_and_eager(policy, images, instructions), 1e-5)
+    assert policy.graph_captures == {"vision": 1, "decode": 1}
+    for error in (ValueError("raised by the test"), torch.OutOfMemoryError("CUDA out of memory (raised by the test)")):
+        policy.release_graphs()
+        failures[:] = [error, error]
+        with pytest.raises(type(error), match="raised by the test"):
+            policy.sample(images, instructions, greedy=True)
+        assert not torch.cuda.is_current_stream_capturing()
+        failures.clear()
+        assert_same_samples(*sample_graph_and_eager(policy, images, instructions), 1e-5)
+    assert policy.graph_captures["decode"] == 3
 
 
 def test_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, monkeypatch):
@@ -176,7 +250,7 @@ def test_compiled_blocks_equal_eager(tmp_path, monkeypatch, graph_decode):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     policy = apply_trained_adapter(load_policy(make_tiny_checkpoint(tmp_path / "openvla"), device="cuda"))
-    policy.graph_decode = graph_decode
+    policy.cuda_graphs = graph_decode
     policy.gradient_checkpointing(True)
     assert_compiled_equals_eager(policy, "inductor", atol=1e-4)
 

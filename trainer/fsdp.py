@@ -69,8 +69,8 @@ def shard(policy: VLAPolicy) -> list[FSDPModule]:
     # FSDP takes the first unit to run forward as the root: VLAPolicy's calls start with prefix_embeddings.
     for method in ("prefix_embeddings", "action_logits"):
         register_fsdp_forward_method(model, method)
-    # A CUDA graph would capture FSDP's hooks and their stream syncs; sharded policies decode eagerly.
-    policy.graph_decode = False
+    # A CUDA graph would capture FSDP's hooks and their stream syncs; sharded policies run eagerly.
+    policy.cuda_graphs = False
     return units
 
 

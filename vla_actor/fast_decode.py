@@ -5,8 +5,8 @@
 step. One decode step of the 7B model with PEFT LoRA on every linear layer is ~2,000 small kernel launches, so on a
 slow host it is bound by the launches, not by the GPU. `GraphDecoder` (CUDA only) runs the same steps on a
 transformers StaticCache with a prepared 4D mask, so every step has the same shapes and buffer addresses: the first
-step runs eagerly (warm-up), is then captured in a CUDA graph, and the remaining steps replay it. The capture lives
-for one `sample` call, so batch size and prompt length may change between calls and adapter updates are always seen.
+step of a new (batch size, prompt length) runs eagerly (warm-up) and is then captured in a CUDA graph; every other
+step, in this call and in later calls of that shape, replays it.
 Each phase is a named range in torch.profiler traces (bench/profile_gpu.py): `GraphDecoder.prefill`,
 `GraphDecoder.capture` (the eager warm-up step, the capture and the graph's instantiation), `GraphDecoder.replay`,
 `DynamicDecoder.prefill`, `DynamicDecoder.step`.
@@ -14,12 +14,15 @@ Each phase is a named range in torch.profiler traces (bench/profile_gpu.py): `Gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.profiler import record_function
 from transformers import DynamicCache, PretrainedConfig, StaticCache
 from transformers.cache_utils import Cache
+
+from vla_actor.cuda_graphs import capture
 
 # (embeddings [B, Q, D], attention mask, position ids [B, Q], KV cache) -> last hidden states [B, Q, D]
 LlamaForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache], torch.Tensor]
@@ -63,74 +66,134 @@ class DynamicDecoder:
 
 
 class GraphDecoder:
-    """Same results as `DynamicDecoder`, with steps 2.. replayed from a CUDA graph. Use it as a context manager:
-    leaving the block waits for the last replay before the graph and its memory are released."""
+    """Same results as `DynamicDecoder`, with the decode steps replayed from a CUDA graph. A policy keeps one and
+    starts each call with `start(valid, prompt_end)` (a context manager). The captured step, its KV cache and its
+    input buffers outlive the call: the next call of the same batch size and prompt length resets them in place and
+    replays from its first step, so only a new shape pays for a capture (44-66 ms of a 7B call, bench/results/
+    profile_7b.json). A replay runs the captured kernels on the captured tensors: in-place weight updates (the
+    optimizer's) are seen, new modules or a disabled adapter are not, so the owner calls `release()` whenever
+    its modules change and before training forwards, which need the memory."""
 
-    def __init__(self, forward: LlamaForward, config: PretrainedConfig, valid: torch.Tensor, prompt_end: torch.Tensor,
-                 new_tokens: int, stream: torch.cuda.Stream):
-        """valid: bool [B, M], False on right padding; prompt_end: long [B]; new_tokens: how many steps follow;
-        stream: a side stream for warm-up and capture, best reused across calls (cuBLAS keeps a workspace per
-        stream)."""
-        if valid.device.type != "cuda":
-            raise ValueError(f"GraphDecoder needs a CUDA device, got {valid.device}; use DynamicDecoder")
-        batch, self._length = valid.shape
-        self._stream = stream
-        slots = -(-(self._length + new_tokens) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    def __init__(self, forward: LlamaForward, config: PretrainedConfig, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"GraphDecoder needs a CUDA device, got {device}; use DynamicDecoder")
         self._forward = forward
         self._config = config
-        self._cache = StaticCache(config=config, max_cache_len=slots)
-        # Which cache slots each sample attends to: its valid prompt, then one more slot per step. Static buffers:
-        # the captured step reads them, and they are updated in place between replays.
-        self._visible = torch.zeros(batch, slots, dtype=torch.bool, device=valid.device)
-        self._visible[:, : self._length] = valid
-        self._positions = prompt_end[:, None].clone()
-        self._embeddings: torch.Tensor | None = None
-        self._hidden: torch.Tensor | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
+        # warm-up and capture run on a side stream, reused across calls (cuBLAS keeps a workspace per stream)
+        self._stream = torch.cuda.Stream(device)
+        self._pool: torch.cuda.MemPool | None = None
+        self._shape: _CapturedShape | None = None
+        self._length = 0
         self._steps = 0
+        self.captures = 0
+        """How many decode steps were captured so far (one per new shape)."""
+
+    def start(self, valid: torch.Tensor, prompt_end: torch.Tensor, new_tokens: int) -> GraphDecoder:
+        """Begin a call. valid: bool [B, M], False on right padding; prompt_end: long [B]; new_tokens: how many
+        steps follow."""
+        batch, self._length = valid.shape
+        slots = -(-(self._length + new_tokens) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        key = (batch, self._length, slots)
+        if self._shape is None or self._shape.key != key:
+            self._drop_shape()
+            self._shape = _CapturedShape(key, StaticCache(config=self._config, max_cache_len=slots),
+                                         torch.zeros(batch, slots, dtype=torch.bool, device=valid.device),
+                                         torch.empty(batch, 1, dtype=torch.long, device=valid.device))
+        else:
+            self._shape.cache.reset()  # in place: the captured step holds the addresses of its tensors
+        shape = self._shape
+        shape.visible.zero_()
+        shape.visible[:, : self._length] = valid
+        shape.positions.copy_(prompt_end[:, None])
+        self._steps = 0
+        return self
 
     def __enter__(self) -> GraphDecoder:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        torch.cuda.current_stream(self._visible.device).synchronize()
-        self._graph = None
+    def __exit__(self, error_type, *exc_info) -> None:
+        if error_type is not None:  # a call stopped part-way: capture again rather than trust its buffers
+            self.release()
+
+    def keep_only_batch(self, batch: int) -> None:
+        """Free what is kept for another batch size now, before the caller allocates the next call's activations
+        (a 7B KV cache of 64 samples is 9 GiB)."""
+        if self._shape is not None and self._shape.key[0] != batch:
+            self._drop_shape()
+
+    def release(self) -> None:
+        """Free the captured step, its KV cache and its memory pool (after the last replay has finished)."""
+        self._drop_shape()
+        self._pool = None
+
+    def _drop_shape(self) -> None:
+        if self._shape is not None:
+            torch.cuda.current_stream(self._shape.visible.device).synchronize()
+            self._shape = None
 
     def prefill(self, embeddings: torch.Tensor) -> torch.Tensor:
-        batch, slots = self._visible.shape
-        # Allocate the cache before the prefill: lazily, each layer's first update copies its slot counter to the
-        # GPU, a blocking copy per layer that held the host in step with the GPU (batch 8: 18 -> 25 actions/s).
-        config = self._config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._cache.early_initialization(batch, config.num_key_value_heads, head_dim, embeddings.dtype,
-                                         embeddings.device)
+        shape = self._shape
+        batch, slots = shape.visible.shape
+        if not shape.cache_ready:
+            # Allocate the cache before the prefill: lazily, each layer's first update copies its slot counter to
+            # the GPU, a blocking copy per layer that held the host in step with the GPU (batch 8: 18 -> 25
+            # actions/s).
+            config = self._config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            shape.cache.early_initialization(batch, config.num_key_value_heads, head_dim, embeddings.dtype,
+                                             embeddings.device)
+            shape.cache_ready = True
         causal = torch.ones(self._length, slots, dtype=torch.bool, device=embeddings.device).tril()
-        mask = (causal & self._visible[:, None, :])[:, None]
+        mask = (causal & shape.visible[:, None, :])[:, None]
         positions = torch.arange(self._length, device=embeddings.device).expand(batch, self._length)
         with record_function("GraphDecoder.prefill"):
-            return self._forward(embeddings, mask, positions, self._cache)
+            return self._forward(embeddings, mask, positions, shape.cache)
 
     def step(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings [B, 1, D]; the returned hidden states are overwritten by the next step."""
-        self._visible[:, self._length + self._steps] = True
+        shape = self._shape
+        shape.visible[:, self._length + self._steps] = True
         self._steps += 1
-        if self._graph is not None:
-            self._positions.add_(1)
-            self._embeddings.copy_(embeddings)
+        if shape.graph is not None:
+            if self._steps > 1:
+                shape.positions.add_(1)
+            shape.embeddings.copy_(embeddings)
             with record_function("GraphDecoder.replay"):
-                self._graph.replay()
-            return self._hidden
-        self._embeddings = embeddings.clone()
-        mask = self._visible[:, None, None, :]
+                shape.graph.replay()
+            return shape.hidden
+        shape.embeddings = embeddings.clone()
+        mask = shape.visible[:, None, None, :]
         current, side = torch.cuda.current_stream(embeddings.device), self._stream
         # Warm up on the capture stream (cuBLAS workspaces, attention plans), then record the same step.
         side.wait_stream(current)
         with torch.cuda.stream(side), record_function("GraphDecoder.capture"):
-            hidden = self._forward(self._embeddings, mask, self._positions, self._cache)
-            self._graph = torch.cuda.CUDAGraph()
-            self._graph.capture_begin()
-            self._hidden = self._forward(self._embeddings, mask, self._positions, self._cache)
-            self._graph.capture_end()
+            hidden = self._forward(shape.embeddings, mask, shape.positions, shape.cache)
+            self._capture(mask)
         current.wait_stream(side)
         hidden.record_stream(current)  # allocated on the side stream, read on this one
         return hidden
+
+    def _capture(self, mask: torch.Tensor) -> None:
+        """Record one step into a graph. Every capture allocates from one memory pool, so a new shape reuses what
+        the last one freed (a fresh pool per capture held each one's memory until the next out-of-memory outside a
+        capture)."""
+        shape = self._shape
+        if self._pool is None:
+            self._pool = torch.cuda.MemPool()
+        shape.graph, shape.hidden = capture(
+            lambda: self._forward(shape.embeddings, mask, shape.positions, shape.cache), self._pool)
+        self.captures += 1
+
+
+@dataclass
+class _CapturedShape:
+    """What a captured decode step reads and writes, for one (batch, prompt length, cache slots)."""
+
+    key: tuple[int, int, int]
+    cache: StaticCache
+    visible: torch.Tensor  # bool [B, slots]: the cache slots each sample attends to, one more per step
+    positions: torch.Tensor  # long [B, 1]: each sample's position of the current step
+    embeddings: torch.Tensor | None = None  # [B, 1, D]: the step's input, copied in before each replay
+    hidden: torch.Tensor | None = None  # [B, 1, D]: the captured step's output
+    graph: torch.cuda.CUDAGraph | None = None
+    cache_ready: bool = False  # the cache's tensors are allocated (at the first prefill, in its dtype)

@@ -154,12 +154,19 @@ class OpenVLAModel(nn.Module):
 
     def prefix_embeddings(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
         """Projected patches [B, 256n, D], followed by one proprio token when `proprio` [B, P] is given."""
+        return self.append_proprio(self.patch_embeddings(pixel_values), proprio)
+
+    def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision towers and the projector: [B, 3n, 224, 224] -> projected patches [B, 256n, D]."""
         with record_function("OpenVLAModel.vision"):  # a named range in torch.profiler traces (bench/profile_gpu.py)
-            prefix = self.projector(self.vision_backbone(pixel_values))
+            return self.projector(self.vision_backbone(pixel_values))
+
+    def append_proprio(self, patches: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
+        """patches [B, N, D], followed by one proprio token when `proprio` [B, P] is given."""
         if proprio is None:
-            return prefix
-        proprio_token = self.proprio_projector(proprio.to(prefix.dtype)).unsqueeze(1)
-        return torch.cat([prefix, proprio_token], dim=1)
+            return patches
+        proprio_token = self.proprio_projector(proprio.to(patches.dtype)).unsqueeze(1)
+        return torch.cat([patches, proprio_token], dim=1)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(token_ids)

@@ -18,7 +18,6 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   PROPRIO_PATTERN, TRAINING_DTYPE_KEY, atomic_directory, check_keys, dtype_name,
                                   find_one, open_safetensors, read_json, read_norm_stats, read_weights,
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
+from vla_actor.cuda_graphs import KeptGraph
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.model import (EMPTY_PARTS, IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, fill,
                              to_file_key, to_module_key)
@@ -136,8 +136,12 @@ class _Inputs:
 class VLAPolicy:
     """An OpenVLA or OpenVLA-OFT policy. Build it with `load_policy`.
 
-    `graph_decode` (default True): on CUDA, OpenVLA's decode steps are replayed from a CUDA graph
-    (`fast_decode.GraphDecoder`, same results); set it to False for eager steps.
+    `cuda_graphs` (default True): on CUDA, `sample` replays the vision towers (`cuda_graphs.KeptGraph`) and
+    OpenVLA's decode steps (`fast_decode.GraphDecoder`) from CUDA graphs, same results, each kept from one call to
+    the next of the same batch size (and prompt length); set it to False to run them eagerly (what is kept stays
+    until `release_graphs`). The kept graphs and the KV cache are freed by every teacher-forced forward
+    (`log_probs`, `token_cross_entropy`: the update needs the memory) and by every change to the modules (LoRA,
+    compilation, a disabled adapter), which a replay would not see.
     `carried_files`: the source checkpoint's tokenizer and remote-code files (name -> bytes), which exports write
     back verbatim; empty for a policy built in memory, whose exports get a tokenizer.json written from `tokenizer`.
     """
@@ -159,7 +163,9 @@ class VLAPolicy:
         self.action_dim = self.stats.action_dim
         self.tokens_per_query = OFT_CHUNK * self.action_dim if is_oft else self.action_dim
         self._peft: PeftModel | None = None
-        self.graph_decode = True
+        self.cuda_graphs = True
+        self._graph_decoder: GraphDecoder | None = None
+        self._vision_graph: KeptGraph | None = None
         if uses_proprio and self.stats.proprio_q01 is None:
             raise ValueError(f"the checkpoint uses proprio but statistics {self.unnorm_key!r} have no proprio q01/q99")
 
@@ -282,14 +288,17 @@ class VLAPolicy:
                              f"got {temperature!r}")
 
     @contextmanager
-    def _mode(self, training: bool) -> Iterator[None]:
+    def _mode(self, training: bool, cache_casts: bool = True) -> Iterator[None]:
         """Train/eval mode for the block, and autocast for half-precision weights: PEFT keeps the adapters in
         float32 (exact optimizer updates) and would otherwise upcast every activation entering a LoRA layer to
-        float32, which tripled the rollout time of the 7B model (BENCHMARKS.md)."""
+        float32, which tripled the rollout time of the 7B model (BENCHMARKS.md). cache_casts=False makes autocast
+        cast the adapters at every use instead of once per block, as a CUDA graph kept beyond the block must read
+        the adapters themselves, not copies freed when the block ends."""
         previous = self.model.training
         self.model.train(training)
         try:
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                                cache_enabled=cache_casts):
                 yield
         finally:
             self.model.train(previous)
@@ -300,10 +309,32 @@ class VLAPolicy:
             if isinstance(module, LoraLayer):
                 module.cast_input_dtype_enabled = self.dtype == torch.float32
 
-    @cached_property
-    def _capture_stream(self) -> torch.cuda.Stream:
-        """The side stream of every decode-step capture of this policy (`GraphDecoder`)."""
-        return torch.cuda.Stream(self.device)
+    @property
+    def _replays_graphs(self) -> bool:
+        return self.cuda_graphs and self.device.type == "cuda"
+
+    @property
+    def graph_captures(self) -> dict[str, int]:
+        """How many CUDA-graph captures this policy has made, per part (one per new shape)."""
+        return {"vision": 0 if self._vision_graph is None else self._vision_graph.captures,
+                "decode": 0 if self._graph_decoder is None else self._graph_decoder.captures}
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs kept from the last `sample` call and the KV cache (see the class docstring)."""
+        for graphed in (self._vision_graph, self._graph_decoder):
+            if graphed is not None:
+                graphed.release()
+
+    def _prefix(self, images, wrist, proprio, batch: int) -> torch.Tensor:
+        """The prefix embeddings of a no-grad call, the vision towers replayed from a kept CUDA graph where
+        `cuda_graphs` allows (its output is overwritten by the next call; the prefix is copied into each call's
+        embeddings before then)."""
+        pixels, proprio = self._pixel_values(images, wrist, batch), self._proprio(proprio, batch)
+        if not self._replays_graphs:  # the one entry point (FSDP runs its root's hooks there, trainer/fsdp.py)
+            return self.model.prefix_embeddings(pixels, proprio)
+        if self._vision_graph is None:
+            self._vision_graph = KeptGraph(self.model.patch_embeddings, self.device, "VisionGraph")
+        return self.model.append_proprio(self._vision_graph(pixels), proprio)
 
     # --------------------------------------------------------------------------------------- rollout and loss
 
@@ -319,9 +350,10 @@ class VLAPolicy:
         """
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
-        with self._mode(False):
-            prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
-                                                  self._proprio(proprio, batch))
+        if self._replays_graphs and self._graph_decoder is not None:  # free another batch size's KV cache first
+            self._graph_decoder.keep_only_batch(batch)
+        with self._mode(False, cache_casts=not self._replays_graphs):
+            prefix = self._prefix(images, wrist, proprio, batch)
             prompts = self.prompt_ids(instructions)
 
             def choose(log_probs: torch.Tensor) -> torch.Tensor:
@@ -349,9 +381,10 @@ class VLAPolicy:
         """7 tokens with a KV cache; every step feeds each sample's token at its own next position."""
         inputs = self._inputs(prefix, prompts, None)
         config = self.model.language_model.config
-        if self.graph_decode and self.device.type == "cuda":
-            decoder = GraphDecoder(self._llama, config, inputs.valid, inputs.prompt_end, self.tokens_per_query - 1,
-                                   self._capture_stream)
+        if self._replays_graphs:
+            if self._graph_decoder is None:
+                self._graph_decoder = GraphDecoder(self._llama, config, self.device)
+            decoder = self._graph_decoder.start(inputs.valid, inputs.prompt_end, self.tokens_per_query - 1)
         else:
             decoder = DynamicDecoder(self._llama, config, inputs.valid, inputs.prompt_end)
         columns, chosen = [], []
@@ -382,6 +415,7 @@ class VLAPolicy:
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
+        self.release_graphs()
         with self._mode(torch.is_grad_enabled()):
             prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
                                                   self._proprio(proprio, batch))
@@ -408,6 +442,7 @@ class VLAPolicy:
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
         targets = torch.cat([token_ids, torch.full_like(token_ids[:, :1], STOP_ID)], dim=1)
+        self.release_graphs()
         with self._mode(torch.is_grad_enabled()):
             prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
                                                   self._proprio(proprio, batch))
@@ -457,6 +492,7 @@ class VLAPolicy:
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                             target_modules=lora_target_modules(self.model, settings),
                             init_lora_weights=True if settings.init == "default" else settings.init)
+        self.release_graphs()
         with without_peft_requantize_warning():
             self._peft = get_peft_model(self.model, config)
         self._adapters_follow_autocast()
@@ -497,14 +533,19 @@ class VLAPolicy:
             attention = layer.self_attn
             blocks += [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, attention.q_proj,
                        attention.k_proj, attention.v_proj, attention.o_proj]
+        self.release_graphs()
         for block in blocks:
             block.compile(backend=backend, dynamic=True)
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """The base model (adapters bypassed) inside the block, e.g. for a KL reference; no copy is made."""
-        with self._peft.disable_adapter() if self._peft is not None else nullcontext():
-            yield
+        self.release_graphs()
+        try:
+            with self._peft.disable_adapter() if self._peft is not None else nullcontext():
+                yield
+        finally:
+            self.release_graphs()
 
     def _require_lora(self, action: str) -> PeftModel:
         if self._peft is None:
@@ -526,6 +567,7 @@ class VLAPolicy:
                 raise FileNotFoundError(f"{name} not found in {directory}: expected a PEFT adapter directory")
         self._check_adapter_fits(directory)
         if self._peft is None:
+            self.release_graphs()
             with without_peft_requantize_warning():
                 self._peft = PeftModel.from_pretrained(self.model, directory, is_trainable=True)
             self._adapters_follow_autocast()
