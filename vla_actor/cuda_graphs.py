@@ -16,6 +16,21 @@ import torch
 from torch.profiler import record_function
 
 
+def warm_up_and_capture(run: Callable[[], torch.Tensor], stream: torch.cuda.Stream,
+                        pool: torch.cuda.MemPool) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run `run()` once eagerly on the side `stream` (cuBLAS workspaces, attention plans), then `capture` it there.
+    Returns the eager run's output (this call's result, readable on the current stream), the graph and the graph's
+    output buffer. Reuse the stream across captures: cuBLAS keeps a workspace per stream."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        output = run()
+        graph, graph_output = capture(run, pool)
+    current.wait_stream(stream)
+    output.record_stream(current)  # allocated on the side stream, read on this one
+    return output, graph, graph_output
+
+
 def capture(run: Callable[[], torch.Tensor], pool: torch.cuda.MemPool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Record `run()` (on the current stream, after a warm-up by the caller) into a graph allocating from `pool`.
 
@@ -78,14 +93,10 @@ class KeptGraph:
         self._drop()
         if self._pool is None:
             self._pool = torch.cuda.MemPool()
-        current, side = torch.cuda.current_stream(x.device), self._stream
-        side.wait_stream(current)
-        with torch.cuda.stream(side), record_function(f"{self._name}.capture"):
-            self._input = x.clone()
-            output = self._function(self._input)  # warm-up (cuBLAS workspaces, attention plans) and this call's result
-            self._graph, self._output = capture(lambda: self._function(self._input), self._pool)
-        current.wait_stream(side)
-        output.record_stream(current)  # allocated on the side stream, read on this one
+        self._input = x.clone()
+        with record_function(f"{self._name}.capture"):
+            output, self._graph, self._output = warm_up_and_capture(lambda: self._function(self._input),
+                                                                    self._stream, self._pool)
         self._key = key
         self.captures += 1
         return output

@@ -22,7 +22,7 @@ from torch.profiler import record_function
 from transformers import DynamicCache, PretrainedConfig, StaticCache
 from transformers.cache_utils import Cache
 
-from vla_actor.cuda_graphs import capture
+from vla_actor.cuda_graphs import warm_up_and_capture
 
 # (embeddings [B, Q, D], attention mask, position ids [B, Q], KV cache) -> last hidden states [B, Q, D]
 LlamaForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache], torch.Tensor]
@@ -79,7 +79,6 @@ class GraphDecoder:
             raise ValueError(f"GraphDecoder needs a CUDA device, got {device}; use DynamicDecoder")
         self._forward = forward
         self._config = config
-        # warm-up and capture run on a side stream, reused across calls (cuBLAS keeps a workspace per stream)
         self._stream = torch.cuda.Stream(device)
         self._pool: torch.cuda.MemPool | None = None
         self._shape: _CapturedShape | None = None
@@ -163,26 +162,15 @@ class GraphDecoder:
             return shape.hidden
         shape.embeddings = embeddings.clone()
         mask = shape.visible[:, None, None, :]
-        current, side = torch.cuda.current_stream(embeddings.device), self._stream
-        # Warm up on the capture stream (cuBLAS workspaces, attention plans), then record the same step.
-        side.wait_stream(current)
-        with torch.cuda.stream(side), record_function("GraphDecoder.capture"):
-            hidden = self._forward(shape.embeddings, mask, shape.positions, shape.cache)
-            self._capture(mask)
-        current.wait_stream(side)
-        hidden.record_stream(current)  # allocated on the side stream, read on this one
-        return hidden
-
-    def _capture(self, mask: torch.Tensor) -> None:
-        """Record one step into a graph. Every capture allocates from one memory pool, so a new shape reuses what
-        the last one freed (a fresh pool per capture held each one's memory until the next out-of-memory outside a
-        capture)."""
-        shape = self._shape
+        # Every capture allocates from one memory pool, so a new shape reuses what the last one freed (a fresh pool
+        # per capture held each one's memory until the next out-of-memory outside a capture).
         if self._pool is None:
             self._pool = torch.cuda.MemPool()
-        shape.graph, shape.hidden = capture(
-            lambda: self._forward(shape.embeddings, mask, shape.positions, shape.cache), self._pool)
+        with record_function("GraphDecoder.capture"):
+            hidden, shape.graph, shape.hidden = warm_up_and_capture(
+                lambda: self._forward(shape.embeddings, mask, shape.positions, shape.cache), self._stream, self._pool)
         self.captures += 1
+        return hidden
 
 
 @dataclass
