@@ -120,7 +120,7 @@ class GRPOTrainer:
                     self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
                     cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
-                    overlap=cfg.env.overlap_rollouts)
+                    overlap=cfg.env.overlap_rollouts, fixed_batch=self.policy.fixed_batch)
             rollout_seconds = time.perf_counter() - started
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
@@ -325,7 +325,8 @@ class GRPOTrainer:
         with fsdp.gathered(self.units):
             results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
-                               progress=self.config.logging.progress, overlap=self.config.env.overlap_rollouts)
+                               progress=self.config.logging.progress, overlap=self.config.env.overlap_rollouts,
+                               fixed_batch=self.policy.fixed_batch)
         return results.metrics("eval")
 
     def save(self) -> None:
@@ -447,7 +448,8 @@ def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path
     try:
         results = evaluate(env, policy, [EpisodeSpec(t, i, scene=config.seed) for t in task_ids for i in inits],
                            inputs, ctx, results_dir / "videos", "eval", config.num_videos, progress=config.progress,
-                           temperature=config.temperature, overlap=config.env.overlap_rollouts)
+                           temperature=config.temperature, overlap=config.env.overlap_rollouts,
+                           fixed_batch=policy.fixed_batch)
         instructions = {t: env.instruction(t) for t in task_ids}
         if ctx.is_main:
             write_results(results_dir, results, instructions, config_to_dict(config), dtype_name(policy.dtype))

@@ -186,6 +186,24 @@ def test_overlapped_rollouts_play_the_same_greedy_episodes(tiny_policy, num_envs
                              ("receive", first), ("sample", len(first))]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_fixed_batch_queries_every_env_and_plays_the_same_greedy_episodes(tiny_policy, overlap):
+    assert not tiny_policy.fixed_batch  # no CUDA graphs on the CPU: rollouts query the running envs only
+    specs = [EpisodeSpec(task, init, record_video=init == 1) for task in range(4) for init in range(2)]  # refills
+    inputs = PolicyInputs(wrist=False, proprio=False)
+    played, batches = {}, {}
+    for fixed_batch in (False, True):
+        log = CallLog(ToyVectorEnv(4, horizon=4), tiny_policy)
+        played[fixed_batch] = play_episodes(log, log, specs, np.arange(8), inputs, temperature=1.0, greedy=True,
+                                            keep_steps=True, overlap=overlap, fixed_batch=fixed_batch)
+        batches[fixed_batch] = {size for call, size in log.calls if call == "sample"}
+        log.env.close()
+    assert episode_steps(played[True]) == episode_steps(played[False])
+    assert played[True].videos.keys() == played[False].videos.keys() == {1, 3, 5, 7}
+    full = 2 if overlap else 4
+    assert batches[True] == {full} and min(batches[False]) < full  # resets and the tail shrank the plain batches
+
+
 class LosingToyEnv(ToyVectorEnv):
     """Reports env `victim`'s episode lost (its worker died) at the `at`-th receive_step that moved it."""
 

@@ -126,6 +126,7 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     in-place update of the adapters (the optimizer's; on the ViTs too) and inside adapter_disabled(); a shape is
     captured once, and another shape, a disabled adapter and a teacher-forced forward each lead to new captures."""
     policy = tiny_policy_with_lora(tmp_path, dtype, everywhere=True)
+    assert policy.fixed_batch  # rollouts keep the batch of a round the same for the kept graphs
     images, instructions = observations(8)
     assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
     other_images, _ = observations(8, seed=1)

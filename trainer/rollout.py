@@ -152,13 +152,16 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
 
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
-                  progress: bool = False, overlap: bool = False) -> Rollouts:
+                  progress: bool = False, overlap: bool = False, fixed_batch: bool = False) -> Rollouts:
     """Plays `specs` on env.num_envs envs and returns their outcomes, plus every policy step when `keep_steps`.
     An env starts its next episode (next_episode) as soon as its last one ends, and resets while the others step
     (reset(wait=False)), so no env waits for the longest episode of a batch or for another env's scene build.
     With `overlap`, the envs play as two fixed halves: one half's simulators execute its actions while the policy
     samples the other half's (sample A, send A, sample B, send B, receive A, sample A, send A, receive B, ...), so
-    the policy and the simulators work at the same time, at half the batch per query."""
+    the policy and the simulators work at the same time, at half the batch per query. With `fixed_batch` every
+    query holds all the envs of its half, idle or resetting ones too (with their last observation; their actions
+    are dropped), so its shape stays the same while envs reset: what a policy that keeps CUDA graphs per batch size
+    replays instead of capturing anew (VLAPolicy.fixed_batch)."""
     n, total = env.num_envs, len(specs)
     steps: dict[str, list] = {k: [] for k in ("agentview", "wrist", "proprio", "instructions", "token_ids",
                                               "log_probs", "step_episode")}
@@ -217,24 +220,25 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
                 continue
             obs, alive = observations[half], envs[running[envs]]
             if alive.size:
-                instructions = [obs.instructions[i] for i in alive]
+                queried = envs if fixed_batch else alive
+                used = torch.from_numpy(running[queried])  # the queried rows whose actions are played
                 started = time.perf_counter()
-                out = policy.sample(obs.agentview[alive], instructions,
-                                    wrist=obs.wrist[alive] if inputs.wrist else None,
-                                    proprio=obs.proprio[alive] if inputs.proprio else None,
+                out = policy.sample(obs.agentview[queried], [obs.instructions[i] for i in queried],
+                                    wrist=obs.wrist[queried] if inputs.wrist else None,
+                                    proprio=obs.proprio[queried] if inputs.proprio else None,
                                     temperature=temperature, greedy=greedy)
                 model_seconds += time.perf_counter() - started
                 actions = np.zeros((len(envs), *out.actions.shape[1:]), dtype=np.float32)
-                actions[running[envs]] = out.actions
+                actions[running[envs]] = out.actions[used.numpy()]
                 if keep_steps:
                     steps["agentview"].append(obs.agentview[alive])
                     if inputs.wrist:
                         steps["wrist"].append(obs.wrist[alive])
                     if inputs.proprio:
                         steps["proprio"].append(obs.proprio[alive])
-                    steps["instructions"].extend(instructions)
-                    steps["token_ids"].append(out.token_ids.cpu())
-                    steps["log_probs"].append(out.log_probs.float().cpu())
+                    steps["instructions"].extend(obs.instructions[i] for i in alive)
+                    steps["token_ids"].append(out.token_ids.cpu()[used])
+                    steps["log_probs"].append(out.log_probs.float().cpu()[used])
                     steps["step_episode"].append(playing[alive])
             else:  # every env of the half is resetting: receive_step only waits for one
                 actions = np.zeros((len(envs), ACTION_DIM), dtype=np.float32)
@@ -277,7 +281,8 @@ def count_groups(where: np.ndarray, group_ids: np.ndarray) -> int:
 
 def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
-                   progress: bool = False, overlap: bool = False) -> tuple[Rollouts, dict[str, float]]:
+                   progress: bool = False, overlap: bool = False,
+                   fixed_batch: bool = False) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
@@ -289,7 +294,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         group_ids = np.repeat(np.arange(next_group, next_group + wanted), group_size)
         next_group += wanted
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
-                                    keep_steps=True, progress=progress, overlap=overlap))
+                                    keep_steps=True, progress=progress, overlap=overlap, fixed_batch=fixed_batch))
         group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
                                               for k in ("group_ids", "task_ids", "success", "lost"))
         usable = ~np.isin(group_ids, group_ids[lost])

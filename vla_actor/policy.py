@@ -314,6 +314,13 @@ class VLAPolicy:
         return self.cuda_graphs and self.device.type == "cuda"
 
     @property
+    def fixed_batch(self) -> bool:
+        """Whether rollouts should query with the same batch every round (idle envs included, their actions
+        dropped): the kept CUDA graphs are per batch size, so a batch that shrank while an env resets would be
+        captured anew, twice (trainer/rollout.play_episodes)."""
+        return self._replays_graphs
+
+    @property
     def graph_captures(self) -> dict[str, int]:
         """How many CUDA-graph captures this policy has made, per part (one per new shape)."""
         return {"vision": 0 if self._vision_graph is None else self._vision_graph.captures,
