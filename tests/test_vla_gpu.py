@@ -122,15 +122,19 @@ def assert_same_samples(graph, eager, atol):
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(tmp_path, dtype, atol):
-    """The vision and decode graphs kept between calls of one shape equal eager runs for other images, after an
-    in-place update of the adapters (the optimizer's; on the ViTs too) and inside adapter_disabled(); a shape is
-    captured once, and another shape, a disabled adapter and a teacher-forced forward each lead to new captures."""
+    """The vision and decode graphs kept between calls of one shape equal eager runs for other images, shorter
+    prompts, after an in-place update of the adapters (the optimizer's; on the ViTs too) and inside
+    adapter_disabled(); a shape is captured once, and another batch, a disabled adapter and a teacher-forced forward
+    each lead to new captures."""
     policy = tiny_policy_with_lora(tmp_path, dtype, everywhere=True)
     assert policy.fixed_batch  # rollouts keep the batch of a round the same for the kept graphs
     images, instructions = observations(8)
     assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
     other_images, _ = observations(8, seed=1)
     assert_same_samples(*sample_graph_and_eager(policy, other_images, instructions), atol)
+    assert policy.graph_captures == {"vision": 1, "decode": 1}
+    shorter = [text.split(" ")[0] for text in instructions]  # padded to the kept prompt length, not captured anew
+    assert_same_samples(*sample_graph_and_eager(policy, images, shorter), atol)
     assert policy.graph_captures == {"vision": 1, "decode": 1}
     with torch.no_grad():
         for parameter in policy.trainable_parameters():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vla_actor import load_policy, make_tiny_checkpoint
+from vla_actor.action_tokens import ACTION_TOKEN_BEGIN
 
 torch.set_num_threads(1)
 INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -28,6 +29,28 @@ def images(batch, seed=0):
 
 def proprio(batch, seed=0):
     return np.random.default_rng(seed).normal(0, 0.1, (batch, 8)) + [0.0, 0.1, 1.05, 3.06, 0.0, 0.0, 0.02, -0.02]
+
+
+def test_prompts_padded_past_their_length_decode_the_same(policy):
+    """Kept CUDA graphs pad shorter prompts to the kept prompt length (_Inputs.padded_to); the added positions are
+    masked out, so the prefill's and a decode step's action log-probs do not change (here on the eager decoder)."""
+    from vla_actor.fast_decode import DynamicDecoder
+
+    config = policy.model.language_model.config
+    with torch.no_grad():
+        prefix = policy.model.prefix_embeddings(policy._pixel_values(images(3), None, 3), None)
+        inputs = policy._inputs(prefix, policy.prompt_ids(INSTRUCTIONS), None)
+        padded = inputs.padded_to(inputs.valid.shape[1] + 7)
+        assert padded.valid.shape[1] == inputs.valid.shape[1] + 7 and not padded.valid[:, -7:].any()
+        assert not padded.embeddings[:, -7:].any() and inputs.padded_to(3) is inputs
+        log_probs = []
+        for batch in (inputs, padded):
+            decoder = DynamicDecoder(policy._llama, config, batch.valid, batch.prompt_end)
+            first = policy._readout(batch, decoder.prefill(batch.embeddings), 1, 1.0)[:, 0]
+            token = policy.model.embed_tokens(first.argmax(-1)[:, None] + ACTION_TOKEN_BEGIN)
+            log_probs.append((first, policy._action_log_softmax(decoder.step(token)[:, 0], 1.0)))
+    for unpadded, longer in zip(*log_probs):
+        assert torch.allclose(unpadded, longer, atol=1e-5)
 
 
 def test_prompt_ids(policy):

@@ -68,11 +68,12 @@ class DynamicDecoder:
 class GraphDecoder:
     """Same results as `DynamicDecoder`, with the decode steps replayed from a CUDA graph. A policy keeps one and
     starts each call with `start(valid, prompt_end)` (a context manager). The captured step, its KV cache and its
-    input buffers outlive the call: the next call of the same batch size and prompt length resets them in place and
-    replays from its first step, so only a new shape pays for a capture (44-66 ms of a 7B call, bench/results/
-    profile_7b.json). A replay runs the captured kernels on the captured tensors: in-place weight updates (the
-    optimizer's) are seen, new modules or a disabled adapter are not, so the owner calls `release()` whenever
-    its modules change and before training forwards, which need the memory."""
+    input buffers outlive the call: the next call of the same batch size and prompt length (the policy pads shorter
+    prompts to the kept length, `kept_length`) resets them in place and replays from its first step, so only a new
+    shape pays for a capture (44-66 ms of a 7B call, bench/results/profile_7b.json). A replay runs the captured
+    kernels on the captured tensors: in-place weight updates (the optimizer's) are seen, new modules or a disabled
+    adapter are not, so the owner calls `release()` whenever its modules change and before training forwards,
+    which need the memory."""
 
     def __init__(self, forward: LlamaForward, config: PretrainedConfig, device: torch.device):
         if device.type != "cuda":
@@ -113,6 +114,11 @@ class GraphDecoder:
     def __exit__(self, error_type, *exc_info) -> None:
         if error_type is not None:  # a call stopped part-way: capture again rather than trust its buffers
             self.release()
+
+    def kept_length(self, batch: int) -> int:
+        """The prompt length of the step kept for `batch` samples, 0 if none: a call whose prompts are padded to
+        it replays that step."""
+        return self._shape.key[1] if self._shape is not None and self._shape.key[0] == batch else 0
 
     def keep_only_batch(self, batch: int) -> None:
         """Free what is kept for another batch size now, before the caller allocates the next call's activations

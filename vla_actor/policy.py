@@ -132,6 +132,15 @@ class _Inputs:
     valid: torch.Tensor  # bool [B, M], False on padding
     prompt_end: torch.Tensor  # long [B]: index of the first suffix position (= length without suffix)
 
+    def padded_to(self, length: int) -> "_Inputs":
+        """The batch right-padded to at least `length` positions (zero embeddings, not valid)."""
+        batch, current, width = self.embeddings.shape
+        if length <= current:
+            return self
+        extra = length - current
+        embeddings = torch.cat([self.embeddings, self.embeddings.new_zeros(batch, extra, width)], dim=1)
+        return _Inputs(embeddings, torch.cat([self.valid, self.valid.new_zeros(batch, extra)], dim=1), self.prompt_end)
+
 
 class VLAPolicy:
     """An OpenVLA or OpenVLA-OFT policy. Build it with `load_policy`.
@@ -391,6 +400,8 @@ class VLAPolicy:
         if self._replays_graphs:
             if self._graph_decoder is None:
                 self._graph_decoder = GraphDecoder(self._llama, config, self.device)
+            # shorter prompts padded to the kept length replay the kept step instead of capturing their own
+            inputs = inputs.padded_to(self._graph_decoder.kept_length(len(prompts)))
             decoder = self._graph_decoder.start(inputs.valid, inputs.prompt_end, self.tokens_per_query - 1)
         else:
             decoder = DynamicDecoder(self._llama, config, inputs.valid, inputs.prompt_end)
