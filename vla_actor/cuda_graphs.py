@@ -16,8 +16,8 @@ import torch
 from torch.profiler import record_function
 
 
-def warm_up_and_capture(run: Callable[[], torch.Tensor], stream: torch.cuda.Stream,
-                        pool: torch.cuda.MemPool) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
+def warm_up_and_capture(run: Callable[[], torch.Tensor],
+                        stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
     """Run `run()` once eagerly on the side `stream` (cuBLAS workspaces, attention plans), then `capture` it there.
     Returns the eager run's output (this call's result, readable on the current stream), the graph and the graph's
     output buffer. Reuse the stream across captures: cuBLAS keeps a workspace per stream."""
@@ -25,29 +25,32 @@ def warm_up_and_capture(run: Callable[[], torch.Tensor], stream: torch.cuda.Stre
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         output = run()
-        graph, graph_output = capture(run, pool)
+        graph, graph_output = capture(run)
     current.wait_stream(stream)
     output.record_stream(current)  # allocated on the side stream, read on this one
     return output, graph, graph_output
 
 
-def capture(run: Callable[[], torch.Tensor], pool: torch.cuda.MemPool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Record `run()` (on the current stream, after a warm-up by the caller) into a graph allocating from `pool`.
+def capture(run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Record `run()` (on the current stream, after a warm-up by the caller) into a graph with a memory pool of its
+    own.
 
-    During a capture the allocator cannot hand cached blocks back to the driver: if the pool cannot grow under the
-    memory limit, the cache is emptied outside the capture and the capture tried once more. Any error inside the
-    capture reaches the caller as itself, with the stream out of capture mode."""
+    Pools are not shared between captures: PyTorch 2.11's caching allocators assert (use_count > 0) when a pool is
+    captured into again after all its graphs are gone (on an H100 that failed every second capture into one kept
+    torch.cuda.MemPool, and dropping the pool afterwards aborted the process). A dropped graph's pool is handed back
+    when the allocator next needs memory outside a capture; during a capture it cannot be, so if the capture runs
+    out of memory under the limit, the cache is emptied outside the capture and the capture tried once more. Any
+    error inside the capture reaches the caller as itself, with the stream out of capture mode."""
     try:
-        return _capture_once(run, pool)
+        return _capture_once(run)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-    return _capture_once(run, pool)
+    return _capture_once(run)
 
 
-def _capture_once(run: Callable[[], torch.Tensor], pool: torch.cuda.MemPool) -> tuple[torch.cuda.CUDAGraph,
-                                                                                       torch.Tensor]:
+def _capture_once(run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     graph = torch.cuda.CUDAGraph()
-    graph.capture_begin(pool=pool.id)
+    graph.capture_begin()
     try:
         output = run()
     except BaseException:
@@ -75,7 +78,6 @@ class KeptGraph:
         self._function = function
         self._name = name  # of its ranges in torch.profiler traces: <name>.capture, <name>.replay
         self._stream = torch.cuda.Stream(device)
-        self._pool: torch.cuda.MemPool | None = None
         self._key: tuple | None = None
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
@@ -91,23 +93,19 @@ class KeptGraph:
                 self._graph.replay()
             return self._output
         self._drop()
-        if self._pool is None:
-            self._pool = torch.cuda.MemPool()
         self._input = x.clone()
         with record_function(f"{self._name}.capture"):
             output, self._graph, self._output = warm_up_and_capture(lambda: self._function(self._input),
-                                                                    self._stream, self._pool)
+                                                                    self._stream)
         self._key = key
         self.captures += 1
         return output
 
     def release(self) -> None:
-        """Free the graph, its buffers and its memory pool (after the last replay has finished)."""
+        """Free the graph and its buffers (after the last replay has finished)."""
         self._drop()
-        self._pool = None
 
     def _drop(self) -> None:
-        """Free the graph and its buffers; a new shape's capture reuses the pool's memory they held."""
         if self._graph is not None:
             torch.cuda.current_stream(self._input.device).synchronize()
         self._key = self._input = self._output = self._graph = None

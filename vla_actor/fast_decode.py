@@ -81,7 +81,6 @@ class GraphDecoder:
         self._forward = forward
         self._config = config
         self._stream = torch.cuda.Stream(device)
-        self._pool: torch.cuda.MemPool | None = None
         self._shape: _CapturedShape | None = None
         self._length = 0
         self._steps = 0
@@ -127,9 +126,8 @@ class GraphDecoder:
             self._drop_shape()
 
     def release(self) -> None:
-        """Free the captured step, its KV cache and its memory pool (after the last replay has finished)."""
+        """Free the captured step and its KV cache (after the last replay has finished)."""
         self._drop_shape()
-        self._pool = None
 
     def _drop_shape(self) -> None:
         if self._shape is not None:
@@ -168,13 +166,9 @@ class GraphDecoder:
             return shape.hidden
         shape.embeddings = embeddings.clone()
         mask = shape.visible[:, None, None, :]
-        # Every capture allocates from one memory pool, so a new shape reuses what the last one freed (a fresh pool
-        # per capture held each one's memory until the next out-of-memory outside a capture).
-        if self._pool is None:
-            self._pool = torch.cuda.MemPool()
         with record_function("GraphDecoder.capture"):
             hidden, shape.graph, shape.hidden = warm_up_and_capture(
-                lambda: self._forward(shape.embeddings, mask, shape.positions, shape.cache), self._stream, self._pool)
+                lambda: self._forward(shape.embeddings, mask, shape.positions, shape.cache), self._stream)
         self.captures += 1
         return hidden
 
