@@ -278,9 +278,12 @@ def sampled(policy: VLAPolicy, rows: int, batch_size: int, rng: np.random.Genera
 
 def rollout_curve(config: BenchConfig, policy: VLAPolicy, sizes: tuple[int, ...], rng: np.random.Generator,
                   label: str) -> dict:
-    """Batch size -> actions/s and peak GiB (None where the batch does not fit under the cap)."""
+    """Batch size -> actions/s and peak GiB (None where the batch does not fit under the cap). Each size starts with
+    no kept CUDA graphs, so its peak holds its own graphs only (a dropped graph's pool is handed back lazily, and a
+    lowered cap does not free it)."""
     curve = {}
     for size in sizes:
+        policy.release_graphs()
         reset_peak(policy.device)
         rate = try_measure(policy.device, lambda: actions_per_second(config, policy, size, rng))
         curve[str(size)] = None if rate is None else {"actions_per_s": rate, "peak_gib": peak_gib(policy.device)}

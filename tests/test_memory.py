@@ -105,16 +105,17 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
         assert prediction.resident_gib == pytest.approx(bf16.resident_gib - saved)
         assert prediction.rollout_gib == pytest.approx(bf16.rollout_gib - saved + 2 * large * 2 / GIB)
         assert prediction.iteration_seconds is None and "bf16 bases" in prediction.summary()  # not timed yet
-    measured = json.loads((RESULTS / "gpu_7b_quant_partial.json").read_text())["runs"]
-    for run in measured:  # the nf4 rollouts and the bf16 iteration the stopped GPU runs did measure
-        for batch, point in run["nf4"]["cap_24_gib"].items():
-            if point is not None:
-                predicted = predict(config("nf4", "--num-envs", batch), shapes["nf4"], "NVIDIA H200").rollout_gib
-                assert abs(predicted / point["peak_gib"] - 1) < 0.10, (batch, predicted, point["peak_gib"])
-        iteration = run["none"]["summary"]
-        predicted = predict(config("none", "--num-envs", str(iteration["iteration_batch"]), "--micro-batch-size",
-                                   str(iteration["update_micro_batch"])), shapes["none"], "NVIDIA H200").peak_gib
-        assert abs(predicted / iteration["peak_gib_iteration"] - 1) < 0.10, (predicted, iteration)
+    for name in ("gpu_7b_quant.json", "gpu_7b_quant_fp8.json"):  # each: bf16 and a quantized base, one GPU run
+        for mode, measured in json.loads((RESULTS / name).read_text())["modes"].items():
+            shape = "none" if mode == "bf16" else mode
+            for batch, point in measured["rollout_curve_mem_cap"].items():
+                if point is not None:
+                    predicted = predict(config(shape, "--num-envs", batch), shapes[shape], "NVIDIA H200").rollout_gib
+                    assert abs(predicted / point["peak_gib"] - 1) < 0.10, (name, mode, batch, predicted, point)
+            flags = ("--num-envs", str(measured["iteration_batch"]), "--micro-batch-size",
+                     str(measured["update_micro_batch"]))
+            predicted = predict(config(shape, *flags), shapes[shape], "NVIDIA H200").peak_gib
+            assert abs(predicted / measured["peak_gib_iteration"] - 1) < 0.10, (name, mode, predicted, measured)
     card = "NVIDIA GeForce RTX 4060 Ti"
     fits = check_fits(config("nf4", "--num-envs", "16"), shapes["nf4"], card, 16.0)
     assert fits.peak_gib < 15  # the goal for nf4, predicted
