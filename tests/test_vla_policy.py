@@ -6,6 +6,7 @@ import torch
 
 from vla_actor import load_policy, make_tiny_checkpoint
 from vla_actor.action_tokens import ACTION_TOKEN_BEGIN
+from vla_actor.fast_decode import DynamicDecoder
 
 torch.set_num_threads(1)
 INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -34,8 +35,6 @@ def proprio(batch, seed=0):
 def test_prompts_padded_past_their_length_decode_the_same(policy):
     """Kept CUDA graphs pad shorter prompts to the kept prompt length (_Inputs.padded_to); the added positions are
     masked out, so the prefill's and a decode step's action log-probs do not change (here on the eager decoder)."""
-    from vla_actor.fast_decode import DynamicDecoder
-
     config = policy.model.language_model.config
     with torch.no_grad():
         prefix = policy.model.prefix_embeddings(policy._pixel_values(images(3), None, 3), None)

@@ -92,7 +92,7 @@ class KeptGraph:
             with record_function(f"{self._name}.replay"):
                 self._graph.replay()
             return self._output
-        self._drop()
+        self.release()
         self._input = x.clone()
         with record_function(f"{self._name}.capture"):
             output, self._graph, self._output = warm_up_and_capture(lambda: self._function(self._input),
@@ -103,9 +103,6 @@ class KeptGraph:
 
     def release(self) -> None:
         """Free the graph and its buffers (after the last replay has finished)."""
-        self._drop()
-
-    def _drop(self) -> None:
         if self._graph is not None:
             torch.cuda.current_stream(self._input.device).synchronize()
         self._key = self._input = self._output = self._graph = None

@@ -94,7 +94,7 @@ class GraphDecoder:
         slots = -(-(self._length + new_tokens) // SLOT_MULTIPLE) * SLOT_MULTIPLE
         key = (batch, self._length, slots)
         if self._shape is None or self._shape.key != key:
-            self._drop_shape()
+            self.release()
             self._shape = _CapturedShape(key, StaticCache(config=self._config, max_cache_len=slots),
                                          torch.zeros(batch, slots, dtype=torch.bool, device=valid.device),
                                          torch.empty(batch, 1, dtype=torch.long, device=valid.device))
@@ -123,13 +123,10 @@ class GraphDecoder:
         """Free what is kept for another batch size now, before the caller allocates the next call's activations
         (a 7B KV cache of 64 samples is 9 GiB)."""
         if self._shape is not None and self._shape.key[0] != batch:
-            self._drop_shape()
+            self.release()
 
     def release(self) -> None:
         """Free the captured step and its KV cache (after the last replay has finished)."""
-        self._drop_shape()
-
-    def _drop_shape(self) -> None:
         if self._shape is not None:
             torch.cuda.current_stream(self._shape.visible.device).synchronize()
             self._shape = None
