@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Runs GPU stages (the GPU tests, the benchmarks of BENCHMARKS.md, a seed of the LIBERO experiment) in the
+# background on a fresh GPU machine without network, so that a session of short calls can start them once and
+# collect what has finished from later calls.
+#
+#   setsid nohup bash bench/gpu_job.sh run STAGE... > /tmp/gpu_job.log 2>&1 &   # from the repository root
+#   bash bench/gpu_job.sh report OUT_DIR [WAIT_SECONDS]      # waits for the job, prints the logs, copies results
+#
+# A stage named bg:NAME runs in the background beside the stages after it (e.g. bg:seed1 vlagpu). Stages:
+#   vlagpu     tests/test_vla_gpu.py
+#   seed<N>    seed N of the small-VLA experiment (scripts/libero_seeds.py's recipe), packed with scripts.transfer
+#   micro      bench_gpu: checkpointed update micro-batches 16 / 32 / 48
+#   compile    bench_gpu --compile-layers: compiled blocks against eager in one process
+#   quant8     bench_gpu --base-quant int8 fp8 against bf16
+#   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
+#   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
+# Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
+# make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
+# simplejpeg, torchao), .baseline/baseline.tar.xz (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job).
+# SEED_GRPO_SECONDS (1200) bounds a seed's GRPO so that the seed ends inside a 30-minute lease.
+set -u
+JOB_DIR=${JOB_DIR:-/tmp/gpu_job}
+RESULTS=$JOB_DIR/results
+BASELINE_TAR=${BASELINE_TAR:-.baseline/baseline.tar.xz}
+
+setup() {
+  mkdir -p "$RESULTS"
+  if compgen -G ".gl/*.deb" > /dev/null; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+  local vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  [ -f $vendor ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
+  mkdir -p /tmp/site
+  [ -f .libero_bundle/site.tar.xz ] && tar -xJf .libero_bundle/site.tar.xz -C /tmp/site
+  local wheels=$(ls .whl/*.whl .libero_bundle/*.whl 2>/dev/null)
+  [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site $wheels > "$JOB_DIR/pip.log" 2>&1
+  export PYTHONPATH=/tmp/site MUJOCO_GL=egl PYOPENGL_PLATFORM=egl TOKENIZERS_PARALLELISM=false
+  export WANDB_MODE=disabled PYTHONUNBUFFERED=1
+  { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch; print('torch', torch.__version__)"; echo "cores $(nproc)"; } > "$RESULTS/device.txt" 2>&1
+}
+
+baseline() {  # the baseline checkout, unpacked once
+  [ -d /tmp/baseline ] || { mkdir -p /tmp/baseline && tar -xJf "$BASELINE_TAR" -C /tmp/baseline; }
+}
+
+stage() {
+  local name=$1
+  local bench="python3 -m bench.bench_gpu --skip-oft"
+  case $name in
+    vlagpu) python3 -m pytest -q -p no:cacheprovider -rA tests/test_vla_gpu.py ;;
+    seed*)
+      local seed=${name#seed} work=$JOB_DIR/ll_$name
+      local lora="--lora-rank 32 --lora-alpha 32 --lora-vision --lora-projector --no-dynamic-sampling"
+      python3 -m scripts.libero_learning --seed "$seed" --num-heldout 25 --tasks 0 1 2 3 --demos-per-task 3 \
+        --sft-steps 1000 --workers 16 --group-size 8 --groups 16 --temperature 0.5 --grpo-lr 1e-4 --ppo-epochs 2 \
+        --mini-batch-size 256 --eval-every 10 --grpo-iterations 10 --no-train-evals --no-sampled-evals \
+        --grpo-finetune lora --heldout-evals grpo --no-eval-videos \
+        "--extra-grpo=$lora --max-seconds ${SEED_GRPO_SECONDS:-1200}" \
+        --work-dir "$work" --result-json "$work/record.json" --media-dir "$work/media"
+      local status=$?
+      python3 -m scripts.transfer pack --work-dir "$work" --out-dir "$JOB_DIR/pack_$name" --max-parts 5
+      return $status ;;
+    micro) $bench --rollout-batches 16 --micro-batches 16 32 48 --mini-batch 96 --seed-samples 2 \
+             --output "$RESULTS/gpu_7b_micro_batches.json" ;;
+    compile) $bench --compile-layers --rollout-batches 16 32 --micro-batches 16 \
+               --output "$RESULTS/gpu_7b_compiled.json" ;;
+    quant8) $bench --base-quant int8 fp8 --rollout-batches 16 32 --micro-batches 16 --quant-rollout-batches 16 32 64 \
+              --output "$RESULTS/gpu_7b_quant8_bf16.json" --quant-output "$RESULTS/gpu_7b_quant_8bit.json" ;;
+    reuse)
+      baseline
+      for i in 1 2; do
+        $bench --rollout-batches 16 32 --micro-batches 16 --output "$RESULTS/gpu_7b_reuse$i.json"
+        (cd /tmp/baseline && $bench --rollout-batches 16 32 --micro-batches 16 \
+           --output "$RESULTS/gpu_7b_reuse_baseline$i.json")
+      done ;;
+    e2e) baseline; python3 -m bench.bench_e2e --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
+           --output "$RESULTS/gpu_7b_e2e.json" ;;
+    e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
+              --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
+    *) echo "unknown stage: $name"; return 2 ;;
+  esac
+}
+
+run() {
+  rm -rf "$JOB_DIR" && mkdir -p "$JOB_DIR"
+  setup
+  for arg in "$@"; do
+    if [[ $arg == bg:* ]]; then
+      local name=${arg#bg:}
+      ( stage "$name" > "$JOB_DIR/$name.log" 2>&1; echo $? > "$JOB_DIR/$name.rc" ) &
+    else
+      echo "$arg started $(date +%T)" >> "$JOB_DIR/stages.log"
+      stage "$arg" > "$JOB_DIR/$arg.log" 2>&1
+      echo $? > "$JOB_DIR/$arg.rc"
+    fi
+  done
+  wait
+  touch "$JOB_DIR/done"
+}
+
+report() {
+  local out=$1 until=$((SECONDS + ${2:-270}))
+  while [ ! -f "$JOB_DIR/done" ] && [ $SECONDS -lt $until ]; do sleep 5; done
+  date +%T; cat "$RESULTS/device.txt" 2>/dev/null
+  for f in "$JOB_DIR"/*.rc; do [ -f "$f" ] && echo "$(basename "$f" .rc): exit $(cat "$f")"; done
+  for f in "$JOB_DIR"/*.log; do echo "---- $(basename "$f")"; tail -c "${TAIL_BYTES:-1500}" "$f"; done
+  [ -f "$JOB_DIR/done" ] && echo "job done"
+  (cd "$JOB_DIR" && tar -cJf "$out/results.tar.xz" results *.log *.rc \
+     $(ls -d ll_seed*/record.json ll_seed*/*/metrics.jsonl ll_seed*/stage_*.json 2>/dev/null) 2>/dev/null)
+  for pack in "$JOB_DIR"/pack_*; do
+    [ -d "$pack" ] && mkdir -p "$out/$(basename "$pack")" && cp "$pack"/* "$out/$(basename "$pack")/"
+  done
+  ls -la "$out"
+}
+
+command=${1:-}; shift || true
+case $command in
+  run) run "$@" ;;
+  report) report "$@" ;;
+  *) echo "usage: bench/gpu_job.sh run STAGE... | report OUT_DIR [WAIT_SECONDS]" >&2; exit 2 ;;
+esac
