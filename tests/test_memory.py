@@ -47,11 +47,16 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
     cases = [(openvla, int(b), 1, point["peak_gib"], "rollout") for b, point in bench["rollout_curve"].items() if point]
     cases += [(openvla, 1, int(m), point["peak_gib"], "update") for m, point in bench["update_curve"].items()]
     cases.append((openvla, bench["iteration_batch"], bench["update_micro_batch"], bench["peak_gib_iteration"], "peak"))
+    micro = json.loads((RESULTS / "gpu_7b_micro_batches.json").read_text())  # micro-batches up to 48, one run
+    cases += [(openvla, 1, int(m), point["peak_gib"], "update") for m, point in micro["update_curve"].items()]
+    cases.append((openvla, micro["iteration_batch"], micro["update_micro_batch"], micro["peak_gib_iteration"], "peak"))
     e2e = json.loads((RESULTS / "gpu_7b_e2e.json").read_text())
     cases.append((openvla, e2e["num_envs"], 16, e2e["peak_gib"], "peak"))
     cases.append((oft, e2e["num_envs"], 8, e2e["oft_peak_gib"], "peak"))
     steady = json.loads((RESULTS / "gpu_7b_e2e_oft_steady.json").read_text())
     cases.append((oft, steady["num_envs"], 8, steady["oft_peak_gib"], "peak"))
+    oft_run = json.loads((RESULTS / "gpu_7b_e2e_oft.json").read_text())
+    cases.append((oft, oft_run["num_envs"], 8, oft_run["oft_peak_gib"], "peak"))
     for shape, num_envs, micro_batch, measured, part in cases:
         prediction = predict(train_config(num_envs, micro_batch), shape, "NVIDIA H200")
         predicted = {"rollout": prediction.rollout_gib, "update": prediction.update_gib,
@@ -105,7 +110,7 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
         assert prediction.resident_gib == pytest.approx(bf16.resident_gib - saved)
         assert prediction.rollout_gib == pytest.approx(bf16.rollout_gib - saved + 2 * large * 2 / GIB)
         assert prediction.iteration_seconds is None and "bf16 bases" in prediction.summary()  # not timed yet
-    for name in ("gpu_7b_quant.json", "gpu_7b_quant_fp8.json"):  # each: bf16 and a quantized base, one GPU run
+    for name in ("gpu_7b_quant.json", "gpu_7b_quant_fp8.json", "gpu_7b_quant_8bit.json"):  # bf16 and quantized bases
         for mode, measured in json.loads((RESULTS / name).read_text())["modes"].items():
             shape = "none" if mode == "bf16" else mode
             for batch, point in measured["rollout_curve_mem_cap"].items():

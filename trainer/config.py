@@ -58,16 +58,18 @@ class ModelConfig:
     base_quant: Literal["none", "int8", "nf4", "fp8"] = "none"
     """Store the frozen base's LLM linear weights quantized at load time (QLoRA; torchao, pip install torchao): int8
     (8-bit per-row, CPU and CUDA), nf4 (QLoRA's 4-bit NormalFloat, CPU and CUDA) or fp8 (e4m3, CUDA compute
-    capability 8.9+). The LoRA adapters stay in the compute dtype; rollout, update and the adapter-disabled KL
-    reference all use the same quantized base; a merged export is dequantized into the released layout. LoRA
-    only (not --finetune full)."""
+    capability 8.9+). int8 fits the 7B's iteration in 12 GiB at 0.75x bf16's rollout rate, faster and closer to
+    bf16 than fp8 (BENCHMARKS.md); nf4 in 9.2 GiB at 0.40x. The LoRA adapters stay in the compute dtype;
+    rollout, update and the adapter-disabled KL reference all use the same quantized base; a merged export is
+    dequantized into the released layout. LoRA only (not --finetune full)."""
     base_quant_vision: bool = False
     """With --base-quant: also quantize the linear layers of the two ViTs' blocks."""
     compile_layers: bool = False
     """torch.compile (inductor, dynamic shapes) the blocks without a KV cache: per Llama layer the RMSNorms, the MLP
     and the q/k/v/o projections with their LoRA adapters, and every ViT block (VLAPolicy.compile_layers), so the
-    element-wise work around the matrix products runs fused; the first calls compile. Off by default: no GPU
-    measurement shows yet that it helps (BENCHMARKS.md). Not with --finetune full."""
+    element-wise work around the matrix products runs fused; the first calls compile (85 s for the 7B). Off by
+    default: on an H100 it rolls out 1.16x and updates 1.10x faster than eager but needs 2.6 GiB more, which the
+    memory check does not count yet (BENCHMARKS.md). Not with --finetune full."""
 
 
 @dataclass

@@ -10,8 +10,8 @@ the one layer recomputed in the backward pass. The activation factors and the fi
 the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_e2e.json`,
 `gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
 dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
-are counted as alive at a peak, an assumption the nf4 and fp8 rollout and iteration peaks check
-(`gpu_7b_quant.json`, `gpu_7b_quant_fp8.json`: within 6 %).
+are counted as alive at a peak, an assumption the int8, nf4 and fp8 rollout and iteration peaks check
+(`gpu_7b_quant.json`, `gpu_7b_quant_fp8.json`, `gpu_7b_quant_8bit.json`: within 6 %).
 
 Time scales the per-query and per-sample seconds measured by the real trainer on an H200 (bench_e2e) by the
 card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
