@@ -25,7 +25,10 @@ BASELINE_TAR=${BASELINE_TAR:-.baseline/baseline.tar.xz}
 
 setup() {
   mkdir -p "$RESULTS"
-  if compgen -G ".gl/*.deb" > /dev/null; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+  if command -v nvidia-smi > /dev/null && compgen -G ".gl/*.deb" > /dev/null; then  # the bare GPU machine
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
   local vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   [ -f $vendor ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
   mkdir -p /tmp/site
