@@ -64,6 +64,34 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
         assert abs(predicted / measured - 1) < 0.10, (part, num_envs, micro_batch, predicted, measured)
 
 
+def test_compiled_blocks_are_counted_and_their_batch_that_did_not_fit_is_refused(tmp_path):
+    """--compile-layers holds more activations (fitted to gpu_7b_compiled.json's batch 16 and micro-batch 16); the
+    same run's compiled batch 32 did not fit 24 GiB, which the prediction must say too."""
+    directory = tmp_path / "openvla-7b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(openvla_7b_config()))
+    run = json.loads((RESULTS / "gpu_7b_compiled.json").read_text())
+    assert run["compiled"]["rollout_curve"]["32"] is None and run["mem_cap_gib"] == 24.0
+
+    def prediction(*flags):
+        config = parse_command(["train", "--checkpoint", str(directory), *flags])
+        return predict(config, checkpoint_shape(config), "NVIDIA H100 80GB HBM3")
+
+    measured = {"rollout": run["compiled"]["rollout_curve"]["16"]["peak_gib"],
+                "update": run["compiled"]["update_peak_gib"]}
+    compiled = prediction("--compile-layers", "--num-envs", "16", "--micro-batch-size", "16")
+    assert abs(compiled.rollout_gib / measured["rollout"] - 1) < 0.10
+    assert abs(compiled.update_gib / measured["update"] - 1) < 0.10
+    eager = prediction("--num-envs", "16", "--micro-batch-size", "16")
+    assert compiled.rollout_gib - eager.rollout_gib == pytest.approx(
+        measured["rollout"] - run["rollout_curve"]["16"]["peak_gib"], abs=0.1)
+    assert prediction("--compile-layers", "--num-envs", "32").rollout_gib > 24.0
+    assert prediction("--num-envs", "32").rollout_gib < 24.0  # eager batch 32 fits, as measured (21.0 GiB)
+    config = parse_command(["train", "--checkpoint", str(directory), "--compile-layers", "--num-envs", "32"])
+    with pytest.raises(ValueError, match=r"lower --num-envs \(now 32\) or turn --compile-layers off$"):
+        check_fits(config, checkpoint_shape(config), "NVIDIA GeForce RTX 4090", 24.0)
+
+
 def test_a_configuration_predicted_not_to_fit_is_refused_naming_the_flag(tmp_path):
     directory = tmp_path / "openvla-7b"
     directory.mkdir()

@@ -68,8 +68,8 @@ class ModelConfig:
     """torch.compile (inductor, dynamic shapes) the blocks without a KV cache: per Llama layer the RMSNorms, the MLP
     and the q/k/v/o projections with their LoRA adapters, and every ViT block (VLAPolicy.compile_layers), so the
     element-wise work around the matrix products runs fused; the first calls compile (85 s for the 7B). Off by
-    default: on an H100 it rolls out 1.16x and updates 1.10x faster than eager but needs 2.6 GiB more, which the
-    memory check does not count yet (BENCHMARKS.md). Not with --finetune full."""
+    default: on an H100 it rolls out 1.16x and updates 1.10x faster than eager and needs 2.6 GiB more (counted by
+    the memory check), but no whole-iteration run has measured it yet (BENCHMARKS.md). Not with --finetune full."""
 
 
 @dataclass

@@ -11,7 +11,9 @@ the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_
 `gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
 dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
 are counted as alive at a peak, an assumption the int8, nf4 and fp8 rollout and iteration peaks check
-(`gpu_7b_quant.json`, `gpu_7b_quant_fp8.json`, `gpu_7b_quant_8bit.json`: within 6 %).
+(`gpu_7b_quant.json`, `gpu_7b_quant_fp8.json`, `gpu_7b_quant_8bit.json`: within 6 %). Compiled blocks
+(--compile-layers) hold more activations than eager ones; their extra per token and MLP channel is fitted to the one
+compiled run (`gpu_7b_compiled.json`), whose batch 32 did not fit 24 GiB, as the fit predicts.
 
 Time scales the per-query and per-sample seconds measured by the real trainer on an H200 (bench_e2e) by the
 card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
@@ -47,6 +49,10 @@ ROLLOUT_ACTIVATIONS = 7.4
 """Bytes of no-grad activations alive per token and MLP channel, in units of the compute dtype (fitted)."""
 UPDATE_ACTIVATIONS = 11.1
 """The same for the decoder layer the backward pass recomputes (fitted)."""
+COMPILED_ROLLOUT_ACTIVATIONS = 27.9
+"""What compiled blocks hold beyond ROLLOUT_ACTIVATIONS, in the same units (fitted: +2.6 GiB at batch 16)."""
+COMPILED_UPDATE_ACTIVATIONS = 11.3
+"""What a compiled recomputed layer holds beyond UPDATE_ACTIVATIONS (fitted: +1.1 GiB at micro-batch 16)."""
 ROLLOUT_WORKSPACE_GIB = 0.3
 """Fixed rollout overhead beyond the weights (CUDA graph pool, library workspaces; fitted)."""
 UPDATE_WORKSPACE_GIB = 0.9
@@ -158,18 +164,20 @@ def checkpoint_shape(config: TrainConfig) -> ModelShape | None:
                        config.model.base_quant, config.model.base_quant_vision)
 
 
-def rollout_bytes_per_sample(shape: ModelShape) -> float:
+def rollout_bytes_per_sample(shape: ModelShape, compiled: bool = False) -> float:
     tokens = shape.prompt_tokens + (shape.action_tokens + 1 if shape.oft else 0)
-    activations = ROLLOUT_ACTIVATIONS * tokens * shape.mlp * shape.dtype_bytes
+    factor = ROLLOUT_ACTIVATIONS + (COMPILED_ROLLOUT_ACTIVATIONS if compiled else 0.0)
+    activations = factor * tokens * shape.mlp * shape.dtype_bytes
     if shape.oft:
         return activations
     slots = math.ceil((shape.prompt_tokens + shape.action_tokens - 1) / KV_SLOT_MULTIPLE) * KV_SLOT_MULTIPLE
     return activations + shape.layers * 2 * shape.kv_hidden * slots * shape.dtype_bytes
 
 
-def update_bytes_per_sample(shape: ModelShape, gradient_checkpointing: bool) -> float:
+def update_bytes_per_sample(shape: ModelShape, gradient_checkpointing: bool, compiled: bool = False) -> float:
     tokens = shape.prompt_tokens + shape.action_tokens + int(shape.oft)
-    layer = UPDATE_ACTIVATIONS * tokens * shape.mlp * shape.dtype_bytes
+    factor = UPDATE_ACTIVATIONS + (COMPILED_UPDATE_ACTIVATIONS if compiled else 0.0)
+    layer = factor * tokens * shape.mlp * shape.dtype_bytes
     if not gradient_checkpointing:  # every layer keeps its activations for the backward pass
         return shape.layers * layer
     return shape.layers * tokens * shape.hidden * shape.dtype_bytes + layer
@@ -182,18 +190,20 @@ def card_tflops(card: str) -> float | None:
 def predict(config: TrainConfig, shape: ModelShape, card: str) -> Prediction:
     """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`."""
     resident, rollout, update = peaks(shape, config.env.num_envs, config.optim.micro_batch_size,
-                                      config.model.gradient_checkpointing)
+                                      config.model.gradient_checkpointing, config.model.compile_layers)
     return Prediction(resident / GIB, rollout / GIB, update / GIB, iteration_seconds(config, shape, card), card)
 
 
-def peaks(shape: ModelShape, num_envs: int, micro_batch: int, gradient_checkpointing: bool) -> tuple[float, ...]:
-    """Bytes resident all run, at the rollout peak and at the update peak."""
+def peaks(shape: ModelShape, num_envs: int, micro_batch: int, gradient_checkpointing: bool,
+          compiled: bool = False) -> tuple[float, ...]:
+    """Bytes resident all run, at the rollout peak and at the update peak (`compiled`: --compile-layers)."""
     frozen = (shape.frozen_parameters - shape.quantized_parameters) * shape.dtype_bytes + shape.quantized_bytes
     resident = frozen + shape.lora_parameters * 12  # fp32 LoRA weights + 2 moments
     dequantized = DEQUANTIZED_COPIES * shape.largest_quantized * shape.dtype_bytes
-    rollout = resident + ROLLOUT_WORKSPACE_GIB * GIB + dequantized + num_envs * rollout_bytes_per_sample(shape)
+    rollout = (resident + ROLLOUT_WORKSPACE_GIB * GIB + dequantized
+               + num_envs * rollout_bytes_per_sample(shape, compiled))
     update = (resident + shape.lora_parameters * 4 + UPDATE_WORKSPACE_GIB * GIB + dequantized
-              + micro_batch * update_bytes_per_sample(shape, gradient_checkpointing))
+              + micro_batch * update_bytes_per_sample(shape, gradient_checkpointing, compiled))
     return resident, rollout, update
 
 
@@ -226,15 +236,16 @@ def check_fits(config: TrainConfig, shape: ModelShape | None, card: str,
         return prediction
     need = (f"this configuration is predicted to need {prediction.peak_gib:.1f} GiB of GPU memory and {card} gives "
             f"this process {available_gib:.1f} GiB")
-    smallest = max(peaks(shape, 1, 1, gradient_checkpointing=True)) / GIB
+    smallest = max(peaks(shape, 1, 1, gradient_checkpointing=True, compiled=config.model.compile_layers)) / GIB
     if smallest > available_gib:
         fix = ("store the frozen base in 4 bits (--base-quant nf4)" if config.model.base_quant == "none" else
                "use a card with more memory")
         raise ValueError(f"{need}, and even 1 env and a micro-batch of 1 would need {smallest:.1f} GiB: {fix}")
     flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib
             else f"--micro-batch-size (now {config.optim.micro_batch_size})")
-    raise ValueError(f"{need}: lower {flag}"
-                     + ("" if config.model.gradient_checkpointing else " or turn --gradient-checkpointing on"))
+    alternatives = ([] if config.model.gradient_checkpointing else [" or turn --gradient-checkpointing on"]) + (
+        [" or turn --compile-layers off"] if config.model.compile_layers else [])
+    raise ValueError(f"{need}: lower {flag}{''.join(alternatives)}")
 
 
 def detected_card(device: str) -> tuple[str, float | None]:
