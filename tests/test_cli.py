@@ -15,8 +15,9 @@ import torch
 from libero_env import init_state_split
 from OpenVLA_GRPO import parse_command
 from trainer.checkpoint import CHECKPOINTS
-from trainer.config import EvaluateConfig, PlotConfig, TrainConfig
+from trainer.config import EvaluateConfig, ModelConfig, PlotConfig, TrainConfig
 from trainer.envs import suite_shape
+from trainer.policy_builder import build_policy
 from trainer.validation import check_train
 
 torch.set_num_threads(1)
@@ -218,3 +219,12 @@ def test_eval_can_sample_at_a_temperature(checkpoint, tmp_path):
                        "--output-dir", str(tmp_path), "--run-name", "zero")
     assert rejected.returncode == 1 and rejected.stderr.strip().splitlines() == [
         "OpenVLA_GRPO.py: error: --temperature must be > 0 (or left out for greedy actions), got 0.0"]
+
+
+def test_cuda_graphs_follow_the_flag(checkpoint):
+    assert parse_command(["train"]).model.cuda_graphs
+    assert not parse_command(["eval", "--no-cuda-graphs"]).model.cuda_graphs
+    for enabled in (True, False):
+        policy = build_policy(ModelConfig(checkpoint=str(checkpoint), cuda_graphs=enabled), None, "libero_spatial",
+                              torch.device("cpu"))
+        assert policy.cuda_graphs is enabled and not policy.fixed_batch  # graphs replay on CUDA only
