@@ -90,6 +90,11 @@ def test_compiled_blocks_are_counted_and_their_batch_that_did_not_fit_is_refused
     config = parse_command(["train", "--checkpoint", str(directory), "--compile-layers", "--num-envs", "32"])
     with pytest.raises(ValueError, match=r"lower --num-envs \(now 32\) or turn --compile-layers off$"):
         check_fits(config, checkpoint_shape(config), "NVIDIA GeForce RTX 4090", 24.0)
+    config = parse_command(["train", "--checkpoint", str(directory), "--compile-layers", "--no-gradient-checkpointing",
+                            "--micro-batch-size", "4"])
+    with pytest.raises(ValueError, match=r"lower --micro-batch-size \(now 4\) or turn --gradient-checkpointing on "
+                                         r"or turn --compile-layers off$"):
+        check_fits(config, checkpoint_shape(config), "NVIDIA GeForce RTX 4090", 24.0)
 
 
 def test_a_configuration_predicted_not_to_fit_is_refused_naming_the_flag(tmp_path):

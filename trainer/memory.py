@@ -243,9 +243,9 @@ def check_fits(config: TrainConfig, shape: ModelShape | None, card: str,
         raise ValueError(f"{need}, and even 1 env and a micro-batch of 1 would need {smallest:.1f} GiB: {fix}")
     flag = (f"--num-envs (now {config.env.num_envs})" if prediction.rollout_gib >= prediction.update_gib
             else f"--micro-batch-size (now {config.optim.micro_batch_size})")
-    alternatives = ([] if config.model.gradient_checkpointing else [" or turn --gradient-checkpointing on"]) + (
-        [" or turn --compile-layers off"] if config.model.compile_layers else [])
-    raise ValueError(f"{need}: lower {flag}{''.join(alternatives)}")
+    also = ("" if config.model.gradient_checkpointing else " or turn --gradient-checkpointing on") + (
+        " or turn --compile-layers off" if config.model.compile_layers else "")
+    raise ValueError(f"{need}: lower {flag}{also}")
 
 
 def detected_card(device: str) -> tuple[str, float | None]:
