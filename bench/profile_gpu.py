@@ -14,8 +14,8 @@ Per variant and phase the JSON has: the unprofiled median wall time per call; fr
 time (union of kernel, memcpy and memset intervals) against the wall time, so a host-bound gap shows as
 `gpu_idle_share`; kernel launches, CUDA-graph launches and host synchronizations per call; the host and GPU time of
 the phases the policy names (`OpenVLAModel.vision`, `VisionGraph.capture` / `.replay`, `GraphDecoder.prefill` /
-`.capture` / `.replay`, ...); the top
-kernels by GPU time and the top operators by host time. `<output>.txt` holds the same as profiler tables.
+`.capture` / `.replay`, ...); the top kernels by GPU time and the top operators by host time. `<output>.txt` holds
+the same as profiler tables.
 """
 
 from __future__ import annotations
