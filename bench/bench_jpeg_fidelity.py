@@ -39,7 +39,8 @@ def accurate_idct_round_trip(image: np.ndarray) -> np.ndarray:
 
 def difference(image: np.ndarray, reference: np.ndarray) -> dict:
     diff = np.abs(image.astype(np.int64) - reference)
-    return {"max": int(diff.max()), "mean": round(float(diff.mean()), 4), "pixels_off": round(float((diff > 0).mean()), 4)}
+    return {"max": int(diff.max()), "mean": round(float(diff.mean()), 4),
+            "pixels_off": round(float((diff > 0).mean()), 4)}
 
 
 def milliseconds_per_call(round_trip, image: np.ndarray, repeats: int) -> float:

@@ -18,6 +18,7 @@ A quick check of every mode: --tasks 0 --episodes-per-task 2 --out /tmp/rollout.
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,13 @@ from trainer.rollout import Rollouts, play_episodes
 from vla_actor import load_policy
 
 
+MODES = ("lockstep_rebuilt", "refill_rebuilt", "refill_kept", "refill_kept_overlapped")
+MODE_SETTINGS = {"lockstep_rebuilt": dict(lockstep=True, rebuild_on_reset=True),
+                 "refill_rebuilt": dict(lockstep=False, rebuild_on_reset=True),
+                 "refill_kept": dict(lockstep=False, rebuild_on_reset=False),
+                 "refill_kept_overlapped": dict(lockstep=False, rebuild_on_reset=False, overlap=True)}
+
+
 @dataclass
 class Args:
     checkpoint: Path = SHIPPED_CHECKPOINT
@@ -47,6 +55,10 @@ class Args:
     """Held-out init states per task."""
     num_envs: int = 2
     """Simulator processes."""
+    device: str = "cpu"
+    """Where the policy computes (cuda: as the trainer on a GPU machine, with its fixed-batch queries)."""
+    modes: tuple[str, ...] = MODES
+    """Modes to play, in this order (a subset of the four, e.g. refill_kept refill_kept_overlapped on a GPU)."""
     out: Path = Path("bench/results/rollout.json")
     """Result file, written atomically."""
 
@@ -79,45 +91,52 @@ def play(args: Args, policy, specs: list[EpisodeSpec], lockstep: bool, rebuild_o
         batches = [specs[i:i + args.num_envs] for i in range(0, len(specs), args.num_envs)] if lockstep else [specs]
         started = time.perf_counter()
         results = [play_episodes(env, policy, batch, np.zeros(len(batch), np.int64), inputs, temperature=1.0,
-                                 greedy=True, keep_steps=False, overlap=overlap) for batch in batches]
+                                 greedy=True, keep_steps=False, overlap=overlap, fixed_batch=policy.fixed_batch)
+                   for batch in batches]
         seconds = time.perf_counter() - started
+        worker_busy = vector_env.worker_seconds["answer"] / (args.num_envs * seconds)
     result = Rollouts.concat(results)
     actions = int(result.lengths.sum())
     return {"seconds": round(seconds, 1), "env_actions": actions, "actions_per_second": round(actions / seconds, 2),
             "step_calls": env.step_calls, "episode_lengths": result.lengths.tolist(),
             "success": result.success.tolist(), "model_seconds": round(result.model_seconds, 1),
-            "env_seconds": round(result.env_seconds, 1)}
+            "env_seconds": round(result.env_seconds, 1), "worker_busy_fraction": round(worker_busy, 3)}
 
 
 def main(args: Args) -> None:
     torch.manual_seed(0)
-    policy = load_policy(args.checkpoint, unnorm_key=args.suite, device="cpu", dtype=torch.float32)
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown or not args.modes:
+        raise SystemExit(f"bench_rollout: --modes takes some of {' '.join(MODES)}, got {' '.join(args.modes)}")
+    policy = load_policy(args.checkpoint, unnorm_key=args.suite, device=args.device, dtype=torch.float32)
     _, heldout = init_state_split()
     specs = [EpisodeSpec(task, init) for task in args.tasks for init in heldout[:args.episodes_per_task]]
-    modes = {"lockstep_rebuilt": play(args, policy, specs, lockstep=True, rebuild_on_reset=True),
-             "refill_rebuilt": play(args, policy, specs, lockstep=False, rebuild_on_reset=True),
-             "refill_kept": play(args, policy, specs, lockstep=False, rebuild_on_reset=False),
-             "refill_kept_overlapped": play(args, policy, specs, lockstep=False, rebuild_on_reset=False,
-                                            overlap=True)}
+    modes = {name: play(args, policy, specs, **MODE_SETTINGS[name]) for name in args.modes}
     rate = {name: mode["actions_per_second"] for name, mode in modes.items()}
+    first = next(iter(modes.values()))
+    speedups = {"speedup_kept_vs_rebuilt": ("refill_kept", "refill_rebuilt"),
+                "speedup_refill_vs_lockstep": ("refill_rebuilt", "lockstep_rebuilt"),
+                "speedup_vs_lockstep_rebuilt": ("refill_kept", "lockstep_rebuilt"),
+                "speedup_overlapped_vs_kept": ("refill_kept_overlapped", "refill_kept")}
     result = {
         "what": "env actions per second of a greedy rollout of the same episodes: envs refilled as each episode ends "
                 "with simulators kept across resets (the trainer's way), against refill with every reset rebuilding "
                 "the simulator (LIBERO's hard reset) and lockstep batches of num_envs episodes with rebuilding; "
                 "and the trainer's way with --overlap-rollouts (step_calls then counts each half's rounds)",
-        "speedup_kept_vs_rebuilt": round(rate["refill_kept"] / rate["refill_rebuilt"], 3),
-        "speedup_refill_vs_lockstep": round(rate["refill_rebuilt"] / rate["lockstep_rebuilt"], 3),
-        "speedup_vs_lockstep_rebuilt": round(rate["refill_kept"] / rate["lockstep_rebuilt"], 3),
-        "speedup_overlapped_vs_kept": round(rate["refill_kept_overlapped"] / rate["refill_kept"], 3),
-        "same_episodes": all(mode["episode_lengths"] == modes["refill_kept"]["episode_lengths"]
-                             and mode["success"] == modes["refill_kept"]["success"] for mode in modes.values()),
+        **{name: round(rate[a] / rate[b], 3) for name, (a, b) in speedups.items() if a in rate and b in rate},
+        "same_episodes": all(mode["episode_lengths"] == first["episode_lengths"]
+                             and mode["success"] == first["success"] for mode in modes.values()),
         **modes, "episodes": len(specs), "num_envs": args.num_envs,
-        "checkpoint": args.checkpoint.name, "suite": args.suite, "tasks": list(args.tasks),
+        "checkpoint": args.checkpoint.name, "suite": args.suite, "tasks": list(args.tasks), "device": device_name(args),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": "OMP_NUM_THREADS=1 MUJOCO_GL=egl .venv/bin/python -m bench.bench_rollout",
+        "command": " ".join(["OMP_NUM_THREADS=1 MUJOCO_GL=egl python -m bench.bench_rollout", *sys.argv[1:]]),
     }
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in modes}, indent=2))
+
+
+def device_name(args: Args) -> str:
+    return torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@
 #   micro      bench_gpu: checkpointed update micro-batches 16 / 32 / 48
 #   compile    bench_gpu --compile-layers: compiled blocks against eager in one process
 #   quant8     bench_gpu --base-quant int8 fp8 against bf16
+#   rollout    bench_rollout: the shipped small policy on the GPU, 16 simulators, with and without overlap
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg, torchao), .baseline/baseline.tar.xz (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job).
-# SEED_GRPO_SECONDS (1200) bounds a seed's GRPO so that the seed ends inside a 30-minute lease.
+# SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease (lower it by the
+# device time a failed machine start took).
 set -u
 JOB_DIR=${JOB_DIR:-/tmp/gpu_job}
 RESULTS=$JOB_DIR/results
@@ -55,10 +57,10 @@ stage() {
       local seed=${name#seed} work=$JOB_DIR/ll_$name
       local lora="--lora-rank 32 --lora-alpha 32 --lora-vision --lora-projector --no-dynamic-sampling"
       python3 -m scripts.libero_learning --seed "$seed" --num-heldout 25 --tasks 0 1 2 3 --demos-per-task 3 \
-        --sft-steps 1000 --workers 16 --group-size 8 --groups 16 --temperature 0.5 --grpo-lr 1e-4 --ppo-epochs 2 \
-        --mini-batch-size 256 --eval-every 10 --grpo-iterations 10 --no-train-evals --no-sampled-evals \
+        --sft-steps 1000 --workers 16 --group-size 8 --groups 16 --temperature 0.5 --grpo-lr 1.5e-4 --ppo-epochs 2 \
+        --mini-batch-size 256 --eval-every 16 --grpo-iterations 16 --no-train-evals --no-sampled-evals \
         --grpo-finetune lora --heldout-evals grpo --no-eval-videos \
-        "--extra-grpo=$lora --max-seconds ${SEED_GRPO_SECONDS:-1200}" \
+        "--extra-grpo=$lora --max-seconds ${SEED_GRPO_SECONDS:-1300}" \
         --work-dir "$work" --result-json "$work/record.json" --media-dir "$work/media"
       local status=$?
       python3 -m scripts.transfer pack --work-dir "$work" --out-dir "$JOB_DIR/pack_$name" --max-parts 5
@@ -76,6 +78,8 @@ stage() {
         (cd /tmp/baseline && $bench --rollout-batches 16 32 --micro-batches 16 \
            --output "$RESULTS/gpu_7b_reuse_baseline$i.json")
       done ;;
+    rollout) OMP_NUM_THREADS=1 python3 -m bench.bench_rollout --device cuda --num-envs 16 --episodes-per-task 25 \
+               --modes refill_kept refill_kept_overlapped --out "$RESULTS/rollout_gpu.json" ;;
     e2e) baseline; python3 -m bench.bench_e2e --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
            --output "$RESULTS/gpu_7b_e2e.json" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \

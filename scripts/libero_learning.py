@@ -62,6 +62,9 @@ from vla_actor.policy import ADAPTER_CONFIG_FILE, checkpoint_dtype, resolve_dtyp
 TIMINGS_FILE = "stage_seconds.json"
 DEVICES_FILE = "stage_devices.json"
 CONTINUED_RUN_PREFIX = "grpo_from"
+NOT_RECIPE = ("work_dir", "seed", "workers", "gpus", "loader_workers", "eval_videos", "result_json", "media_dir",
+              "until")
+"""Experiment fields that say where or how fast a seed runs, not what it learns: left out of its `recipe`."""
 
 
 @dataclass
@@ -483,6 +486,18 @@ def grpo_heldout_evals(ex: Experiment, rows: list[dict]) -> tuple[HeldoutEval, H
                  for row in (evals[0], evals[-1]))
 
 
+def recipe(ex: Experiment) -> dict:
+    """What every seed of one experiment shares: the Experiment's settings without NOT_RECIPE, and extra_grpo
+    without --max-seconds (a bound on the machine's time, recorded per seed as grpo_iterations)."""
+    settings = {name: getattr(ex, name) for name in ex.__dataclass_fields__ if name not in NOT_RECIPE}
+    flags = shlex.split(ex.extra_grpo)
+    if "--max-seconds" in flags:
+        at = flags.index("--max-seconds")
+        del flags[at:at + 2]
+    settings["extra_grpo"] = shlex.join(flags)
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in settings.items()}
+
+
 def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> None:
     rows = grpo_metrics(ex.work_dir)
     restarts = [start for start, _ in grpo_runs(ex.work_dir)[1:]]
@@ -498,6 +513,8 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
                   "train_success_grpo": success_rate(after["train"])} if ex.train_evals else {}),
               "episodes_eval": grpo.episodes, "grpo_iterations": rows[-1]["iteration"],
               "heldout_success_by_iteration": curve,
+              "rollout_success_by_iteration": {str(row["iteration"]): row["rollout/success_rate"]
+                                               for row in rows if "rollout/success_rate" in row},
               **({"rollout_temperature": ex.temperature,
                   "train_success_sft_sampled": success_rate(before["sampled"]),
                   "train_success_grpo_sampled": success_rate(after["sampled"])} if ex.sampled_evals else {}),
@@ -507,7 +524,7 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
                   "grpo_continued_note": "at these iterations GRPO continued from its bfloat16 export in a new run "
                                          "(fresh optimizer state, seed = the iteration) on a new machine lease"}
                  if restarts else {}),
-              "grpo_finetune": ex.grpo_finetune,
+              "grpo_finetune": ex.grpo_finetune, "recipe": recipe(ex),
               "evaluated_models": EVALUATED_MODELS["grpo" if ex.heldout_evals == "grpo" else ex.grpo_finetune],
               "command": "python -m scripts.libero_learning " + shlex.join(
                   sys.argv[1:]), "device": "; ".join(sorted({name for names in devices.values() for name in names})),

@@ -257,8 +257,9 @@ def test_with_heldout_evals_grpo_the_before_and_after_are_grpos_first_and_last_e
 
     run_dir = tmp_path / "grpo"
     (run_dir / "videos").mkdir(parents=True)
-    rows = [grpo_eval_row(0, 0.2), {"iteration": 1, "env_steps": 100}, grpo_eval_row(2, 0.3),
-            {"iteration": 3, "env_steps": 300}, grpo_eval_row(4, 0.45)]
+    rows = [grpo_eval_row(0, 0.2), {"iteration": 1, "env_steps": 100, "rollout/success_rate": 0.25},
+            {**grpo_eval_row(2, 0.3), "rollout/success_rate": 0.5}, {"iteration": 3, "env_steps": 300},
+            grpo_eval_row(4, 0.45)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (run_dir / "config.json").write_text(json.dumps({"model": {"dtype": "auto",
                                                                "checkpoint": str(SHIPPED_CHECKPOINT)}}))
@@ -267,7 +268,8 @@ def test_with_heldout_evals_grpo_the_before_and_after_are_grpos_first_and_last_e
                  "iter000004_task00_init02_success"):
         (run_dir / "videos" / f"{name}.mp4").write_bytes(name.encode())
     experiment = Experiment(work_dir=tmp_path, tasks=(0,), heldout_evals="grpo", train_evals=False,
-                            sampled_evals=False, result_json=tmp_path / "record.json", media_dir=tmp_path / "media")
+                            sampled_evals=False, result_json=tmp_path / "record.json", media_dir=tmp_path / "media",
+                            seed=3, extra_grpo="--lora-rank 32 --max-seconds 1300 --no-dynamic-sampling")
     assert eval_protocols(experiment) == ()  # no eval stage plays the held-out episodes again
     before, after = grpo_heldout_evals(experiment, grpo_metrics(tmp_path))
     assert (before.success_rate, after.success_rate) == (0.2, 0.45) and after.ci95 == [0.35, 0.55]
@@ -280,6 +282,10 @@ def test_with_heldout_evals_grpo_the_before_and_after_are_grpos_first_and_last_e
     assert recorded["episodes_eval"] == 100 and recorded["grpo_iterations"] == 4 and recorded["dtype"] == "float32"
     assert recorded["heldout_evals"] == "grpo"
     assert recorded["heldout_success_by_iteration"] == {"0": 0.2, "2": 0.3, "4": 0.45}
+    assert recorded["rollout_success_by_iteration"] == {"1": 0.25, "2": 0.5}
+    recipe = recorded["recipe"]  # what the seeds share: not the seed, the machine's share or its time bound
+    assert recipe["extra_grpo"] == "--lora-rank 32 --no-dynamic-sampling" and recipe["tasks"] == [0]
+    assert not {"seed", "work_dir", "workers", "result_json"} & set(recipe) and recipe["grpo_lr"] == 3e-5
     assert (tmp_path / "media" / "libero_learning_before.mp4").read_bytes() == b"iter000000_task00_init02_failure"
     assert (tmp_path / "media" / "libero_learning_after.mp4").read_bytes() == b"iter000004_task00_init02_success"
 
@@ -317,7 +323,8 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
                   "heldout_success_grpo": after, "episodes_eval": 100, "grpo_iterations": 10, "device": "NVIDIA H200",
                   "wall_seconds": 1500.0,
                   "command": f"python -m scripts.libero_learning --seed {seed}",
-                  "heldout_success_by_iteration": {"0": before, "10": after}}
+                  "heldout_success_by_iteration": {"0": before, "10": after},
+                  "rollout_success_by_iteration": {"1": before, "10": after}, "recipe": {"grpo_lr": 1.5e-4}}
         paths.append(tmp_path / f"seed{seed}.json")
         paths[-1].write_text(json.dumps(record))
     result = main(Seeds(records=tuple(paths), output=tmp_path / "combined.json", curves=tmp_path / "curves.png"))
@@ -332,4 +339,8 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
     full = json.loads(paths[0].read_text()) | {"grpo_finetune": "full"}
     paths[0].write_text(json.dumps(full))
     with pytest.raises(ValueError, match="the records differ in grpo_finetune"):
+        main(Seeds(records=tuple(paths), output=tmp_path / "mixed.json", curves=tmp_path / "mixed.png"))
+    other_lr = full | {"grpo_finetune": "lora", "recipe": {"grpo_lr": 1e-4}}
+    paths[0].write_text(json.dumps(other_lr))
+    with pytest.raises(ValueError, match="the records differ in recipe"):
         main(Seeds(records=tuple(paths), output=tmp_path / "mixed.json", curves=tmp_path / "mixed.png"))
