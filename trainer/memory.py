@@ -71,8 +71,10 @@ SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
 DEQUANTIZED_COPIES = 2
 """Dequantized weights of the largest quantized layer counted alive at a peak (the forward's and, in the update, the
 backward's through the same layer)."""
-FIRST_RESET_SECONDS = 8.0
-"""The blocking first reset of every rollout round (LIBERO's hard reset and 10 wait steps; bench_e2e)."""
+FIRST_RESET_SECONDS = 4.5
+"""The blocking first reset of a rollout: 16 workers building their scenes and running the 10 wait steps
+(gpu_7b_e2e_oft.json, H100 machine). Later resets run in the background while the other envs step (refill), so a
+rollout blocks on one, however many episodes each env plays."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,7 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
     kind = "oft" if shape.oft else "openvla"
     scale = DENSE_BF16_TFLOPS[MEASURED_ON] / rate
     gpu = queries * (SECONDS_PER_QUERY[kind] + SECONDS_PER_SAMPLE[kind] * config.optim.ppo_epochs) * scale
-    simulators = (episodes * horizon / (SIMULATOR_ACTIONS_PER_S_PER_ENV * config.env.num_envs)
-                  + FIRST_RESET_SECONDS * math.ceil(episodes / config.env.num_envs))
+    simulators = episodes * horizon / (SIMULATOR_ACTIONS_PER_S_PER_ENV * config.env.num_envs) + FIRST_RESET_SECONDS
     return gpu + simulators
 
 
