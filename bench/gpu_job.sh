@@ -12,8 +12,9 @@
 #   micro      bench_gpu: checkpointed update micro-batches 16 / 32 / 48
 #   compile    bench_gpu --compile-layers: compiled blocks against eager in one process
 #   quant8     bench_gpu --base-quant int8 fp8 against bf16
-#   rollout    bench_rollout: the shipped small policy on the GPU, 16 simulators, with and without overlap
-#              (ROLLOUT_EPISODES_PER_TASK held-out episodes of each of tasks 0-3, 25 by default)
+#   rollout    bench_rollout: the shipped small policy on the GPU with and without overlap, for each number of
+#              simulators in ROLLOUT_ENVS ("16 32": one and two per core), ROLLOUT_EPISODES_PER_TASK (25) held-out
+#              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
@@ -79,9 +80,12 @@ stage() {
         (cd /tmp/baseline && $bench --rollout-batches 16 32 --micro-batches 16 \
            --output "$RESULTS/gpu_7b_reuse_baseline$i.json")
       done ;;
-    rollout) OMP_NUM_THREADS=1 python3 -m bench.bench_rollout --device cuda --num-envs 16 \
-               --episodes-per-task "${ROLLOUT_EPISODES_PER_TASK:-25}" \
-               --modes refill_kept refill_kept_overlapped --out "$RESULTS/rollout_gpu.json" ;;
+    rollout)
+      for envs in ${ROLLOUT_ENVS:-16 32}; do
+        OMP_NUM_THREADS=1 python3 -m bench.bench_rollout --device cuda --num-envs "$envs" \
+          --episodes-per-task "${ROLLOUT_EPISODES_PER_TASK:-25}" --modes refill_kept refill_kept_overlapped \
+          --out "$RESULTS/rollout_gpu_${envs}_envs.json" || return
+      done ;;
     e2e) baseline; python3 -m bench.bench_e2e --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
            --output "$RESULTS/gpu_7b_e2e.json" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
