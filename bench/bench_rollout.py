@@ -7,10 +7,13 @@ with --overlap-rollouts (two halves of the envs, one half simulating while the p
 CPU the policy and the simulators share the cores, so overlapping them has little to gain there; its case is a GPU
 policy (bench_e2e).
 
-Greedy episodes of the shipped policy, each in scene 0 of its (task, init state), so all three modes play the very
+Greedy episodes of the shipped policy, each in scene 0 of its (task, init state), so all modes play the very
 same episodes (checked: `same_episodes`). Counts env actions per second (policy steps summed over the envs),
 including the policy, the image pipeline, resets and scene builds. Writes bench/results/rollout.json.
-A quick check of every mode: --tasks 0 --episodes-per-task 2 --out /tmp/rollout.json
+`worker_busy_fraction` is the share of the wall time the simulator processes spent answering (the rest they waited
+for the policy or for the slowest env of a round). A quick check of every mode: --tasks 0 --episodes-per-task 2
+--out /tmp/rollout.json. On the GPU machine (bench/gpu_job.sh's rollout stage) the policy runs where the trainer
+runs it: --device cuda --num-envs 16 --modes refill_kept refill_kept_overlapped.
 
     OMP_NUM_THREADS=1 MUJOCO_GL=egl .venv/bin/python -m bench.bench_rollout
 """
