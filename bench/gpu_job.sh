@@ -20,8 +20,9 @@
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg, torchao), .baseline/baseline.tar.xz (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job).
-# SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease (lower it by the
-# device time a failed machine start took).
+# SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease: set it to the
+# device time left at launch minus ~500 s (machine start ~120, demos + model + SFT ~160, the iteration that crosses
+# the bound and the last eval ~150, packing and report calls ~50; H100 machine, bench/results/libero_learning.json).
 set -u
 JOB_DIR=${JOB_DIR:-/tmp/gpu_job}
 RESULTS=$JOB_DIR/results
