@@ -91,12 +91,16 @@ class GRPOTrainer:
         self.sampler = GroupSampler(self.task_ids, train_inits, seed=[config.seed, self.ctx.rank])
         self.iteration = self.env_steps = self.skipped_steps = self.skipped_in_a_row = 0
         self.env = make_env(config.env, wrist=self.inputs.wrist)
+        self.env_tasks: list[int | None] = [None] * self.env.num_envs  # each env's last task (rollout.play_episodes)
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
             state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)
             self.iteration, self.env_steps = state["iteration"], state["env_steps"]
             self.skipped_steps, self.skipped_in_a_row = state["skipped_steps"], state.get("skipped_in_a_row", 0)
             self.sampler.load_state_dict(state["samplers"][self.ctx.rank])
+            saved_tasks = state.get("env_tasks", [[]] * self.ctx.world_size)[self.ctx.rank]
+            if len(saved_tasks) == self.env.num_envs:  # else --num-envs changed on resume: no env holds a task
+                self.env_tasks = list(saved_tasks)
         restored_rng = rng_state()  # the logger's wandb.init must not move the restored generators
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
@@ -120,7 +124,7 @@ class GRPOTrainer:
                     self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
                     cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
-                    overlap=cfg.env.overlap_rollouts, fixed_batch=self.policy.fixed_batch)
+                    overlap=cfg.env.overlap_rollouts, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
             rollout_seconds = time.perf_counter() - started
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
@@ -326,18 +330,20 @@ class GRPOTrainer:
             results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
                                progress=self.config.logging.progress, overlap=self.config.env.overlap_rollouts,
-                               fixed_batch=self.policy.fixed_batch)
+                               fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
         return results.metrics("eval")
 
     def save(self) -> None:
-        """Rank 0 writes one checkpoint holding every rank's random generators and group sampler (and, with full
-        fine-tuning, the model and optimizer state gathered from every rank)."""
+        """Rank 0 writes one checkpoint holding every rank's random generators, group sampler and envs' tasks (and,
+        with full fine-tuning, the model and optimizer state gathered from every rank)."""
         rank_rng = distributed.gather_objects(rng_state(), self.ctx)
         samplers = distributed.gather_objects(self.sampler.state_dict(), self.ctx)
+        env_tasks = distributed.gather_objects(self.env_tasks, self.ctx)
         full_state = fsdp.full_state(self.policy.model, self.optimizer) if self.config.finetune == "full" else None
         if self.ctx.is_main:
             state = {"iteration": self.iteration, "env_steps": self.env_steps, "skipped_steps": self.skipped_steps,
-                     "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.ctx.world_size, "samplers": samplers}
+                     "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.ctx.world_size, "samplers": samplers,
+                     "env_tasks": env_tasks}
             save_checkpoint(self.run_dir, self.iteration, self.policy, self.optimizer, self.scheduler, state,
                             rank_rng, config_to_dict(_as_saved(self.config)), self.config.checkpointing.keep_last,
                             full_state)

@@ -125,6 +125,32 @@ def test_play_episodes_refills_an_env_as_soon_as_its_episode_ends():
     assert np.bincount(result.step_episode).tolist() == [6, 1, 2, 2, 1]
 
 
+def test_play_episodes_starts_each_env_on_the_task_it_held_in_the_last_call():
+    class Policy:
+        def sample(self, agentview, instructions, wrist, proprio, temperature, greedy):
+            batch = len(agentview)
+            return SimpleNamespace(actions=np.zeros((batch, 7), np.float32), token_ids=torch.zeros(batch, 7),
+                                   log_probs=torch.zeros(batch, 7))
+
+    env, inputs = ScriptedEnv(num_envs=2), PolicyInputs(wrist=False, proprio=False)
+
+    def play(specs, env_tasks):
+        play_episodes(env, Policy(), specs, np.zeros(len(specs), int), inputs, temperature=1.0, greedy=True,
+                      keep_steps=False, env_tasks=env_tasks)
+        return env.instructions  # each env's last episode
+
+    held: list[int | None] = [None, None]
+    # env 0 plays task 0 (1 step), then the task-1 episode left while env 1 plays its 3 steps of task 1
+    assert play([EpisodeSpec(0, 1), EpisodeSpec(1, 3), EpisodeSpec(1, 1)], held) == ["task 1", "task 1"]
+    assert held == [1, 1]
+    # the next call: env 0 takes the task-1 episode it holds the scene of, env 1 (task 1 gone) switches to task 0
+    assert play([EpisodeSpec(0, 2), EpisodeSpec(1, 2)], held) == ["task 1", "task 0"] and held == [1, 0]
+    # without the carried tasks the first episodes spread over the tasks in order
+    assert play([EpisodeSpec(0, 2), EpisodeSpec(1, 2)], None) == ["task 0", "task 1"]
+    with pytest.raises(ValueError, match="env_tasks holds 3 envs' tasks for 2 envs"):
+        play([EpisodeSpec(0, 2)], [None] * 3)
+
+
 def episode_steps(rollouts: Rollouts) -> list[tuple]:
     """Per episode: its outcome and its stored steps in order (token ids, images, instructions)."""
     return [(bool(rollouts.success[e]), int(rollouts.lengths[e]), bool(rollouts.lost[e]),

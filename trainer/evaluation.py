@@ -68,10 +68,12 @@ class TaskResults:
 
 def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
              video_dir: Path | None, video_prefix: str, num_videos: int, progress: bool = False,
-             temperature: float | None = None, overlap: bool = False, fixed_batch: bool = False) -> TaskResults:
+             temperature: float | None = None, overlap: bool = False, fixed_batch: bool = False,
+             env_tasks: list[int | None] | None = None) -> TaskResults:
     """Plays `episodes` greedily (or sampled at `temperature`), rank r taking every world_size-th one. Rank 0
     records its first episode of each task (up to `num_videos`) to
-    <video_dir>/<prefix>_task<t>_init<i>_<success|failure>.mp4. Lost episodes are replayed until they finish."""
+    <video_dir>/<prefix>_task<t>_init<i>_<success|failure>.mp4. Lost episodes are replayed until they finish.
+    `env_tasks`: the envs' tasks carried across calls (play_episodes)."""
     mine = episodes[ctx.rank::ctx.world_size]
     recorded: set[int] = set()
     filmed_tasks: set[int] = set()
@@ -87,7 +89,7 @@ def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs
             break
         result = play_episodes(env, policy, [specs[i] for i in pending], np.zeros(len(pending), dtype=np.int64),
                                inputs, temperature=temperature or 1.0, greedy=temperature is None, keep_steps=False,
-                               progress=progress, overlap=overlap, fixed_batch=fixed_batch)
+                               progress=progress, overlap=overlap, fixed_batch=fixed_batch, env_tasks=env_tasks)
         success[pending] = result.success
         for row, frames in result.videos.items():
             spec = specs[pending[row]]

@@ -152,7 +152,8 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
 
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
-                  progress: bool = False, overlap: bool = False, fixed_batch: bool = False) -> Rollouts:
+                  progress: bool = False, overlap: bool = False, fixed_batch: bool = False,
+                  env_tasks: list[int | None] | None = None) -> Rollouts:
     """Plays `specs` on env.num_envs envs and returns their outcomes, plus every policy step when `keep_steps`.
     An env starts its next episode (next_episode) as soon as its last one ends, and resets while the others step
     (reset(wait=False)), so no env waits for the longest episode of a batch or for another env's scene build.
@@ -161,8 +162,15 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     the policy and the simulators work at the same time, at half the batch per query. With `fixed_batch` every
     query holds all the envs of its half, idle or resetting ones too (with their last observation; their actions
     are dropped), so its shape stays the same while envs reset: what a policy that keeps CUDA graphs per batch size
-    replays instead of capturing anew (VLAPolicy.fixed_batch)."""
+    replays instead of capturing anew (VLAPolicy.fixed_batch). `env_tasks` is each env's task of the episode it
+    played last, kept by the caller across calls and updated here, so that an env's first episode of this call is
+    of the task whose scene it still holds where one is left (a scene build is seconds of blocking first reset);
+    None: no env holds a task."""
     n, total = env.num_envs, len(specs)
+    if env_tasks is None:
+        env_tasks = [None] * n
+    elif len(env_tasks) != n:
+        raise ValueError(f"env_tasks holds {len(env_tasks)} envs' tasks for {n} envs")
     steps: dict[str, list] = {k: [] for k in ("agentview", "wrist", "proprio", "instructions", "token_ids",
                                               "log_probs", "step_episode")}
     success, lost = np.zeros(total, dtype=bool), np.zeros(total, dtype=bool)
@@ -175,7 +183,6 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
         pending.setdefault(spec.task_id, []).append(index)
     playing = np.full(n, -1)  # each env's episode (resetting or running), -1 when idle
     running = np.zeros(n, dtype=bool)
-    env_tasks: list[int | None] = [None] * n
     halves = np.array_split(np.arange(n), 2) if overlap and n > 1 else [np.arange(n)]
 
     def start_episodes(envs: np.ndarray) -> list[int]:
@@ -281,11 +288,12 @@ def count_groups(where: np.ndarray, group_ids: np.ndarray) -> int:
 
 def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
-                   progress: bool = False, overlap: bool = False,
-                   fixed_batch: bool = False) -> tuple[Rollouts, dict[str, float]]:
+                   progress: bool = False, overlap: bool = False, fixed_batch: bool = False,
+                   env_tasks: list[int | None] | None = None) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
-    A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging."""
+    A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging.
+    `env_tasks`: as play_episodes', carried through the refill rounds."""
     rounds: list[Rollouts] = []
     wanted, next_group, lost_resets = groups_per_iteration, 0, env.lost_resets
     worker_seconds = dict(env.worker_seconds)
@@ -294,7 +302,8 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         group_ids = np.repeat(np.arange(next_group, next_group + wanted), group_size)
         next_group += wanted
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
-                                    keep_steps=True, progress=progress, overlap=overlap, fixed_batch=fixed_batch))
+                                    keep_steps=True, progress=progress, overlap=overlap, fixed_batch=fixed_batch,
+                                    env_tasks=env_tasks))
         group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
                                               for k in ("group_ids", "task_ids", "success", "lost"))
         usable = ~np.isin(group_ids, group_ids[lost])
