@@ -21,7 +21,8 @@ if ((${#missing[@]})); then
 fi
 
 python=${PYTHON:-python3.11}
-command -v "$python" >/dev/null || { echo "setup: $python not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 1; }
+command -v "$python" >/dev/null || {
+  echo "setup: $python not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 # The pinned torch is the CUDA build (its nvidia-* wheels alone are 3.2 GB): the whole stack takes 7.8 GB.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

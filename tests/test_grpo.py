@@ -37,7 +37,8 @@ def test_group_advantages_one_success_in_eight():
 
 
 def test_groups_are_independent_and_labels_arbitrary():
-    # group 7: [1, 0] -> mean 0.5, std sqrt(0.5) -> +-0.7071; group -2: [1, 1, 1] all equal -> 0; group 40 singleton -> 0
+    # group 7: [1, 0] -> mean 0.5, std sqrt(0.5) -> +-0.7071; group -2: [1, 1, 1] all equal -> 0;
+    # group 40 singleton -> 0
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     groups = torch.tensor([7, -2, 7, -2, -2, 40])
     adv = group_advantages(rewards, groups)

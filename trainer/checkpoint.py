@@ -4,9 +4,9 @@ A checkpoint is checkpoints/iter_NNNNNN/ in the run directory, holding adapter/ 
 with full fine-tuning, model/ (every weight, in the released layout that `eval --checkpoint` and `load_policy` read),
 optimizer.pt (with full fine-tuning keyed by parameter name, absent before the first optimizer step), scheduler.pt,
 rng_rank<r>.pt (python, numpy and torch generator states of every rank), trainer_state.json (iteration, counters,
-every rank's group-sampler state and its envs' last tasks) and config.json. It is written into a temporary directory first and renamed into
-place, so a crash leaves either the whole checkpoint or none. SFT (sft.py) writes the same layout, its optimizer
-step counting as the iteration.
+every rank's group-sampler state and its envs' last tasks) and config.json. It is written into a temporary
+directory first and renamed into place, so a crash leaves either the whole checkpoint or none. SFT (sft.py) writes
+the same layout, its optimizer step counting as the iteration.
 """
 
 import json

@@ -95,8 +95,8 @@ def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs
             spec = specs[pending[row]]
             if not result.lost[row] and video_dir is not None:
                 outcome = "success" if result.success[row] else "failure"
-                write_video(video_dir / f"{video_prefix}_task{spec.task_id:02d}_init{spec.init_index:02d}_{outcome}.mp4",
-                            frames)
+                name = f"{video_prefix}_task{spec.task_id:02d}_init{spec.init_index:02d}_{outcome}.mp4"
+                write_video(video_dir / name, frames)
         pending = pending[result.lost]
     if len(pending):
         raise RuntimeError(f"{len(pending)} eval episodes were lost {MAX_REPLAYS + 1} times in a row (env workers "

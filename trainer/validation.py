@@ -131,7 +131,8 @@ def check_env(env: EnvConfig) -> list[int]:
     if env.num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1, got {env.num_envs}")
     if env.max_steps is not None and env.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1 (or omitted for the suite's {shape.max_steps}), got {env.max_steps}")
+        raise ValueError(f"--max-steps must be >= 1 (or omitted for the suite's {shape.max_steps}), "
+                         f"got {env.max_steps}")
     if not 0 < env.num_heldout < shape.num_init_states:
         raise ValueError(f"--num-heldout must be in 1..{shape.num_init_states - 1} ({shape.num_init_states} init "
                          f"states per task), got {env.num_heldout}")

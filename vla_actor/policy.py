@@ -692,7 +692,8 @@ def merged_checkpoint_tensors(model: OpenVLAModel) -> Iterator[tuple[str, torch.
 
 
 def load_policy(path_or_hub_id: str | os.PathLike, unnorm_key: str = "libero_spatial",
-                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, attn_implementation: str = "sdpa", oft: bool | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                attn_implementation: str = "sdpa", oft: bool | None = None,
                 num_images: int | None = None, use_proprio: bool | None = None,
                 revision: str | None = None, base_quant: str = "none", base_quant_vision: bool = False) -> VLAPolicy:
     """Load a released (or exported, or look-alike) OpenVLA / OpenVLA-OFT checkpoint, strictly, tensor by tensor.
