@@ -107,16 +107,19 @@ class ScriptedEnv:
                                steps=self.steps.copy(), lost=np.zeros(self.num_envs, bool), started=started)
 
 
-def test_play_episodes_refills_an_env_as_soon_as_its_episode_ends():
-    class Policy:
-        def sample(self, agentview, instructions, wrist, proprio, temperature, greedy):
-            batch = len(agentview)
-            return SimpleNamespace(actions=np.zeros((batch, 7), np.float32), token_ids=torch.zeros(batch, 7),
-                                   log_probs=torch.zeros(batch, 7))
+class ZeroPolicy:
+    """Zero actions and tokens, whatever it is shown."""
 
+    def sample(self, agentview, instructions, wrist, proprio, temperature, greedy):
+        batch = len(agentview)
+        return SimpleNamespace(actions=np.zeros((batch, 7), np.float32), token_ids=torch.zeros(batch, 7),
+                               log_probs=torch.zeros(batch, 7))
+
+
+def test_play_episodes_refills_an_env_as_soon_as_its_episode_ends():
     env = ScriptedEnv(num_envs=2)
     specs = [EpisodeSpec(0, 6), EpisodeSpec(0, 1), EpisodeSpec(0, 2), EpisodeSpec(0, 2), EpisodeSpec(0, 1)]
-    result = play_episodes(env, Policy(), specs, np.zeros(5, int), PolicyInputs(wrist=False, proprio=False),
+    result = play_episodes(env, ZeroPolicy(), specs, np.zeros(5, int), PolicyInputs(wrist=False, proprio=False),
                            temperature=1.0, greedy=False, keep_steps=True)
     # a reset here takes one step call. Env 0: 6 steps, a reset, the last 1-step episode. Env 1 meanwhile: 1 step,
     # reset, 2 steps, reset, 2 steps: 8 calls (lockstep batches of 2 would take 6 + 2 + 1)
@@ -126,16 +129,10 @@ def test_play_episodes_refills_an_env_as_soon_as_its_episode_ends():
 
 
 def test_play_episodes_starts_each_env_on_the_task_it_held_in_the_last_call():
-    class Policy:
-        def sample(self, agentview, instructions, wrist, proprio, temperature, greedy):
-            batch = len(agentview)
-            return SimpleNamespace(actions=np.zeros((batch, 7), np.float32), token_ids=torch.zeros(batch, 7),
-                                   log_probs=torch.zeros(batch, 7))
-
     env, inputs = ScriptedEnv(num_envs=2), PolicyInputs(wrist=False, proprio=False)
 
     def play(specs, env_tasks):
-        play_episodes(env, Policy(), specs, np.zeros(len(specs), int), inputs, temperature=1.0, greedy=True,
+        play_episodes(env, ZeroPolicy(), specs, np.zeros(len(specs), int), inputs, temperature=1.0, greedy=True,
                       keep_steps=False, env_tasks=env_tasks)
         return env.instructions  # each env's last episode
 
