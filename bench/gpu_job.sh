@@ -21,8 +21,10 @@
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg, torchao), .baseline/baseline.tar.xz (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job).
 # SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease: set it to the
-# device time left at launch minus ~500 s (machine start ~120, demos + model + SFT ~160, the iteration that crosses
-# the bound and the last eval ~150, packing and report calls ~50; H100 machine, bench/results/libero_learning.json).
+# device time left at launch minus ~500 s (machine start ~100, demos + model + SFT 160-211, the iteration that
+# crosses the bound and the last eval ~150, packing and report calls ~50; seed 1 on the H100 machine, seed 2 on the
+# H200 machine, which ended ~70 s before the lease did: bench/results/libero_learning.json). Let a seed finish: the
+# adapter export, the record and the pack come in the ~20 s after GRPO's last eval.
 set -u
 JOB_DIR=${JOB_DIR:-/tmp/gpu_job}
 RESULTS=$JOB_DIR/results
