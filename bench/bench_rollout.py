@@ -34,7 +34,7 @@ from libero_env import EpisodeSpec, LiberoVectorEnv
 from libero_env.suites import init_state_split
 from OpenVLA_GRPO import policy_inputs
 from trainer.checkpoint import write_json
-from trainer.config import SHIPPED_CHECKPOINT
+from trainer.config import SHIPPED_GRPO_ADAPTER, SHIPPED_SFT
 from trainer.rollout import Rollouts, play_episodes
 from vla_actor import load_policy
 
@@ -48,8 +48,10 @@ MODE_SETTINGS = {"lockstep_rebuilt": dict(lockstep=True, rebuild_on_reset=True),
 
 @dataclass
 class Args:
-    checkpoint: Path = SHIPPED_CHECKPOINT
+    checkpoint: Path = SHIPPED_SFT
     """Policy that plays the episodes (its successes end early, its failures run to the time limit)."""
+    adapter: Path | None = SHIPPED_GRPO_ADAPTER
+    """LoRA adapter on the checkpoint (default: the shipped GRPO result); None: the checkpoint alone."""
     suite: str = "libero_spatial"
     """LIBERO suite."""
     tasks: tuple[int, ...] = (0, 1, 2, 3)
@@ -112,6 +114,8 @@ def main(args: Args) -> None:
     if unknown or not args.modes:
         raise SystemExit(f"bench_rollout: --modes takes some of {' '.join(MODES)}, got {' '.join(args.modes)}")
     policy = load_policy(args.checkpoint, unnorm_key=args.suite, device=args.device, dtype=torch.float32)
+    if args.adapter is not None:
+        policy.load_adapter(args.adapter)
     _, heldout = init_state_split()
     specs = [EpisodeSpec(task, init) for task in args.tasks for init in heldout[:args.episodes_per_task]]
     modes = {name: play(args, policy, specs, **MODE_SETTINGS[name]) for name in args.modes}
@@ -130,7 +134,8 @@ def main(args: Args) -> None:
         "same_episodes": all(mode["episode_lengths"] == first["episode_lengths"]
                              and mode["success"] == first["success"] for mode in modes.values()),
         **modes, "episodes": len(specs), "num_envs": args.num_envs,
-        "checkpoint": args.checkpoint.name, "suite": args.suite, "tasks": list(args.tasks), "device": device_name(args),
+        "checkpoint": args.checkpoint.name, "adapter": args.adapter.name if args.adapter else None,
+        "suite": args.suite, "tasks": list(args.tasks), "device": device_name(args),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join(["OMP_NUM_THREADS=1 MUJOCO_GL=egl python -m bench.bench_rollout", *sys.argv[1:]]),
     }

@@ -5,7 +5,7 @@ the input ids the reference stack gives (AutoTokenizer, plus the slow SentencePi
 export has a tokenizer.model; BOS + prompt + 29871 as OpenVLA's predict_action builds them) with ours
 (`VLAPolicy.prompt_ids` of the reloaded export):
 - lookalike_lora_merged: a look-alike checkpoint with a LoRA adapter merged (tokenizer.json written by us);
-- shipped_asset: assets/small-oft-libero-spatial-grpo as shipped;
+- shipped_asset: assets/small-oft-libero-spatial-sft as shipped (the GRPO end is an adapter for it);
 - sentencepiece_carried: a checkpoint whose only tokenizer file is a tokenizer.model (trained here in Llama-2's
   layout), exported after a LoRA merge: the export carries it verbatim and adds our tokenizer.json; the ids are
   also checked against SentencePiece's own encoding.
@@ -28,6 +28,7 @@ import torch
 import tyro
 
 from tests.sentencepiece_writer import PROMPTS, write_llama_sentencepiece
+from trainer.config import SHIPPED_SFT
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.checkpoint import ADDED_TOKENS, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, write_json
 from vla_actor.policy import prompt_text
@@ -76,7 +77,7 @@ def write_exports(root: Path) -> dict[str, Path]:
     policy = load_policy(lookalike)
     policy.apply_lora(LoraSettings(rank=4))
     exports = {"lookalike_lora_merged": policy.merge_and_export(root / "lookalike_export"),
-               "shipped_asset": Path("assets/small-oft-libero-spatial-grpo")}
+               "shipped_asset": SHIPPED_SFT}
     source = shutil.copytree(lookalike, root / "sentencepiece_source")
     (source / "tokenizer.json").unlink()
     write_llama_sentencepiece(source / "tokenizer.model")

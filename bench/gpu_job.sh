@@ -19,7 +19,9 @@
 #   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
-# simplejpeg, torchao), .baseline/baseline.tar.xz (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job).
+# simplejpeg), .whl_quant/*.whl (torchao, for quant8 and the quantized GPU tests), .baseline/baseline.tar.xz
+# (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job). One transfer carries at most 64 MiB with the
+# tracked tree (~28.5 MB): .gl .libero_bundle .whl (40.0 MB) for seeds and rollout, .gl .whl .whl_quant for vlagpu.
 # SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease: set it to the
 # device time left at launch minus ~500 s (machine start ~100, demos + model + SFT 160-211, the iteration that
 # crosses the bound and the last eval ~150, packing and report calls ~50; seed 1 on the H100 machine, seed 2 on the
@@ -40,7 +42,7 @@ setup() {
   [ -f $vendor ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
   mkdir -p /tmp/site
   [ -f .libero_bundle/site.tar.xz ] && tar -xJf .libero_bundle/site.tar.xz -C /tmp/site
-  local wheels=$(ls .whl/*.whl .libero_bundle/*.whl 2>/dev/null)
+  local wheels=$(ls .whl/*.whl .whl_quant/*.whl .libero_bundle/*.whl 2>/dev/null)
   [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site $wheels > "$JOB_DIR/pip.log" 2>&1
   export PYTHONPATH=/tmp/site MUJOCO_GL=egl PYOPENGL_PLATFORM=egl TOKENIZERS_PARALLELISM=false

@@ -11,7 +11,7 @@ import pytest
 from scripts import libero_learning
 from scripts.libero_learning import (Experiment, before_after_videos, device_name, eval_protocols, evaluate,
                                      grpo_metrics, is_adapter, main, reinforcement_learning, run, success_rate)
-from trainer.config import SHIPPED_CHECKPOINT
+from trainer.config import SHIPPED_SFT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,7 +262,7 @@ def test_with_heldout_evals_grpo_the_before_and_after_are_grpos_first_and_last_e
             grpo_eval_row(4, 0.45)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (run_dir / "config.json").write_text(json.dumps({"model": {"dtype": "auto",
-                                                               "checkpoint": str(SHIPPED_CHECKPOINT)}}))
+                                                               "checkpoint": str(SHIPPED_SFT)}}))
     (tmp_path / "stage_devices.json").write_text(json.dumps({"grpo": ["CPU (2 cores)"]}))
     for name in ("iter000000_task00_init02_failure", "iter000002_task00_init02_success",
                  "iter000004_task00_init02_success"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from OpenVLA_GRPO import GRPOTrainer, parse_command
-from trainer.checkpoint import CHECKPOINTS
+from trainer.checkpoint import ADAPTER_DIR, CHECKPOINTS
 from trainer.rollout import collect_groups
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.libero]
 
 
 def test_demo_writes_logs_checkpoint_plot_and_video(tmp_path):
-    """`make train` with its defaults (the shipped small OFT policy, full fine-tuning), on a short horizon."""
+    """`make train` with its defaults (the shipped SFT end with a fresh LoRA adapter), on a short horizon."""
     result = subprocess.run([sys.executable, str(REPO / "OpenVLA_GRPO.py"), "demo", "--output-dir", str(tmp_path),
                              "--run-name", "demo", "--iterations", "2", "--eval-every", "2",
                              "--eval-episodes-per-task", "1", "--max-steps", "16", "--no-progress"],
@@ -35,7 +35,7 @@ def test_demo_writes_logs_checkpoint_plot_and_video(tmp_path):
     assert all(row["rollout/episodes"] == 4 and row["rollout/episode_length"] <= 16 for row in rows[1:])
     assert rows[-1]["eval/success_rate"] is not None and "train/loss" in rows[-1]
     assert rows[-1]["perf/env_worker_physics_seconds"] > 0 and rows[-1]["perf/env_worker_render_seconds"] > 0
-    assert (run / CHECKPOINTS / "iter_000002" / "model" / "config.json").is_file()
+    assert (run / CHECKPOINTS / "iter_000002" / ADAPTER_DIR / "adapter_config.json").is_file()
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     videos = list((run / "videos").glob("iter000002_task00_*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000

@@ -21,9 +21,13 @@ import yaml
 
 from grpo import Aggregation
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-grpo"
-"""The small OFT policy in the repo, trained from scratch on libero_spatial tasks 0-3: SFT on 12 scripted demos, then
-10 GRPO iterations on real LIBERO (BENCHMARKS.md, "Small VLA from scratch on real LIBERO")."""
+SHIPPED_SFT = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-sft"
+"""Both ends of one seed of the small-VLA experiment ship (BENCHMARKS.md, "Several seeds"): this is its start, a small
+OFT policy trained from scratch by SFT on 12 scripted demos of libero_spatial tasks 0-3."""
+SHIPPED_GRPO_ADAPTER = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-grpo-lora"
+"""The same seed's GRPO result: a LoRA adapter (rank 32 on the LLM, ViTs and projector) for SHIPPED_SFT."""
+SHIPPED_LORA = dict(lora_rank=32, lora_alpha=32, lora_projector=True, lora_vision=True)
+"""The LoRA settings SHIPPED_GRPO_ADAPTER was trained with (a run that continues it needs the same)."""
 
 DataclassT = TypeVar("DataclassT")
 OmitPrefix = tyro.conf.OmitArgPrefixes
@@ -278,9 +282,9 @@ class TrainConfig:
 
 @dataclass
 class DemoConfig(TrainConfig):
-    """`make train`: the shipped small OFT policy (assets/, SFT on scripted demos, then GRPO) evaluated on held-out
-    init states and trained with GRPO for a few iterations on real LIBERO libero_spatial on the CPU with 2 envs;
-    writes logs, a checkpoint, a plot and videos in minutes. Any train flag can be added."""
+    """`make train`: the shipped small OFT policy (assets/: the SFT start of one seed, and its GRPO LoRA adapter)
+    evaluated on held-out init states and trained with GRPO for a few iterations on real LIBERO libero_spatial on
+    the CPU with 2 envs; writes logs, a checkpoint, a plot and videos in minutes. Any train flag can be added."""
 
 
 @dataclass
@@ -374,17 +378,19 @@ class PlotConfig:
 
 
 def demo_defaults() -> DemoConfig:
-    """What `make train` runs: the shipped small OFT policy (SFT on scripted demos, then GRPO; BENCHMARKS.md) is
-    evaluated and trained further with GRPO on real LIBERO on the CPU, with every output of a real run, in minutes.
-    Task 0 at the temperature and learning rate that trained the policy: its groups of 4 rollouts mostly mix
-    successes and failures, so the update has a signal (docs/experiments.md, "make train demo defaults": task 1
-    gave all-fail groups)."""
+    """What `make train` runs: the shipped seed's SFT end (SHIPPED_SFT) is evaluated and trained with GRPO and a fresh
+    LoRA adapter on real LIBERO on the CPU, with every output of a real run, in minutes; `--adapter
+    assets/small-oft-libero-spatial-grpo-lora` continues the seed's GRPO end instead. Task 0 with the seed's held-out
+    split and the seed recipe's LoRA settings, temperature and learning rate. Both ends measured (docs/experiments.md,
+    "make train demo defaults"): from the SFT end all 6 groups of 4 rollouts in two runs mixed successes and failures,
+    so every update had a signal; from the GRPO end 2 of 6 were all-success or all-fail."""
     return DemoConfig(
-        finetune="full",
-        model=ModelConfig(checkpoint=str(SHIPPED_CHECKPOINT), dtype="float32", gradient_checkpointing=False),
-        env=EnvConfig(task_suite="libero_spatial", task_ids=(0,), num_envs=2, num_heldout=10),
+        finetune="lora",
+        model=ModelConfig(checkpoint=str(SHIPPED_SFT), dtype="float32", gradient_checkpointing=False),
+        lora=LoraConfig(**SHIPPED_LORA),
+        env=EnvConfig(task_suite="libero_spatial", task_ids=(0,), num_envs=2, num_heldout=25),
         grpo=GrpoConfig(group_size=4, groups_per_iteration=1, temperature=0.5, dynamic_sampling=False),
-        optim=OptimConfig(lr=1e-5, mini_batch_size=32, micro_batch_size=16),
+        optim=OptimConfig(lr=1.5e-4, mini_batch_size=32, micro_batch_size=16),
         evaluation=EvalConfig(eval_every=3, eval_at_start=True, eval_episodes_per_task=2, num_videos=1),
         logging=LogConfig(progress=True),
         checkpointing=CheckpointConfig(save_every=3, keep_last=1),
