@@ -123,8 +123,10 @@ report() {
   for f in "$JOB_DIR"/*.rc; do [ -f "$f" ] && echo "$(basename "$f" .rc): exit $(cat "$f")"; done
   for f in "$JOB_DIR"/*.log; do echo "---- $(basename "$f")"; tail -c "${TAIL_BYTES:-1500}" "$f"; done
   [ -f "$JOB_DIR/done" ] && echo "job done"
+  # A seed's latest GRPO adapter comes back with every report, so a seed cut short by the lease keeps its result.
   (cd "$JOB_DIR" && tar -cJf "$out/results.tar.xz" results *.log *.rc \
-     $(ls -d ll_seed*/record.json ll_seed*/*/metrics.jsonl ll_seed*/stage_*.json 2>/dev/null) 2>/dev/null)
+     $(ls -d ll_seed*/record.json ll_seed*/*/metrics.jsonl ll_seed*/stage_*.json \
+             ll_seed*/grpo/checkpoints/*/adapter 2>/dev/null) 2>/dev/null)
   for pack in "$JOB_DIR"/pack_*; do
     [ -d "$pack" ] && mkdir -p "$out/$(basename "$pack")" && cp "$pack"/* "$out/$(basename "$pack")/"
   done
