@@ -21,10 +21,12 @@ import yaml
 
 from grpo import Aggregation
 
-SHIPPED_SFT = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-sft"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+"""The models the repository ships."""
+SHIPPED_SFT = ASSETS / "small-oft-libero-spatial-sft"
 """Both ends of one seed of the small-VLA experiment ship (BENCHMARKS.md, "Several seeds"): this is its start, a small
 OFT policy trained from scratch by SFT on 12 scripted demos of libero_spatial tasks 0-3."""
-SHIPPED_GRPO_ADAPTER = Path(__file__).resolve().parent.parent / "assets" / "small-oft-libero-spatial-grpo-lora"
+SHIPPED_GRPO_ADAPTER = ASSETS / "small-oft-libero-spatial-grpo-lora"
 """The same seed's GRPO result: a LoRA adapter (rank 32 on the LLM, ViTs and projector) for SHIPPED_SFT."""
 SHIPPED_LORA = dict(lora_rank=32, lora_alpha=32, lora_projector=True, lora_vision=True)
 """The LoRA settings SHIPPED_GRPO_ADAPTER was trained with (a run that continues it needs the same)."""

@@ -126,7 +126,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 TRAINING_DTYPE_KEY = "training_dtype"
 """config.json key of this project: the dtype the weights were trained (computed) in. torch_dtype only says how
 they are stored: a model trained in float32 may ship in bfloat16 at half the size, and computing it in bfloat16
-changes its actions (the shipped small policy: 0.475 held-out success in float32, ~0.30 in bfloat16)."""
+changes its actions (run 11's small policy, BENCHMARKS.md: 0.475 held-out success in float32, ~0.30 in
+bfloat16)."""
 
 
 def trained_dtype_name(config: dict) -> str:
