@@ -48,7 +48,8 @@ setup() {
   export PYTHONPATH=/tmp/site MUJOCO_GL=egl PYOPENGL_PLATFORM=egl TOKENIZERS_PARALLELISM=false
   export WANDB_MODE=disabled PYTHONUNBUFFERED=1
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    python3 -c "import torch; print('torch', torch.__version__)"; echo "cores $(nproc)"; } > "$RESULTS/device.txt" 2>&1
+    python3 -c "import torch; print('torch', torch.__version__)"; echo "cores $(nproc)"
+    lscpu | sed -n 's/^Model name: *//p'; } > "$RESULTS/device.txt" 2>&1
 }
 
 baseline() {  # the baseline checkout, unpacked once
