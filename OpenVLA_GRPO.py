@@ -5,6 +5,7 @@ one line; add --traceback (or set OPENVLA_GRPO_TRACEBACK=1) for the full traceba
     python OpenVLA_GRPO.py eval --checkpoint ... --adapter runs/<run>      # published protocol: 50 trials, seed 7
     python OpenVLA_GRPO.py demo                                            # `make train`: shipped small policy, CPU
     python OpenVLA_GRPO.py plot runs/<run>
+    python OpenVLA_GRPO.py compare runs/<eval-a> runs/<eval-b>              # paired: same episodes, two models
     python OpenVLA_GRPO.py sft --demos demos/ --output-dir runs/sft --checkpoint ...  # supervised warm start
     torchrun --nproc-per-node 4 OpenVLA_GRPO.py train ...                  # data parallel, one process per GPU
     torchrun --nproc-per-node 8 OpenVLA_GRPO.py train ... --finetune full  # every weight, sharded with FSDP
@@ -36,11 +37,11 @@ from trainer import distributed, fsdp
 from trainer.checkpoint import (MODEL_DIR, checkpoint_dirs, latest_checkpoint, load_checkpoint,
                                 new_run_directory, outermost_missing, remove_partial_checkpoints, rng_state,
                                 save_checkpoint, set_rng_state, write_json)
-from trainer.config import (DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, SftConfig, TrainConfig,
+from trainer.config import (CompareConfig, DemoConfig, EvaluateConfig, ModelConfig, PlotConfig, SftConfig, TrainConfig,
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.errors import UserError, one_line_errors, traceback_requested
-from trainer.evaluation import evaluate, write_results
+from trainer.evaluation import compare_evals, evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
@@ -474,7 +475,7 @@ def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path
     return results_dir
 
 
-def parse_command(argv: Sequence[str]) -> TrainConfig | EvaluateConfig | PlotConfig | SftConfig:
+def parse_command(argv: Sequence[str]) -> TrainConfig | EvaluateConfig | PlotConfig | CompareConfig | SftConfig:
     """The subcommand's config: dataclass defaults, then --resume's saved config and --config's file, then flags."""
     defaults = {"train": TrainConfig(), "demo": demo_defaults(), "eval": EvaluateConfig()}
     if argv and argv[0] in defaults:
@@ -483,6 +484,7 @@ def parse_command(argv: Sequence[str]) -> TrainConfig | EvaluateConfig | PlotCon
                | Annotated[EvaluateConfig, tyro.conf.subcommand("eval", default=defaults["eval"])]
                | Annotated[DemoConfig, tyro.conf.subcommand("demo", default=defaults["demo"])]
                | Annotated[PlotConfig, tyro.conf.subcommand("plot")]
+               | Annotated[CompareConfig, tyro.conf.subcommand("compare")]
                | Annotated[SftConfig, tyro.conf.subcommand("sft")])
     return tyro.cli(command, args=list(argv), description=__doc__.split("\n\n")[0])
 
@@ -496,11 +498,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_command(parse_command(args))
 
 
-def run_command(command: TrainConfig | EvaluateConfig | PlotConfig | SftConfig) -> None:
+def run_command(command: TrainConfig | EvaluateConfig | PlotConfig | CompareConfig | SftConfig) -> None:
     """Resolves the command's config once (checks, run directory, task ids), then runs it."""
     rank = distributed.launched_rank()
     if isinstance(command, PlotConfig):
         print(plot_run(command.run_dir, command.output))
+    elif isinstance(command, CompareConfig):
+        print(compare_evals(command.before, command.after))
     elif isinstance(command, SftConfig):
         print(run_sft(command))  # it checks its config before anything else
     elif isinstance(command, EvaluateConfig):

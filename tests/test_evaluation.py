@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from trainer.evaluation import TaskResults, wilson_interval, write_results
+from trainer.evaluation import TaskResults, compare_evals, paired_comparison, wilson_interval, write_results
 from vla_actor import load_policy, make_tiny_checkpoint, resolve_dtype
 from vla_actor.checkpoint import TRAINING_DTYPE_KEY
 
@@ -34,6 +34,47 @@ def test_results_and_metrics_carry_intervals_per_task_and_the_dtype(tmp_path):
     assert saved["dtype"] == "float32" and saved["overall"]["ci95"] == list(wilson_interval(5, 20))
     assert saved["tasks"][1]["ci95"][0] == 0.0
     assert "computed in float32" in (tmp_path / "results.md").read_text()
+
+
+def episodes(successes: list[bool], scene: int = 7) -> list[dict]:
+    return [{"task_id": i % 2, "init_index": i, "scene": scene, "success": ok} for i, ok in enumerate(successes)]
+
+
+def test_paired_comparison_matches_hand_computed_mcnemar_and_agresti_min():
+    # 20 episodes: 5 solved by both, 2 only before, 8 only after, 5 by neither
+    before = [True] * 7 + [False] * 13
+    after = [True] * 5 + [False] * 2 + [True] * 8 + [False] * 5
+    c = paired_comparison(episodes(before), episodes(after))
+    assert (c["episodes"], c["only_before"], c["only_after"]) == (20, 2, 8)
+    assert c["success_before"] == 0.35 and c["success_after"] == 0.65 and c["difference"] == pytest.approx(0.30)
+    assert c["mcnemar_p"] == pytest.approx(2 * (1 + 10 + 45) / 1024)  # 2 P(X <= 2), X ~ Bin(10, 1/2)
+    # cells + 1/2: 2.5 and 8.5 of 22; 6 / 22 +- 1.96 sqrt(11 - 36 / 22) / 22
+    assert c["difference_ci95"] == pytest.approx([0.27273 - 0.27262, 0.27273 + 0.27262], abs=1e-4)
+    same = paired_comparison(episodes(before), episodes(before))
+    assert same["mcnemar_p"] == 1.0 and same["difference"] == 0.0
+    with pytest.raises(ValueError, match="did not play the same episodes"):
+        paired_comparison(episodes(before), episodes(after, scene=0))
+
+
+def test_results_record_each_episode_and_two_evals_compare(tmp_path):
+    config = {"temperature": None, "protocol": "heldout", "env": {"task_suite": "libero_spatial"},
+              "model": {"checkpoint": "c", "adapter": None}}
+    for name, outcomes in (("a", [True, False, False, False]), ("b", [True, True, True, False])):
+        results = TaskResults(successes={0: 1 + (name == "b"), 1: name == "b"}, episodes={0: 2, 1: 2},
+                              outcomes=tuple((e["task_id"], e["init_index"], 7, e["success"])
+                                             for e in episodes(outcomes)))
+        (tmp_path / name).mkdir()
+        write_results(tmp_path / name, results, {0: "zero", 1: "one"}, config, "float32")
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["episodes"][1] == {"task_id": 1, "init_index": 1, "scene": 7, "success": False}
+    line = compare_evals(tmp_path / "a", tmp_path / "b" / "results.json")
+    assert line.startswith("success 0.250 -> 0.750 on the same 4 episodes: +0.500") and "p = 0.5" in line
+    del saved["episodes"]
+    (tmp_path / "a" / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="no per-episode outcomes"):
+        compare_evals(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(ValueError, match="holds no results.json"):
+        compare_evals(tmp_path / "missing", tmp_path / "b")
 
 
 def test_auto_dtype_follows_the_dtype_the_checkpoint_was_trained_in(checkpoint, tmp_path):

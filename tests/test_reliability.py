@@ -259,7 +259,7 @@ def test_lost_resets_are_counted(checkpoint, tmp_path):
     "adapter-missing", "checkpoint-config-not-json", "weight-decay", "eval-trials", "eval-temperature-inf",
     "plot-no-metrics", "optimizer-truncated", "trainer-state-garbled", "resume-finetune", "sft-no-demos",
     "demo-lr-nan", "device", "flash-attn-missing", "plot-unwritable", "base-quant-fp8-cpu", "base-quant-full",
-    "eval-adapter-of-another-base-quant", "eval-seed", "compile-layers-full",
+    "eval-adapter-of-another-base-quant", "eval-seed", "compile-layers-full", "compare-no-results",
 ])
 def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
     runs = tmp_path / "new-runs"
@@ -297,6 +297,8 @@ def test_more_bad_inputs(case, checkpoint, run, model_copy, tmp_path):
         "eval-temperature-inf": (["eval", "--checkpoint", str(checkpoint), "--task-suite", "toy", "--temperature",
                                   "inf", "--output-dir", str(runs)], "--temperature must be a finite number, got inf"),
         "plot-no-metrics": (["plot", str(tmp_path)], f"{tmp_path / METRICS_FILE} does not exist"),
+        "compare-no-results": (["compare", str(run), str(tmp_path)],
+                               f"{run} holds no results.json: give the results directory an eval printed"),
         "optimizer-truncated": (["train", "--resume", str(run), "--iterations", "2"],
                                 f"{optimizer_file} is truncated or damaged ("),
         "trainer-state-garbled": (["train", "--resume", str(run), "--iterations", "2"],

@@ -280,6 +280,8 @@ def test_eval_is_greedy_unless_given_a_temperature(temperature, expected):
                        [EpisodeSpec(0, i) for i in range(3)], PolicyInputs(wrist=False, proprio=False),
                        distributed.setup("cpu"), None, "eval", 0, temperature=temperature)
     assert sum(results.episodes.values()) == 3
+    assert [outcome[:3] for outcome in results.outcomes] == [(0, 0, 0), (0, 1, 0), (0, 2, 0)]
+    assert sum(outcome[3] for outcome in results.outcomes) == results.successes[0]
     assert policy.calls and set(policy.calls) == {expected}
 
 

@@ -379,6 +379,17 @@ class PlotConfig:
     """PNG to write; None: <run_dir>/curves.png."""
 
 
+@dataclass
+class CompareConfig:
+    """Compare two evals of the same episodes (e.g. a checkpoint without and with its adapter, one --seed) episode
+    by episode: the change in success with a paired 95 % interval and McNemar's exact p-value."""
+
+    before: tyro.conf.Positional[Path]
+    """The first eval's results directory (runs/eval-...) or its results.json."""
+    after: tyro.conf.Positional[Path]
+    """The second eval's results directory or results.json."""
+
+
 def demo_defaults() -> DemoConfig:
     """What `make train` runs: the shipped seed's SFT end (SHIPPED_SFT) is evaluated and trained with GRPO and a fresh
     LoRA adapter on real LIBERO on the CPU, with every output of a real run, in minutes; `--adapter

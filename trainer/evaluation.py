@@ -1,6 +1,7 @@
 """Evaluation, greedy or sampled at a temperature: per-task success over a list of episodes, shared among ranks,
 with videos from rank 0."""
 
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,9 @@ class TaskResults:
 
     successes: dict[int, int]
     episodes: dict[int, int]
+    outcomes: tuple[tuple[int, int, int, bool], ...] = ()
+    """Each episode as (task_id, init_index, scene, success), in the order of the eval's episode list: two evals of
+    one list meet the same scenes, so their outcomes pair episode by episode (`paired_comparison`)."""
 
     @property
     def success_rate(self) -> float:
@@ -105,8 +109,60 @@ def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs
     successes = {f"{t}": float(sum(success[i] for i, s in enumerate(specs) if s.task_id == t)) for t in task_ids}
     counts = {f"{t}": float(sum(1 for s in specs if s.task_id == t)) for t in task_ids}
     successes, counts = reduce_values(successes, ctx), reduce_values(counts, ctx)
+    # rank r played episodes r, r + world_size, ...: a sum over ranks puts every outcome at its list position
+    played = {f"{i}": 0.0 for i in range(len(episodes))}
+    played.update({f"{ctx.rank + i * ctx.world_size}": float(ok) for i, ok in enumerate(success)})
+    played = reduce_values(played, ctx)
+    outcomes = tuple((s.task_id, s.init_index, s.scene, played[f"{i}"] > 0.5) for i, s in enumerate(episodes))
     return TaskResults(successes={t: int(successes[f"{t}"]) for t in task_ids},
-                       episodes={t: int(counts[f"{t}"]) for t in task_ids})
+                       episodes={t: int(counts[f"{t}"]) for t in task_ids}, outcomes=outcomes)
+
+
+def paired_comparison(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two evals of the same episodes (results.json's `episodes`: task, init state, scene, success), compared
+    episode by episode: the change in success rate with the Agresti-Min 95 % interval of a paired difference (a
+    Wald interval after adding 1/2 to each cell of the 2x2 table; Agresti & Min 2005) and McNemar's exact
+    two-sided p-value (the episodes only one of the two solved, binomial at 1/2). Pairing removes the spread of
+    episode difficulty that two unpaired Wilson intervals carry, so it detects smaller changes."""
+    key = ("task_id", "init_index", "scene")
+    if [[e[k] for k in key] for e in before] != [[e[k] for k in key] for e in after]:
+        raise ValueError("the two evals did not play the same episodes (task, init state, scene, in order): "
+                         "evaluate both with the same --task-ids, --protocol, --trials-per-task, --num-heldout and "
+                         "--seed")
+    if not before:
+        raise ValueError("the evals hold no episodes to compare")
+    n = len(before)
+    only_before = sum(b["success"] and not a["success"] for b, a in zip(before, after))
+    only_after = sum(a["success"] and not b["success"] for b, a in zip(before, after))
+    discordant = only_before + only_after
+    tail = sum(math.comb(discordant, k) for k in range(min(only_before, only_after) + 1)) / 2 ** discordant
+    cells_before, cells_after, total = only_before + 0.5, only_after + 0.5, n + 2
+    difference = (cells_after - cells_before) / total
+    half = Z_95 * math.sqrt(cells_before + cells_after - (cells_after - cells_before) ** 2 / total) / total
+    return {"episodes": n, "success_before": sum(b["success"] for b in before) / n,
+            "success_after": sum(a["success"] for a in after) / n, "difference": (only_after - only_before) / n,
+            "difference_ci95": [max(-1.0, difference - half), min(1.0, difference + half)],
+            "only_before": only_before, "only_after": only_after, "mcnemar_p": min(1.0, 2 * tail)}
+
+
+def compare_evals(before: Path, after: Path) -> str:
+    """`compare`: paired_comparison of two eval results directories (or their results.json), as one line."""
+    outcomes = []
+    for path in (before, after):
+        file = path / "results.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"{path} holds no results.json: give the results directory an eval printed "
+                             f"(runs/eval-...)")
+        episodes = json.loads(file.read_text()).get("episodes")
+        if episodes is None:
+            raise ValueError(f"{file} has no per-episode outcomes (an eval from before they were recorded): run "
+                             f"that eval again")
+        outcomes.append(episodes)
+    c = paired_comparison(*outcomes)
+    low, high = c["difference_ci95"]
+    return (f"success {c['success_before']:.3f} -> {c['success_after']:.3f} on the same {c['episodes']} episodes: "
+            f"{c['difference']:+.3f} (paired 95 % interval {low:+.3f} to {high:+.3f}); solved only by the first "
+            f"{c['only_before']}, only by the second {c['only_after']}; McNemar exact p = {c['mcnemar_p']:.2g}")
 
 
 def write_results(results_dir: Path, results: TaskResults, instructions: dict[int, str],
@@ -118,7 +174,9 @@ def write_results(results_dir: Path, results: TaskResults, instructions: dict[in
              "ci95": list(results.task_interval(t))} for t in sorted(results.episodes)]
     total = {"successes": sum(results.successes.values()), "episodes": sum(results.episodes.values()),
              "success_rate": results.success_rate, "ci95": list(results.interval)}
-    write_json(results_dir / "results.json", {"config": config, "dtype": dtype, "tasks": rows, "overall": total})
+    episodes = [{"task_id": t, "init_index": i, "scene": scene, "success": ok} for t, i, scene, ok in results.outcomes]
+    write_json(results_dir / "results.json", {"config": config, "dtype": dtype, "tasks": rows, "overall": total,
+                                              "episodes": episodes})
     actions = "greedy" if config["temperature"] is None else f"sampled at temperature {config['temperature']}"
     lines = [f"# {config['env']['task_suite']}: success, {actions} actions ({config['protocol']} protocol)", "",
              f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`, computed in "
