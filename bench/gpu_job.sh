@@ -17,6 +17,7 @@
 #              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
+#   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg), .whl_quant/*.whl (torchao, for quant8 and the quantized GPU tests), .baseline/baseline.tar.xz
@@ -96,6 +97,9 @@ stage() {
            --output "$RESULTS/gpu_7b_e2e.json" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
+    e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \
+                  --extra-flags=--overlap-rollouts --baseline-flags=--no-overlap-rollouts --work-dir /tmp/e2e \
+                  --output "$RESULTS/gpu_7b_e2e_overlap.json" ;;
     *) echo "unknown stage: $name"; return 2 ;;
   esac
 }

@@ -10,7 +10,7 @@ the mean lift over seeds (Student's t on the per-seed lifts, which pairs each se
         "--extra-grpo=$lora" --work-dir runs/ll_seed$s --result-json runs/ll_seed$s/record.json; done
     python -m scripts.libero_seeds runs/ll_seed2/record.json runs/ll_seed3/record.json runs/ll_seed4/record.json
 
-writes bench/results/libero_learning.json and docs/media/libero_learning_curves.png (one line per seed: held-out
+writes bench/results/libero_seeds.json and docs/media/libero_seeds_curves.png (one line per seed: held-out
 success at the evals, rollout success at every iteration). The records must share one recipe (each record's
 `recipe`: every setting but the seed, the machine's share and --max-seconds). One seed must fit one 30-minute GPU
 session: on an H100 machine (16 cores) demos, model init and SFT take ~160 s, a 100-episode held-out eval ~65 s
@@ -41,7 +41,8 @@ from scipy import stats
 
 from trainer.checkpoint import write_json
 
-SEED_KEYS = ("seed", "heldout_success_sft", "heldout_success_grpo", "episodes_eval", "grpo_iterations", "dtype")
+SEED_KEYS = ("seed", "heldout_success_sft", "heldout_success_grpo", "heldout_ci95_sft", "heldout_ci95_grpo",
+             "episodes_eval", "grpo_iterations", "dtype", "device", "wall_seconds")
 RECIPE_KEYS = ("suite", "tasks", "num_heldout", "dtype", "grpo_finetune", "recipe")
 """What every seed of one combined record must share."""
 
@@ -52,9 +53,9 @@ class Seeds:
 
     records: tyro.conf.Positional[tuple[Path, ...]]
     """Each seed's record JSON (libero_learning's --result-json)."""
-    output: Path = Path("bench/results/libero_learning.json")
-    """The combined record."""
-    curves: Path = Path("docs/media/libero_learning_curves.png")
+    output: Path = Path("bench/results/libero_seeds.json")
+    """The combined record (the single runs before it stay in bench/results/libero_learning.json)."""
+    curves: Path = Path("docs/media/libero_seeds_curves.png")
     """Held-out success over GRPO iterations, one line per seed."""
 
 
@@ -81,7 +82,7 @@ def combine(records: list[dict]) -> dict:
     lifts = [record["heldout_success_grpo"] - record["heldout_success_sft"] for record in records]
     low, high = mean_interval(lifts)
     return {
-        "seeds": [{key: record.get(key) for key in SEED_KEYS} for record in records],
+        "seeds": [{key: record.get(key) for key in SEED_KEYS} | {"lift": lift} for record, lift in zip(records, lifts)],
         "mean_lift": sum(lifts) / len(lifts), "min_lift": min(lifts), "lift_ci95": [low, high],
         "suite": records[0]["suite"], "tasks": records[0]["tasks"], "num_heldout": records[0]["num_heldout"],
         "grpo_finetune": records[0].get("grpo_finetune"), "recipe": records[0].get("recipe"),

@@ -332,6 +332,8 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
     assert result["mean_lift"] == pytest.approx(0.25) and result["min_lift"] == pytest.approx(0.20)
     assert result["lift_ci95"] == pytest.approx([0.25 - 0.124208, 0.25 + 0.124208], abs=1e-5)
     assert [s["seed"] for s in result["seeds"]] == [1, 2, 3] and result["wall_seconds"] == 4500.0
+    assert [s["lift"] for s in result["seeds"]] == pytest.approx([0.30, 0.20, 0.25])
+    assert result["seeds"][0]["device"] == "NVIDIA H200"
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert result["grpo_finetune"] == "lora"
     with pytest.raises(ValueError, match="at least 2 seeds"):
