@@ -16,6 +16,11 @@ from vla_actor import load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = REPO / "bench" / "results" / "libero_learning.json"
+AGREEMENT_SLACK = 1
+"""Episodes whose outcome may differ from the recorded eval's. The 12 are batched with other partners than in the
+100-episode eval, and another CPU rounds differently; either can flip an episode decided by a hair (on the CPU
+machine all 12 agreed for both ends, twice: 2 and 5 successes). With one, a weak end that lost its 2 successes
+fails."""
 
 
 def test_both_shipped_ends_load_as_one_small_oft_policy_and_its_adapter():
@@ -42,7 +47,8 @@ def test_both_shipped_ends_load_as_one_small_oft_policy_and_its_adapter():
 def test_shipped_ends_solve_heldout_episodes_at_their_recorded_rates(end, tmp_path):
     """Greedy success on the first 3 of the seed's held-out init states of tasks 0-3 (12 episodes) stays at or
     above the end's recorded 100-episode held-out success on this machine kind minus two binomial standard
-    deviations for 12 episodes."""
+    deviations for 12 episodes, and the 12 outcomes are those of the same episodes in the recorded eval, but for
+    at most AGREEMENT_SLACK: that half also checks an end as weak as the SFT start, whose rate floor is below 0."""
     shipped = json.loads(RECORDED.read_text())["shipped"]
     recorded = shipped["cpu_check"][f"heldout_success_{end}"]
     episodes = 12
@@ -58,6 +64,11 @@ def test_shipped_ends_solve_heldout_episodes_at_their_recorded_rates(end, tmp_pa
                              "--output-dir", str(tmp_path), "--run-name", end, "--no-progress"],
                             env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
-    overall = json.loads((tmp_path / end / "results.json").read_text())["overall"]
+    results = json.loads((tmp_path / end / "results.json").read_text())
+    overall = results["overall"]
     assert overall["episodes"] == episodes
     assert overall["success_rate"] >= floor, (overall, recorded, floor)
+    recorded_outcomes = {tuple(episode[:3]): episode[3] for episode in shipped["cpu_check"][f"heldout_episodes_{end}"]}
+    differ = [episode for episode in results["episodes"] if
+              recorded_outcomes[episode["task_id"], episode["init_index"], episode["scene"]] != episode["success"]]
+    assert len(differ) <= AGREEMENT_SLACK, differ
