@@ -25,9 +25,11 @@
 # tracked tree (~28.5 MB): .gl .libero_bundle .whl (40.0 MB) for seeds and rollout, .gl .whl .whl_quant for vlagpu.
 # SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease: set it to the
 # device time left at launch minus ~500 s (machine start ~100, demos + model + SFT 160-211, the iteration that
-# crosses the bound and the last eval ~150, packing and report calls ~50; seed 1 on the H100 machine, seed 2 on the
-# H200 machine, which ended ~70 s before the lease did: bench/results/libero_learning.json). Let a seed finish: the
-# adapter export, the record and the pack come in the ~20 s after GRPO's last eval.
+# crosses the bound and the last eval ~150, packing and report calls ~50; seed 1 on the H100 machine, seed 2 on an
+# H200 machine, which ended ~70 s before the lease did, seed 3 on an H200 machine whose simulators were twice as
+# fast, all 16 iterations in 804 s: bench/results/libero_learning.json). Let a seed finish: the adapter export, the
+# record and the pack come in the ~20 s after GRPO's last eval. Stages after a seed (`run seed4 e2eoverlap`) use
+# what a fast machine leaves; the seed's pack comes back with the first report after it.
 set -u
 JOB_DIR=${JOB_DIR:-/tmp/gpu_job}
 RESULTS=$JOB_DIR/results
