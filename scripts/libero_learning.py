@@ -19,7 +19,7 @@ continues after a stop, here or on another machine:
              --grpo-finetune lora: a LoRA adapter trains on that model and its float32 copy is the export); with
              --min-start-success, the sampled eval comes first and a start too weak to learn from stops the run
   eval_grpo  the same evals of that export (an adapter on the SFT model)
-  record     bench/results/libero_learning.json, the curve PNG and the before/after videos under docs/
+  record     --result-json, the curve PNG and the before/after videos under --media-dir
 With --heldout-evals grpo the held-out success before and after GRPO is GRPO's own held-out eval at its first and
 last iteration, so no eval stage plays the held-out episodes again and one command on the training machine records
 a seed (scripts/libero_seeds.py).
@@ -147,9 +147,10 @@ class Experiment:
     """More flags for the sft command, as one string (e.g. "--max-seconds 500")."""
     extra_grpo: str = ""
     """More flags for the train command, as one string."""
-    result_json: Path = Path("bench/results/libero_learning.json")
-    """Where the record stage writes the results (point it elsewhere for smoke runs)."""
-    media_dir: Path = Path("docs/media")
+    result_json: Path = Path("runs/libero_learning/record.json")
+    """Where the record stage writes this run's record (a seed's, which scripts/libero_seeds.py combines into the
+    top level of bench/results/libero_learning.json)."""
+    media_dir: Path = Path("runs/libero_learning/media")
     """Where the record stage writes the curve PNG and the before/after videos."""
     until: Literal["eval_sft", "grpo", "all"] = "all"
     """Stop after this stage; eval_sft, then copies of work_dir, start several GRPO runs from one SFT model.

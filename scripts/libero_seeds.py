@@ -10,7 +10,8 @@ the mean lift over seeds (Student's t on the per-seed lifts, which pairs each se
         "--extra-grpo=$lora" --work-dir runs/ll_seed$s --result-json runs/ll_seed$s/record.json; done
     python -m scripts.libero_seeds runs/ll_seed2/record.json runs/ll_seed3/record.json runs/ll_seed4/record.json
 
-writes bench/results/libero_seeds.json and docs/media/libero_seeds_curves.png (one line per seed: held-out
+writes the top level of bench/results/libero_learning.json (keeping the file's other keys: the earlier single runs,
+each under its own key, and `shipped`) and docs/media/libero_seeds_curves.png (one line per seed: held-out
 success at the evals, rollout success at every iteration). The records must share one recipe (each record's
 `recipe`: every setting but the seed, the machine's share and --max-seconds). One seed must fit one 30-minute GPU
 session: on an H100 machine (16 cores) demos, model init and SFT take ~160 s, a 100-episode held-out eval ~65 s
@@ -53,8 +54,8 @@ class Seeds:
 
     records: tyro.conf.Positional[tuple[Path, ...]]
     """Each seed's record JSON (libero_learning's --result-json)."""
-    output: Path = Path("bench/results/libero_seeds.json")
-    """The combined record (the single runs before it stay in bench/results/libero_learning.json)."""
+    output: Path = Path("bench/results/libero_learning.json")
+    """The combined record goes to its top level; the file's other keys (earlier runs, `shipped`) are kept."""
     curves: Path = Path("docs/media/libero_seeds_curves.png")
     """Held-out success over GRPO iterations, one line per seed."""
 
@@ -122,7 +123,8 @@ def main(args: Seeds) -> dict:
             raise FileNotFoundError(f"{path} does not exist: run scripts.libero_learning with --result-json {path}")
         records.append(json.loads(path.read_text()))
     result = combine(records)
-    write_json(args.output, result)
+    earlier = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    write_json(args.output, result | {key: value for key, value in earlier.items() if key not in result})
     plot_seeds(records, args.curves)
     low, high = result["lift_ci95"]
     print(f"{len(records)} seeds: mean lift {result['mean_lift']:+.3f} (95 % interval {low:+.3f} to {high:+.3f}), "

@@ -327,7 +327,10 @@ def test_seeds_combine_into_a_mean_lift_with_a_t_interval(tmp_path):
                   "rollout_success_by_iteration": {"1": before, "10": after}, "recipe": {"grpo_lr": 1.5e-4}}
         paths.append(tmp_path / f"seed{seed}.json")
         paths[-1].write_text(json.dumps(record))
+    (tmp_path / "combined.json").write_text(json.dumps({"mean_lift": -1.0, "shipped": {"seed": 3}}))
     result = main(Seeds(records=tuple(paths), output=tmp_path / "combined.json", curves=tmp_path / "curves.png"))
+    written = json.loads((tmp_path / "combined.json").read_text())  # the combined record replaces its own keys
+    assert written["mean_lift"] == pytest.approx(0.25) and written["shipped"] == {"seed": 3}
     # lifts 0.30, 0.20, 0.25: mean 0.25, sd 0.05, t(0.975, 2) = 4.3027 -> half width 4.3027 * 0.05 / sqrt(3)
     assert result["mean_lift"] == pytest.approx(0.25) and result["min_lift"] == pytest.approx(0.20)
     assert result["lift_ci95"] == pytest.approx([0.25 - 0.124208, 0.25 + 0.124208], abs=1e-5)
