@@ -105,17 +105,14 @@ def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs
     if len(pending):
         raise RuntimeError(f"{len(pending)} eval episodes were lost {MAX_REPLAYS + 1} times in a row (env workers "
                            f"keep dying); see the libero_env worker errors above")
-    task_ids = sorted({s.task_id for s in episodes})
-    successes = {f"{t}": float(sum(success[i] for i, s in enumerate(specs) if s.task_id == t)) for t in task_ids}
-    counts = {f"{t}": float(sum(1 for s in specs if s.task_id == t)) for t in task_ids}
-    successes, counts = reduce_values(successes, ctx), reduce_values(counts, ctx)
     # rank r played episodes r, r + world_size, ...: a sum over ranks puts every outcome at its list position
     played = {f"{i}": 0.0 for i in range(len(episodes))}
     played.update({f"{ctx.rank + i * ctx.world_size}": float(ok) for i, ok in enumerate(success)})
     played = reduce_values(played, ctx)
     outcomes = tuple((s.task_id, s.init_index, s.scene, played[f"{i}"] > 0.5) for i, s in enumerate(episodes))
-    return TaskResults(successes={t: int(successes[f"{t}"]) for t in task_ids},
-                       episodes={t: int(counts[f"{t}"]) for t in task_ids}, outcomes=outcomes)
+    task_ids = sorted({s.task_id for s in episodes})
+    return TaskResults(successes={t: sum(ok for task, _, _, ok in outcomes if task == t) for t in task_ids},
+                       episodes={t: sum(s.task_id == t for s in episodes) for t in task_ids}, outcomes=outcomes)
 
 
 def paired_comparison(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
