@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs GPU stages (the GPU tests, the benchmarks of BENCHMARKS.md, a seed of the LIBERO experiment) in the
 # background on a fresh GPU machine without network, so that a session of short calls can start them once and
-# collect what has finished from later calls.
+# collect what has finished from later calls. Send each report call as soon as the previous one returns: the
+# machine goes back after ~30 s idle and takes the running job with it (seed 4's first run was lost that way).
 #
 #   setsid nohup bash bench/gpu_job.sh run STAGE... > /tmp/gpu_job.log 2>&1 &   # from the repository root
 #   bash bench/gpu_job.sh report OUT_DIR [WAIT_SECONDS]      # waits for the job, prints the logs, copies results
