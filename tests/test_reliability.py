@@ -135,6 +135,24 @@ def test_eval_with_an_adapter_of_another_base_model(run, checkpoint, tmp_path):
                               f"is [64, 64]; it was trained on another base model")
 
 
+def test_what_our_runs_write_given_as_the_checkpoint_is_named_with_the_flags_that_take_it(run, checkpoint, tmp_path):
+    adapter = run / CHECKPOINTS / "iter_000001" / "adapter"
+    eval_args = ["--task-suite", "toy", "--output-dir", str(tmp_path / "results")]
+    assert fails_unchanged(tmp_path, "eval", "--checkpoint", str(adapter), *eval_args) == (
+        f"--checkpoint {adapter} is a LoRA adapter, not a model: pass --adapter {adapter} and the model it was "
+        f"trained on as --checkpoint")
+    assert fails_unchanged(tmp_path, "eval", "--checkpoint", str(run), *eval_args) == (
+        f"--checkpoint {run} is a LoRA run or checkpoint, not a model: pass --adapter {run} --checkpoint {checkpoint}")
+    sft_output = tmp_path / "sft-out"  # an SFT output directory: its config and the model it wrote
+    shutil.copytree(checkpoint, sft_output / "model")
+    (sft_output / "config.json").write_text("{}")
+    assert fails_unchanged(tmp_path, "train", *toy_args(sft_output, tmp_path / "runs")) == (
+        f"--checkpoint {sft_output} is not a model but holds one: pass --checkpoint {sft_output / 'model'}")
+    shutil.rmtree(run / CHECKPOINTS)
+    assert fails_unchanged(tmp_path, "eval", "--checkpoint", str(run), *eval_args) == (
+        f"--checkpoint {run} is a run directory with no model or adapter saved in it: pass a model directory")
+
+
 @pytest.mark.parametrize("subcommand", ["train", "dry-run"])
 def test_unwritable_output_dir_is_refused_up_front(checkpoint, tmp_path, subcommand):
     extra = ["--dry-run"] if subcommand == "dry-run" else []

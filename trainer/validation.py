@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE, default_run_name, latest_checkpoint,
-                                resolve_adapter)
+from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE, checkpoint_dirs, default_run_name,
+                                latest_checkpoint, resolve_adapter)
 from trainer.config import DemoConfig, EnvConfig, EvaluateConfig, ModelConfig, TrainConfig, config_to_dict
 from trainer.envs import suite_names, suite_shape
 from trainer.memory import ModelShape, Prediction, check_fits, checkpoint_shape, detected_card
+from trainer.metrics import METRICS_FILE
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.quant import check_base_quant
 
@@ -62,8 +63,29 @@ class EvalPlan:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def what_else_it_is(path: Path) -> str | None:
+    """For a directory that our own runs wrote (an adapter, a run, a checkpoint, an SFT output), what it is and the
+    flags that use it; None for anything else."""
+    if (path / "adapter_config.json").is_file():
+        return (f"{path} is a LoRA adapter, not a model: pass --adapter {path} and the model it was trained on as "
+                f"--checkpoint")
+    checkpoint = latest_checkpoint(path) if checkpoint_dirs(path) else path
+    if (checkpoint / MODEL_DIR / CONFIG_FILE).is_file():
+        return f"{path} is not a model but holds one: pass --checkpoint {checkpoint / MODEL_DIR}"
+    if (checkpoint / ADAPTER_DIR).is_dir():
+        run_dir = path if checkpoint != path else path.parent.parent
+        saved = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
+        base = saved.get("model", {}).get("checkpoint", "the model it was trained on")
+        return f"{path} is a LoRA run or checkpoint, not a model: pass --adapter {path} --checkpoint {base}"
+    if (path / METRICS_FILE).is_file():
+        return f"{path} is a run directory with no model or adapter saved in it: pass a model directory"
+    return None
+
+
 def check_model(model: ModelConfig) -> None:
     path = Path(model.checkpoint).expanduser()
+    if path.is_dir() and (instead := what_else_it_is(path)):
+        raise ValueError(f"--checkpoint {instead}")
     looks_local = path.exists() or not _HUB_ID.match(model.checkpoint) or Path(path.parts[0]).is_dir()
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {model.checkpoint} not found: expected a directory with config.json "
