@@ -1,6 +1,6 @@
 """GRPO learns: the tiny look-alike VLA, trained on the one-step toy task from random weights, goes from chance to
 well above it on 40 held-out toy instances in every run (the runs of bench/bench_toy_learning.py, two seeds in
-processes side by side, ~17 minutes on 2 cores).
+processes side by side, ~6-7 minutes on 2 cores).
 
 How far above depends on the CPU's float rounding, which changes the trajectory after ~5 iterations: the two
 seeds have ended between 0.475 and 0.85 on different machines (docs/experiments.md), so the test asserts what holds
