@@ -41,7 +41,7 @@ from trainer.config import (CompareConfig, DemoConfig, EvaluateConfig, ModelConf
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.errors import UserError, one_line_errors, traceback_requested
-from trainer.evaluation import compare_evals, evaluate, write_results
+from trainer.evaluation import EVALS_DIR, compare_evals, evaluate, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
@@ -323,7 +323,8 @@ class GRPOTrainer:
         return loss
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy success on the held-out init states of the training tasks, with videos."""
+        """Greedy success on the held-out init states of the training tasks, with videos; rank 0 also writes the
+        eval's results (each episode's outcome among them) to <run>/evals/iter_NNNNNN/ for `compare`."""
         per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
         episodes = [EpisodeSpec(t, i, scene=self.config.seed) for t in self.task_ids
                     for i in self.heldout_inits[:per_task]]
@@ -332,6 +333,15 @@ class GRPOTrainer:
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
                                progress=self.config.logging.progress, overlap=self.config.env.overlap_rollouts,
                                fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
+        if self.ctx.is_main:
+            config = config_to_dict(_as_saved(self.config)) | {"protocol": "heldout", "temperature": None,
+                                                                "iteration": self.iteration}
+            results_dir = self.run_dir / EVALS_DIR / f"iter_{self.iteration:06d}"
+            results_dir.mkdir(parents=True, exist_ok=True)
+            write_results(results_dir, results,
+                          {t: self.env.instruction(t) for t in self.task_ids}, config, dtype_name(self.policy.dtype),
+                          f"run `{self.run_dir}` at iteration {self.iteration} (from checkpoint "
+                          f"`{self.config.model.checkpoint}`)")
         return results.metrics("eval")
 
     def save(self) -> None:

@@ -53,6 +53,7 @@ from libero_env.suites import NUM_INIT_STATES, init_state_split
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint,
                                 write_json)
 from trainer.errors import one_line_errors, traceback_requested
+from trainer.evaluation import EVALS_DIR, paired_comparison
 from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
@@ -487,6 +488,19 @@ def grpo_heldout_evals(ex: Experiment, rows: list[dict]) -> tuple[HeldoutEval, H
                  for row in (evals[0], evals[-1]))
 
 
+def paired_heldout(ex: Experiment, rows: list[dict], before: dict[str, Path], after: dict[str, Path]) -> dict | None:
+    """The before and after held-out evals compared episode by episode (trainer.evaluation.paired_comparison), or
+    None where either eval did not record its episodes."""
+    if ex.heldout_evals == "grpo":
+        evaluated = [row["iteration"] for row in rows if "eval/success_rate" in row]
+        files = [ex.work_dir / "grpo" / EVALS_DIR / f"iter_{i:06d}" / "results.json"
+                 for i in (evaluated[0], evaluated[-1])]
+    else:
+        files = [before["heldout"], after["heldout"]]
+    episodes = [json.loads(file.read_text()).get("episodes") if file.is_file() else None for file in files]
+    return paired_comparison(*episodes) if all(episodes) else None
+
+
 def recipe(ex: Experiment) -> dict:
     """What every seed of one experiment shares: the Experiment's settings without NOT_RECIPE, and extra_grpo
     without --max-seconds (a bound on the machine's time, recorded per seed as grpo_iterations)."""
@@ -510,6 +524,7 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
               "dtype": grpo.dtype, "heldout_success_sft": sft.success_rate,
               "heldout_success_grpo": grpo.success_rate, "heldout_ci95_sft": sft.ci95, "heldout_ci95_grpo": grpo.ci95,
               "heldout_evals": ex.heldout_evals,
+              **({"heldout_paired": paired} if (paired := paired_heldout(ex, rows, before, after)) else {}),
               **({"train_success_sft": success_rate(before["train"]),
                   "train_success_grpo": success_rate(after["train"])} if ex.train_evals else {}),
               "episodes_eval": grpo.episodes, "grpo_iterations": rows[-1]["iteration"],

@@ -18,6 +18,7 @@ import grpo
 from OpenVLA_GRPO import GRPOTrainer, parse_command
 from saved_rollouts import load_rollouts, save_rollouts
 from trainer.checkpoint import CHECKPOINTS
+from trainer.evaluation import EVALS_DIR, compare_evals
 from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import Rollouts, collect_groups
 
@@ -70,6 +71,18 @@ def test_ranks_keep_identical_adapters_and_rank0_alone_writes(straight_run):
     assert all(row["rollout/groups_played"] >= 4 for row in rows[1:])  # 2 groups per rank, summed over ranks
     assert all(row["rollout/episodes"] == 4 * row["rollout/groups_played"] for row in rows[1:])
     assert rows[2]["eval/success_rate"] is not None
+    # rank 0 wrote each eval with every rank's episodes; the first and the last pair up episode by episode
+    evaluated = [row["iteration"] for row in rows if row.get("eval/success_rate") is not None]
+    assert sorted(p.name for p in (straight_run / EVALS_DIR).iterdir()) == [f"iter_{i:06d}" for i in evaluated]
+    first, final = (json.loads((straight_run / EVALS_DIR / f"iter_{i:06d}" / "results.json").read_text())
+                    for i in (evaluated[0], evaluated[-1]))
+    assert len(final["episodes"]) == rows[evaluated[-1]]["eval/episodes"] == final["overall"]["episodes"]
+    assert final["overall"]["success_rate"] == rows[evaluated[-1]]["eval/success_rate"]
+    assert final["config"]["iteration"] == evaluated[-1] and final["dtype"] == "float32"
+    assert compare_evals(straight_run / EVALS_DIR / f"iter_{evaluated[0]:06d}",
+                         straight_run / EVALS_DIR / f"iter_{evaluated[-1]:06d}").startswith(
+        f"success {first['overall']['success_rate']:.3f} -> {final['overall']['success_rate']:.3f} on the same "
+        f"{len(final['episodes'])} episodes")
     last = straight_run / CHECKPOINTS / "iter_000003"
     assert sorted(p.name for p in last.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
     samplers = json.loads((last / "trainer_state.json").read_text())["samplers"]

@@ -182,6 +182,8 @@ def test_with_heldout_evals_grpo_one_command_trains_and_records_a_seed(checkpoin
     assert list(curve) == ["0", "1", "2"] and recorded["grpo_iterations"] == 2
     assert (recorded["heldout_success_sft"], recorded["heldout_success_grpo"]) == (curve["0"], curve["2"])
     assert recorded["episodes_eval"] == 10 and recorded["dtype"] == "float32"
+    paired = recorded["heldout_paired"]  # the same 10 episodes, episode by episode
+    assert (paired["episodes"], paired["success_before"], paired["success_after"]) == (10, curve["0"], curve["2"])
     assert not list(tmp_path.glob("eval_*"))  # nothing played the held-out episodes again
     assert (tmp_path / "media" / "libero_learning_before.mp4").stat().st_size > 0
     assert (tmp_path / "media" / "libero_learning_after.mp4").stat().st_size > 0
@@ -280,7 +282,7 @@ def test_with_heldout_evals_grpo_the_before_and_after_are_grpos_first_and_last_e
     recorded = json.loads((tmp_path / "record.json").read_text())
     assert (recorded["heldout_success_sft"], recorded["heldout_success_grpo"]) == (0.2, 0.45)
     assert recorded["episodes_eval"] == 100 and recorded["grpo_iterations"] == 4 and recorded["dtype"] == "float32"
-    assert recorded["heldout_evals"] == "grpo"
+    assert recorded["heldout_evals"] == "grpo" and "heldout_paired" not in recorded  # metrics only, no evals/
     assert recorded["heldout_success_by_iteration"] == {"0": 0.2, "2": 0.3, "4": 0.45}
     assert recorded["rollout_success_by_iteration"] == {"1": 0.25, "2": 0.5}
     recipe = recorded["recipe"]  # what the seeds share: not the seed, the machine's share or its time bound

@@ -22,7 +22,7 @@ from OpenVLA_GRPO import GRPOTrainer, parse_command, rollout_metrics
 from trainer import distributed
 from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
-from trainer.evaluation import evaluate
+from trainer.evaluation import EVALS_DIR, evaluate
 from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes, refill_groups
 from trainer.sampler import GroupSampler
@@ -449,6 +449,8 @@ def test_max_seconds_stops_after_the_iteration_with_an_eval_and_a_checkpoint(che
     rows = read_metrics(trainer.run_dir)
     assert [row["iteration"] for row in rows] == [1] and "eval/success_rate" in rows[0]
     assert [p.name for p in checkpoint_dirs(trainer.run_dir)] == ["iter_000001"]
+    table = (trainer.run_dir / EVALS_DIR / "iter_000001" / "results.md").read_text()
+    assert f"run `{trainer.run_dir}` at iteration 1 (from checkpoint `{checkpoint}`), computed in float32" in table
 
 
 def test_checkpoint_restores_optimizer_and_random_generators(checkpoint, tmp_path):

@@ -162,10 +162,16 @@ def compare_evals(before: Path, after: Path) -> str:
             f"{c['only_before']}, only by the second {c['only_after']}; McNemar exact p = {c['mcnemar_p']:.2g}")
 
 
+EVALS_DIR = "evals"
+"""A training run's held-out evals: <run>/evals/iter_NNNNNN/results.json, each with its episodes, so that
+`compare` pairs any two of a run's evals (e.g. its first and last)."""
+
+
 def write_results(results_dir: Path, results: TaskResults, instructions: dict[int, str],
-                  config: dict[str, Any], dtype: str) -> None:
+                  config: dict[str, Any], dtype: str, policy: str | None = None) -> None:
     """results.json and results.md: success per task and overall with 95 % Wilson intervals, the dtype the policy
-    computed in, and the config that produced them."""
+    computed in, and the config that produced them. `policy` names what was evaluated (default: the config's
+    checkpoint and adapter)."""
     rows = [{"task_id": t, "instruction": instructions[t], "successes": results.successes[t],
              "episodes": results.episodes[t], "success_rate": results.task_rate(t),
              "ci95": list(results.task_interval(t))} for t in sorted(results.episodes)]
@@ -174,10 +180,10 @@ def write_results(results_dir: Path, results: TaskResults, instructions: dict[in
     episodes = [{"task_id": t, "init_index": i, "scene": scene, "success": ok} for t, i, scene, ok in results.outcomes]
     write_json(results_dir / "results.json", {"config": config, "dtype": dtype, "tasks": rows, "overall": total,
                                               "episodes": episodes})
+    default_policy = f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`"
     actions = "greedy" if config["temperature"] is None else f"sampled at temperature {config['temperature']}"
     lines = [f"# {config['env']['task_suite']}: success, {actions} actions ({config['protocol']} protocol)", "",
-             f"checkpoint `{config['model']['checkpoint']}`, adapter `{config['model']['adapter']}`, computed in "
-             f"{dtype}; intervals are 95 % Wilson score intervals", "",
+             f"{policy or default_policy}, computed in {dtype}; intervals are 95 % Wilson score intervals", "",
              "| task | instruction | successes | episodes | success rate | 95 % interval |",
              "|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['task_id']} | {r['instruction']} | {r['successes']} | {r['episodes']} | "
