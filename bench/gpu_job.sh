@@ -133,7 +133,7 @@ report() {
   [ -f "$JOB_DIR/done" ] && echo "job done"
   # A seed's latest GRPO adapter comes back with every report, so a seed cut short by the lease keeps its result.
   (cd "$JOB_DIR" && tar -cJf "$out/results.tar.xz" results *.log *.rc \
-     $(ls -d ll_seed*/record.json ll_seed*/*/metrics.jsonl ll_seed*/stage_*.json \
+     $(ls -d ll_seed*/record.json ll_seed*/*/metrics.jsonl ll_seed*/stage_*.json ll_seed*/grpo/evals \
              ll_seed*/grpo/checkpoints/*/adapter 2>/dev/null) 2>/dev/null)
   for pack in "$JOB_DIR"/pack_*; do
     [ -d "$pack" ] && mkdir -p "$out/$(basename "$pack")" && cp "$pack"/* "$out/$(basename "$pack")/"
