@@ -454,6 +454,8 @@ class HeldoutEval:
     dtype: str | None
     videos: list[Path]
     """Its videos, named <prefix>_task<t>_init<i>_<success|failure>.mp4."""
+    results: Path
+    """Its results.json (each episode's outcome in `episodes`, where the eval recorded them)."""
 
 
 def stage_heldout_eval(results: Path) -> HeldoutEval:
@@ -461,7 +463,7 @@ def stage_heldout_eval(results: Path) -> HeldoutEval:
     recorded = json.loads(results.read_text())
     return HeldoutEval(recorded["overall"]["success_rate"], recorded["overall"].get("ci95"),
                        recorded["overall"]["episodes"], recorded.get("dtype"),
-                       sorted((results.parent / "videos").glob("*.mp4")))
+                       sorted((results.parent / "videos").glob("*.mp4")), results)
 
 
 def grpo_heldout_evals(ex: Experiment, rows: list[dict]) -> tuple[HeldoutEval, HeldoutEval]:
@@ -484,20 +486,16 @@ def grpo_heldout_evals(ex: Experiment, rows: list[dict]) -> tuple[HeldoutEval, H
     return tuple(HeldoutEval(row["eval/success_rate"],
                              [row["eval/success_rate_ci95_low"], row["eval/success_rate_ci95_high"]],
                              int(row["eval/episodes"]), dtype.removeprefix("torch."),
-                             sorted((run_dir / "videos").glob(f"iter{row['iteration']:06d}_*.mp4")))
+                             sorted((run_dir / "videos").glob(f"iter{row['iteration']:06d}_*.mp4")),
+                             run_dir / EVALS_DIR / f"iter_{row['iteration']:06d}" / "results.json")
                  for row in (evals[0], evals[-1]))
 
 
-def paired_heldout(ex: Experiment, rows: list[dict], before: dict[str, Path], after: dict[str, Path]) -> dict | None:
+def paired_heldout(sft: HeldoutEval, grpo: HeldoutEval) -> dict | None:
     """The before and after held-out evals compared episode by episode (trainer.evaluation.paired_comparison), or
     None where either eval did not record its episodes."""
-    if ex.heldout_evals == "grpo":
-        evaluated = [row["iteration"] for row in rows if "eval/success_rate" in row]
-        files = [ex.work_dir / "grpo" / EVALS_DIR / f"iter_{i:06d}" / "results.json"
-                 for i in (evaluated[0], evaluated[-1])]
-    else:
-        files = [before["heldout"], after["heldout"]]
-    episodes = [json.loads(file.read_text()).get("episodes") if file.is_file() else None for file in files]
+    episodes = [json.loads(e.results.read_text()).get("episodes") if e.results.is_file() else None
+                for e in (sft, grpo)]
     return paired_comparison(*episodes) if all(episodes) else None
 
 
@@ -524,7 +522,7 @@ def record(ex: Experiment, before: dict[str, Path], after: dict[str, Path]) -> N
               "dtype": grpo.dtype, "heldout_success_sft": sft.success_rate,
               "heldout_success_grpo": grpo.success_rate, "heldout_ci95_sft": sft.ci95, "heldout_ci95_grpo": grpo.ci95,
               "heldout_evals": ex.heldout_evals,
-              **({"heldout_paired": paired} if (paired := paired_heldout(ex, rows, before, after)) else {}),
+              **({"heldout_paired": paired} if (paired := paired_heldout(sft, grpo)) else {}),
               **({"train_success_sft": success_rate(before["train"]),
                   "train_success_grpo": success_rate(after["train"])} if ex.train_evals else {}),
               "episodes_eval": grpo.episodes, "grpo_iterations": rows[-1]["iteration"],

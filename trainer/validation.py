@@ -20,6 +20,7 @@ from trainer.envs import suite_names, suite_shape
 from trainer.memory import ModelShape, Prediction, check_fits, checkpoint_shape, detected_card
 from trainer.metrics import METRICS_FILE
 from vla_actor.checkpoint import CONFIG_FILE, read_json
+from vla_actor.policy import ADAPTER_CONFIG_FILE
 from vla_actor.quant import check_base_quant
 
 MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", "eval_at_start",
@@ -66,10 +67,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def what_else_it_is(path: Path) -> str | None:
     """For a directory that our own runs wrote (an adapter, a run, a checkpoint, an SFT output), what it is and the
     flags that use it; None for anything else."""
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG_FILE).is_file():
         return (f"{path} is a LoRA adapter, not a model: pass --adapter {path} and the model it was trained on as "
                 f"--checkpoint")
-    checkpoint = latest_checkpoint(path) if checkpoint_dirs(path) else path
+    checkpoint = (checkpoint_dirs(path) or [path])[-1]  # a run's latest checkpoint, else the directory itself
     if (checkpoint / MODEL_DIR / CONFIG_FILE).is_file():
         return f"{path} is not a model but holds one: pass --checkpoint {checkpoint / MODEL_DIR}"
     if (checkpoint / ADAPTER_DIR).is_dir():
