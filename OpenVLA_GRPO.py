@@ -208,11 +208,12 @@ class GRPOTrainer:
         if not self.recompute_old_log_probs:
             return batch.log_probs
         recomputed = torch.empty_like(batch.log_probs)
+        size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
             for rows in first_epoch:
-                for part in torch.arange(len(rows)).split(self.config.optim.micro_batch_size):
-                    index = rows[part]
-                    recomputed[index] = self.policy.log_probs(*self.step_inputs(batch, index))[0].float().cpu()
+                for part in torch.arange(len(rows)).split(size):
+                    inputs = self.step_inputs(batch, rows[part])
+                    recomputed[rows[part]] = self.policy.log_probs(*inputs, graph_batch=size)[0].float().cpu()
         stats.mean("rollout_logprob_mismatch", (recomputed - batch.log_probs).abs().mean(), recomputed.numel())
         return recomputed
 
@@ -294,8 +295,8 @@ class GRPOTrainer:
         """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights) against
         pi_old `old_log_probs` (None: the rollout's log-probs)."""
         cfg = self.config.grpo
-        inputs = self.step_inputs(batch, rows)
-        logp, entropy = self.policy.log_probs(*inputs)
+        inputs, graph_batch = self.step_inputs(batch, rows), self.config.optim.micro_batch_size
+        logp, entropy = self.policy.log_probs(*inputs, graph_batch=graph_batch)
         device = logp.device
         weights = weights.to(device)
         if measure_mismatch:
@@ -309,7 +310,7 @@ class GRPOTrainer:
         tokens = float(logp.numel())  # stored steps have no padding
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.adapter_disabled():
-                base_logp, _ = self.policy.log_probs(*inputs)
+                base_logp, _ = self.policy.log_probs(*inputs, graph_batch=graph_batch)
             kl = grpo.kl_k3(logp, base_logp)
             loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights)
             stats.mean("kl_to_base", grpo.masked_mean(kl.detach()), tokens)

@@ -111,6 +111,9 @@ class BenchConfig:
     (results under "compiled"); OFT: the actions/s at each setup's best batch (compiled_actions_per_s)."""
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """torch.compile backend of --compile-layers; aot_eager (no generated kernels) keeps the CPU smoke test quick."""
+    fused_kernels: bool = False
+    """After the eager measurements, swap in Liger's fused RMSNorm and SwiGLU (VLAPolicy.fuse_kernels) and measure
+    again as --compile-layers does (results under "fused"; CUDA only, not together with --compile-layers)."""
 
 
 def device_of(config: BenchConfig) -> torch.device:
@@ -226,7 +229,7 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     for start in range(0, rows, micro_batch):
         index = slice(start, start + micro_batch)
         log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                        temperature=temperature)
+                                        temperature=temperature, graph_batch=micro_batch)
         loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device), advantages[index].to(device),
                                    weights[index].to(device), mask[index].to(device))
         loss.backward()
@@ -345,6 +348,15 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     results.update(update_curve=update_curve, update_micro_batch=best_micro,
                    update_samples_per_s=update_curve[str(best_micro)]["samples_per_s"],
                    update_mini_batch=config.mini_batch)
+    # The same update with the vision towers run eagerly (before they replayed the rollout's kept graph).
+    policy.cuda_graphs = False
+    policy.release_graphs()
+    results["update_samples_per_s_eager_vision"] = try_measure(device, lambda: samples_per_second(
+        policy, optimizer, sampled(policy, config.mini_batch, min(best_batch, 16), rng, config.temperature),
+        config.mini_batch, best_micro, config.temperature))
+    policy.cuda_graphs = True
+    print(f"update micro-batch {best_micro}, eager vision: {results['update_samples_per_s_eager_vision']}",
+          flush=True)
     if config.no_checkpoint_micro_batches:
         policy.gradient_checkpointing(False)
         results["update_curve_no_checkpointing"] = micro_batch_curve(
@@ -354,44 +366,50 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
     results.update(iteration_peak(config, policy, optimizer, best_micro, rng))
     if config.compile_layers:
-        results["compiled"] = compiled_rates(config, policy, optimizer, probe, curve, best_micro, rng)
+        results["compiled"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng,
+                                          lambda: policy.compile_layers(config.compile_backend), "compile")
+    if config.fused_kernels:
+        results["fused"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng,
+                                       policy.fuse_kernels, "fused")
     del policy, optimizer, seed_data, probe
     reset_peak(device)
     return results
 
 
-def compiled_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, probe: Batch,
-                   eager_curve: dict, micro_batch: int, rng: np.random.Generator) -> dict:
-    """The lever VLAPolicy.compile_layers against the eager numbers of this run: the policy compiled in place,
-    then the rollout curve over the batches that fit eagerly and the update at the eager best micro-batch."""
+def lever_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, probe: Batch,
+                eager_curve: dict, micro_batch: int, rng: np.random.Generator, apply: Callable[[], None],
+                name: str) -> dict:
+    """A lever that changes the policy's modules in place (`apply`: VLAPolicy.compile_layers, fuse_kernels) against
+    the eager numbers of this run: the rollout curve over the batches that fit eagerly and the update at the eager
+    best micro-batch, the first calls' warm-up (compilation) as `<name>_warmup_s`."""
     with torch.no_grad():
         eager_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
                                               temperature=config.temperature)
-    policy.compile_layers(config.compile_backend)
+    apply()
     device = policy.device
     synchronize(device)
     start = time.perf_counter()  # the first calls compile: rollout (prefill, decode step), pi_old and the update
     played = rollout(policy, observations(policy, len(probe.instructions), rng), config.temperature)
     data = sampled(policy, config.mini_batch, micro_batch, rng, config.temperature)
     with torch.no_grad():
-        compiled_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
-                                                 temperature=config.temperature)
+        lever_log_probs, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
+                                              temperature=config.temperature)
         teacher_forced, _ = policy.log_probs(**played.rows(slice(None)), token_ids=played.token_ids,
                                              temperature=config.temperature)
     with_gradients, _ = policy.log_probs(**probe.rows(slice(None)), token_ids=probe.token_ids,
                                          temperature=config.temperature)
-    ratio_gap = float((with_gradients.detach() - compiled_log_probs).abs().max())  # eager: 0 (test_vla_gpu.py)
+    ratio_gap = float((with_gradients.detach() - lever_log_probs).abs().max())  # eager: 0 (test_vla_gpu.py)
     del with_gradients
     update(policy, optimizer, data, micro_batch, config.temperature)
     synchronize(device)
-    results: dict = {"compile_warmup_s": time.perf_counter() - start}
-    difference = (compiled_log_probs - eager_log_probs).abs().float()
+    results: dict = {f"{name}_warmup_s": time.perf_counter() - start}
+    difference = (lever_log_probs - eager_log_probs).abs().float()
     mismatch = (teacher_forced.float().cpu() - played.old_log_probs).abs()
     results.update(logprob_diff_vs_eager={"mean": float(difference.mean()), "max": float(difference.max())},
                    logprob_mismatch=float(mismatch.mean()), logprob_mismatch_max=float(mismatch.max()),
                    pi_old_vs_update_max=ratio_gap)
     fitting = tuple(int(size) for size, point in eager_curve.items() if point is not None)
-    curve = rollout_curve(config, policy, fitting, rng, "compiled rollout")
+    curve = rollout_curve(config, policy, fitting, rng, f"{name} rollout")
     best = fastest(curve, "actions_per_s")
     reset_peak(device)
     rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro_batch,
@@ -400,7 +418,7 @@ def compiled_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.opti
                    rollout_actions_per_s=None if best is None else curve[str(best)]["actions_per_s"],
                    update_micro_batch=micro_batch, update_samples_per_s=rate,
                    update_peak_gib=None if rate is None else peak_gib(device))
-    print(f"compiled: {json.dumps({k: v for k, v in results.items() if k != 'rollout_curve'})}", flush=True)
+    print(f"{name}: {json.dumps({k: v for k, v in results.items() if k != 'rollout_curve'})}", flush=True)
     return results
 
 
@@ -449,11 +467,14 @@ def bench_oft(config: BenchConfig, workdir: Path, rng: np.random.Generator) -> d
         best = best_of(curve, "actions_per_s", f"OFT {name} batch")
         setups[name] = {"description": description, "curve": curve, "batch": best,
                         "actions_per_s": curve[str(best)]["actions_per_s"]}
-        if config.compile_layers:  # the same policy compiled, at the eager best batch
-            policy.compile_layers(config.compile_backend)
-            setups[name]["compiled_actions_per_s"] = try_measure(
-                device, lambda: actions_per_second(config, policy, best, rng))
-            print(f"oft {name} compiled, batch {best}: {setups[name]['compiled_actions_per_s']}", flush=True)
+        levers = {"compiled": config.compile_layers and (lambda: policy.compile_layers(config.compile_backend)),
+                  "fused": config.fused_kernels and policy.fuse_kernels}
+        for lever, apply in levers.items():  # the same policy changed in place, at the eager best batch
+            if apply:
+                apply()
+                setups[name][f"{lever}_actions_per_s"] = try_measure(
+                    device, lambda: actions_per_second(config, policy, best, rng))
+                print(f"oft {name} {lever}, batch {best}: {setups[name][f'{lever}_actions_per_s']}", flush=True)
         del policy
         reset_peak(device)
     fastest = max(setups, key=lambda name: setups[name]["actions_per_s"])
@@ -556,6 +577,8 @@ def fastest(curve: dict, key: str) -> int | None:
 
 def main(config: BenchConfig) -> dict:
     device = device_of(config)
+    if config.fused_kernels and (config.compile_layers or device.type != "cuda"):
+        raise SystemExit("bench_gpu.py: --fused-kernels runs on CUDA, and not together with --compile-layers")
     for mode in config.base_quant:
         try:
             check_base_quant(mode, device)

@@ -19,6 +19,8 @@
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
+#   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
+#              replayed the rollout's vision graph) and Liger's fused kernels (--fused-kernels), each against this run
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg), .whl_quant/*.whl (torchao, for quant8 and the quantized GPU tests), .baseline/baseline.tar.xz
@@ -100,6 +102,7 @@ stage() {
            --output "$RESULTS/gpu_7b_e2e.json" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
+    levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels --output "$RESULTS/gpu_7b_levers.json" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \
                   --extra-flags=--overlap-rollouts --baseline-flags=--no-overlap-rollouts --work-dir /tmp/e2e \
                   --output "$RESULTS/gpu_7b_e2e_overlap.json" ;;

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from libero_env import init_state_split
 from OpenVLA_GRPO import parse_command
@@ -228,3 +229,15 @@ def test_cuda_graphs_follow_the_flag(checkpoint):
         policy = build_policy(ModelConfig(checkpoint=str(checkpoint), cuda_graphs=enabled), None, "libero_spatial",
                               torch.device("cpu"))
         assert policy.cuda_graphs is enabled and not policy.fixed_batch  # graphs replay on CUDA only
+
+
+def test_fused_kernels_are_on_by_default_and_only_on_cuda(checkpoint):
+    """--fused-kernels (default on) swaps in Liger's kernels on CUDA only (tests/test_vla_gpu.py checks them there):
+    a CPU policy keeps transformers' RMSNorm and MLP, and VLAPolicy.fuse_kernels on the CPU names the device."""
+    assert parse_command(["train"]).model.fused_kernels
+    assert not parse_command(["train", "--no-fused-kernels"]).model.fused_kernels
+    policy = build_policy(ModelConfig(checkpoint=str(checkpoint)), None, "libero_spatial", torch.device("cpu"))
+    layer = policy.model.language_model.model.layers[0]
+    assert isinstance(layer.input_layernorm, LlamaRMSNorm) and isinstance(layer.mlp, LlamaMLP)
+    with pytest.raises(ValueError, match="^fused kernels run on CUDA only; this policy is on cpu$"):
+        policy.fuse_kernels()

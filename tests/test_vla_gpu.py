@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from compiled_checks import assert_compiled_equals_eager
 from trained_adapters import apply_trained_adapter
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
+from vla_actor.fused_kernels import fused_kernels_available
 from vla_actor.openvla_7b import random_7b_policy
 from vla_actor.quant import FP8_MIN_CAPABILITY
 
@@ -124,8 +125,8 @@ def assert_same_samples(graph, eager, atol):
 def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(tmp_path, dtype, atol):
     """The vision and decode graphs kept between calls of one shape equal eager runs for other images, shorter
     prompts, after an in-place update of the adapters (the optimizer's; on the ViTs too) and inside
-    adapter_disabled(); a shape is captured once, and another batch, a disabled adapter and a teacher-forced forward
-    each lead to new captures."""
+    adapter_disabled(); a shape is captured once, another batch and a disabled adapter lead to new captures, and a
+    teacher-forced forward frees the decode graph only (its no-grad forward replays the kept vision graph)."""
     policy = tiny_policy_with_lora(tmp_path, dtype, everywhere=True)
     assert policy.fixed_batch  # rollouts keep the batch of a round the same for the kept graphs
     images, instructions = observations(8)
@@ -150,7 +151,83 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     with torch.no_grad():
         policy.log_probs(images, instructions, policy.sample(images, instructions, greedy=True).token_ids)
     assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
-    assert policy.graph_captures == {"vision": 5, "decode": 5}
+    assert policy.graph_captures == {"vision": 4, "decode": 5}
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, monkeypatch, dtype, atol):
+    """With frozen towers and projector, teacher-forced forwards replay the vision graph the rollout kept, with and
+    without gradients, a smaller micro-batch padded to `graph_batch`: no new capture, the log-probs and (float32) the
+    adapters' gradients equal the eager towers', and with gradients the log-probs equal the no-grad ones exactly (the
+    first PPO ratio stays 1)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = tiny_policy_with_lora(tmp_path, dtype)
+    policy.gradient_checkpointing(True)
+    images, instructions = observations(8)
+    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+    results = {}
+    for graph in (True, False):
+        policy.cuda_graphs = graph
+        for rows in (8, 5):
+            with torch.no_grad():
+                old, _ = policy.log_probs(images[:rows], instructions[:rows], tokens[:rows], temperature=1.6,
+                                          graph_batch=8)
+            new, entropy = policy.log_probs(images[:rows], instructions[:rows], tokens[:rows], temperature=1.6,
+                                            graph_batch=8)
+            assert torch.equal(new.detach(), old)
+            (new.mean() + 0.01 * entropy.mean()).backward()
+            results[graph, rows] = old, [p.grad.clone() for p in policy.trainable_parameters()]
+            for parameter in policy.trainable_parameters():
+                parameter.grad = None
+    assert policy.graph_captures == {"vision": 1, "decode": 1}
+    for rows in (8, 5):
+        (graph_old, graph_grads), (eager_old, eager_grads) = results[True, rows], results[False, rows]
+        assert torch.allclose(graph_old, eager_old, atol=atol)
+        if dtype == torch.float32:
+            for graph_grad, eager_grad in zip(graph_grads, eager_grads):
+                assert torch.allclose(graph_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_fused_kernels_equal_the_transformers_layers(tmp_path, monkeypatch, dtype, atol):
+    """VLAPolicy.fuse_kernels (Liger's RMSNorm and SwiGLU): the same state dict keys; greedy samples through the
+    CUDA-graph decoder, teacher-forced log-probs and (float32) the adapters' gradients under gradient checkpointing
+    equal the unfused policy's; the first PPO ratio stays exactly 1."""
+    if not fused_kernels_available():
+        pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = tiny_policy_with_lora(tmp_path, dtype)
+    policy.gradient_checkpointing(True)
+    images, instructions = observations(8)
+    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+
+    def outputs():
+        sampled = policy.sample(images, instructions, temperature=1.6, greedy=True)
+        with torch.no_grad():
+            old, _ = policy.log_probs(images, instructions, tokens, temperature=1.6)
+        log_probs, entropy = policy.log_probs(images, instructions, tokens, temperature=1.6)
+        assert torch.equal(log_probs.detach(), old)
+        (log_probs.mean() + 0.01 * entropy.mean()).backward()
+        grads = [p.grad.clone() for p in policy.trainable_parameters()]
+        for parameter in policy.trainable_parameters():
+            parameter.grad = None
+        return sampled, old, grads
+
+    keys = set(policy.model.state_dict())
+    plain = outputs()
+    policy.fuse_kernels()
+    assert set(policy.model.state_dict()) == keys
+    fused = outputs()
+    assert torch.allclose(plain[1], fused[1], atol=atol)
+    if dtype == torch.float32:
+        assert torch.equal(plain[0].token_ids, fused[0].token_ids)
+        assert torch.allclose(plain[0].log_probs, fused[0].log_probs, atol=atol)
+        for plain_grad, fused_grad in zip(plain[2], fused[2]):
+            assert torch.allclose(plain_grad, fused_grad, rtol=1e-3, atol=1e-6)
+    else:
+        assert all(torch.isfinite(grad).all() for grad in fused[2])
 
 
 def test_errors_inside_a_decode_capture(tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.cuda_graphs import KeptGraph
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
+from vla_actor.fused_kernels import fuse_llama_kernels
 from vla_actor.model import (EMPTY_PARTS, IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, fill,
                              to_file_key, to_module_key)
 from vla_actor.quant import dequantize, without_peft_requantize_warning
@@ -148,9 +149,11 @@ class VLAPolicy:
     `cuda_graphs` (default True): on CUDA, `sample` replays the vision towers (`cuda_graphs.KeptGraph`) and
     OpenVLA's decode steps (`fast_decode.GraphDecoder`) from CUDA graphs, same results, each kept from one call to
     the next of the same batch size (and prompt length); set it to False to run them eagerly (what is kept stays
-    until `release_graphs`). The kept graphs and the KV cache are freed by every teacher-forced forward
-    (`log_probs`, `token_cross_entropy`: the update needs the memory) and by every change to the modules (LoRA,
-    compilation, a disabled adapter), which a replay would not see.
+    until `release_graphs`). Teacher-forced forwards (`log_probs`, `token_cross_entropy`) replay a kept vision
+    graph too while the towers and the projector hold nothing trainable (the eager towers cost an update as much as
+    their GEMMs would several times over: thousands of small kernels); they free the decode graph and the KV cache
+    (the update needs the memory). Every change to the modules (LoRA, compilation, a disabled adapter), which a
+    replay would not see, frees all kept graphs.
     `carried_files`: the source checkpoint's tokenizer and remote-code files (name -> bytes), which exports write
     back verbatim; empty for a policy built in memory, whose exports get a tokenizer.json written from `tokenizer`.
     """
@@ -341,16 +344,34 @@ class VLAPolicy:
             if graphed is not None:
                 graphed.release()
 
-    def _prefix(self, images, wrist, proprio, batch: int) -> torch.Tensor:
-        """The prefix embeddings of a no-grad call, the vision towers replayed from a kept CUDA graph where
-        `cuda_graphs` allows (its output is overwritten by the next call; the prefix is copied into each call's
-        embeddings before then)."""
+    @property
+    def _vision_trains(self) -> bool:
+        """Whether the vision towers or the projector hold trainable parameters (LoRA there, full fine-tuning)."""
+        parts = (self.model.vision_backbone, self.model.projector)
+        return any(p.requires_grad for part in parts for p in part.parameters())
+
+    def _prefix(self, images, wrist, proprio, batch: int, graph_batch: int | None = None) -> torch.Tensor:
+        """The prefix embeddings, the vision towers and projector replayed from a kept CUDA graph where
+        `cuda_graphs` allows and no gradient has to flow through them (its output is overwritten by the next call;
+        the prefix is copied into each call's embeddings before then). `graph_batch`: a smaller batch is padded
+        with zero images to it, so that it replays the graph of that batch rather than capturing its own."""
         pixels, proprio = self._pixel_values(images, wrist, batch), self._proprio(proprio, batch)
-        if not self._replays_graphs:  # the one entry point (FSDP runs its root's hooks there, trainer/fsdp.py)
-            return self.model.prefix_embeddings(pixels, proprio)
+        if not self._replays_graphs or (torch.is_grad_enabled() and self._vision_trains):
+            return self.model.prefix_embeddings(pixels, proprio)  # FSDP runs its root's hooks here (trainer/fsdp.py)
         if self._vision_graph is None:
             self._vision_graph = KeptGraph(self.model.patch_embeddings, self.device, "VisionGraph")
-        return self.model.append_proprio(self._vision_graph(pixels), proprio)
+        if graph_batch is not None and graph_batch > batch:
+            pixels = torch.cat([pixels, pixels.new_zeros(graph_batch - batch, *pixels.shape[1:])])
+        # the graph must read the weights themselves, not autocast's cached copies, which the block frees (_mode)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
+                                             enabled=self.dtype != torch.float32, cache_enabled=False):
+            patches = self._vision_graph(pixels)[:batch]
+        return self.model.append_proprio(patches, proprio)
+
+    def _release_decoder(self) -> None:
+        """Free the kept decode graph and its KV cache, keeping the vision graph (a few hundred MB at most)."""
+        if self._graph_decoder is not None:
+            self._graph_decoder.release()
 
     # --------------------------------------------------------------------------------------- rollout and loss
 
@@ -426,17 +447,19 @@ class VLAPolicy:
         return self._readout(inputs, self._hidden(inputs), count, temperature)
 
     def log_probs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], token_ids: torch.Tensor,
-                  wrist=None, proprio=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  wrist=None, proprio=None, temperature: float = 1.0,
+                  graph_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs float32 [B, T] of `token_ids` and the entropy [B, T] of the 256-way
         distributions, with the same slicing and temperature as `sample`. Differentiable w.r.t. the adapters;
-        runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled."""
+        runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled. `graph_batch`: the
+        batch of the vision graph to replay (see `cuda_graphs`); the update passes its micro-batch size, so a
+        mini-batch's last, smaller micro-batch replays the graph of the others, padded."""
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
-        self.release_graphs()
+        self._release_decoder()
         with self._mode(torch.is_grad_enabled()):
-            prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
-                                                  self._proprio(proprio, batch))
+            prefix = self._prefix(images, wrist, proprio, batch, graph_batch)
             prompts = self.prompt_ids(instructions)
             if self.is_oft:
                 log_probs = self._oft_log_probs(prefix, prompts, temperature)
@@ -460,10 +483,9 @@ class VLAPolicy:
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
         targets = torch.cat([token_ids, torch.full_like(token_ids[:, :1], STOP_ID)], dim=1)
-        self.release_graphs()
+        self._release_decoder()
         with self._mode(torch.is_grad_enabled()):
-            prefix = self.model.prefix_embeddings(self._pixel_values(images, wrist, batch),
-                                                  self._proprio(proprio, batch))
+            prefix = self._prefix(images, wrist, proprio, batch)
             prompts = self.prompt_ids(instructions)
             if self.is_oft:
                 inputs = self._inputs(prefix, prompts, targets, zeroed_suffix=self.tokens_per_query)
@@ -555,15 +577,26 @@ class VLAPolicy:
         for block in blocks:
             block.compile(backend=backend, dynamic=True)
 
+    def fuse_kernels(self) -> None:
+        """Liger-kernel's fused RMSNorm and SwiGLU in every Llama layer, in place (vla_actor.fused_kernels): the
+        same parameters, adapters and state dict; CUDA only. Not together with `compile_layers`, which fuses the
+        same element-wise work its own way."""
+        if self.device.type != "cuda":
+            raise ValueError(f"fused kernels run on CUDA only; this policy is on {self.device}")
+        self.release_graphs()
+        fuse_llama_kernels(self.model.language_model.model)
+
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """The base model (adapters bypassed) inside the block, e.g. for a KL reference; no copy is made."""
-        self.release_graphs()
+        """The base model (adapters bypassed) inside the block, e.g. for a KL reference; no copy is made. The kept
+        vision graph stays where the towers and the projector hold no adapter (their outputs do not change)."""
+        release = self.release_graphs if self._vision_trains else self._release_decoder
+        release()
         try:
             with self._peft.disable_adapter() if self._peft is not None else nullcontext():
                 yield
         finally:
-            self.release_graphs()
+            release()
 
     def _require_lora(self, action: str) -> PeftModel:
         if self._peft is None:
