@@ -150,9 +150,8 @@ class VLAPolicy:
     OpenVLA's decode steps (`fast_decode.GraphDecoder`) from CUDA graphs, same results, each kept from one call to
     the next of the same batch size (and prompt length); set it to False to run them eagerly (what is kept stays
     until `release_graphs`). Teacher-forced forwards (`log_probs`, `token_cross_entropy`) replay a kept vision
-    graph too while the towers and the projector hold nothing trainable (the eager towers cost an update as much as
-    their GEMMs would several times over: thousands of small kernels); they free the decode graph and the KV cache
-    (the update needs the memory). Every change to the modules (LoRA, compilation, a disabled adapter), which a
+    graph too while the towers and the projector hold nothing trainable (eagerly the towers are thousands of small
+    kernel launches per micro-batch); they free the decode graph and the KV cache (the update needs the memory). Every change to the modules (LoRA, compilation, a disabled adapter), which a
     replay would not see, frees all kept graphs.
     `carried_files`: the source checkpoint's tokenizer and remote-code files (name -> bytes), which exports write
     back verbatim; empty for a policy built in memory, whose exports get a tokenizer.json written from `tokenizer`.
@@ -369,7 +368,8 @@ class VLAPolicy:
         return self.model.append_proprio(patches, proprio)
 
     def _release_decoder(self) -> None:
-        """Free the kept decode graph and its KV cache, keeping the vision graph (a few hundred MB at most)."""
+        """Free the kept decode graph and its KV cache, keeping the vision graph (whose pool left the trainer's
+        7B peaks unchanged, BENCHMARKS.md)."""
         if self._graph_decoder is not None:
             self._graph_decoder.release()
 
