@@ -15,7 +15,7 @@ are counted as alive at a peak, an assumption the int8, nf4 and fp8 rollout and 
 (--compile-layers) hold more activations than eager ones; their extra per token and MLP channel is fitted to the one
 compiled run (`gpu_7b_compiled.json`), whose batch 32 did not fit 24 GiB, as the fit predicts.
 
-Time scales the per-query and per-sample seconds measured by the real trainer on an H200 (bench_e2e) by the
+Time scales the per-query and per-sample seconds measured by the real trainer on an H100 (bench_e2e) by the
 card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
 quantized base, whose dequantizing layers were not timed.
 """
@@ -61,11 +61,12 @@ DENSE_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 
                      "RTX 6000 Ada": 364, "A6000": 155, "A5000": 111, "A4000": 77, "4090": 165, "4080": 98,
                      "4070": 58, "4060 Ti": 44, "3090": 71, "3080": 60, "T4": 65}
 """Vendor datasheet rates (dense, fp32 accumulation) by a substring of the device name; T4 is fp16."""
-MEASURED_ON = "H200"
-SECONDS_PER_QUERY = {"openvla": 0.0261, "oft": 0.0240}
-"""Rollout model seconds per policy query at batch 16 on the H200 (bench_e2e: 91.9 s / 3520, 10.7 s / 448)."""
-SECONDS_PER_SAMPLE = {"openvla": 0.0504, "oft": 0.108}
-"""Update seconds per trained policy step, pi_old recomputed (bench_e2e: 177.5 s / 3520, 48.6 s / 448)."""
+MEASURED_ON = "H100"
+SECONDS_PER_QUERY = {"openvla": 0.0178, "oft": 0.0226}
+"""Rollout model seconds per policy query at batch 16 on the H100 (bench_e2e, fused kernels and kept graphs:
+17.1 s / 960 in gpu_7b_e2e_openvla60.json, 10.1 s / 448 in gpu_7b_e2e_oft_fused.json)."""
+SECONDS_PER_SAMPLE = {"openvla": 0.0453, "oft": 0.0978}
+"""Update seconds per trained policy step, pi_old recomputed (the same runs: 43.5 s / 960, 43.8 s / 448)."""
 SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
 """Env actions per second per worker process in the steady state (bench_e2e OFT, 16 workers on 16 cores)."""
 DEQUANTIZED_COPIES = 2
