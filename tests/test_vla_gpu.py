@@ -344,10 +344,16 @@ def needs_mode(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_quantized_tiny_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, mode):
+@pytest.mark.parametrize("fused", [False, True])
+def test_quantized_tiny_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, mode, fused):
+    """Also with Liger's fused kernels on the quantized base, as `train` runs it on CUDA by default."""
+    if fused and not fused_kernels_available():
+        pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
     policy = load_policy(make_tiny_checkpoint(tmp_path / "openvla"), device="cuda", dtype=torch.float32,
                          base_quant=mode)
     policy.apply_lora(LoraSettings(rank=4, alpha=8))
+    if fused:
+        policy.fuse_kernels()
     with torch.no_grad():
         for parameter in policy.trainable_parameters():
             parameter.normal_(0.0, 0.1)
