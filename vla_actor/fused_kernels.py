@@ -1,7 +1,7 @@
 """Liger-kernel's fused RMSNorm and SiLU-times-up (SwiGLU) in the Llama layers, on CUDA (pip install liger-kernel).
 
-transformers' LlamaRMSNorm runs six element-wise kernels per call (cast, square, mean, add, rsqrt-multiply, cast
-and scale) and LlamaMLP two between its products (SiLU, multiply); with gradient checkpointing each runs three times
+transformers' LlamaRMSNorm runs about seven element-wise kernels per call (cast to float32, square, mean, add epsilon,
+reciprocal square root, multiply, cast back, scale) and LlamaMLP two between its products (SiLU, multiply); with gradient checkpointing each runs three times
 per update step (forward, recomputation, backward). Liger replaces each with one Triton kernel, forward and backward,
 computing in float32 as transformers does (RMSNorm's "llama" casting mode: normalised in float32, cast, then scaled;
 SiLU in float32, cast, times up). The modules keep the originals' parameters and child modules under the same
@@ -19,6 +19,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaModel, LlamaRMSNorm
 
 INSTALL_HINT = "pip install liger-kernel (it needs triton, which CUDA builds of torch bring)"
+"""How to get the fused kernels, for messages."""
 
 
 def fused_kernels_available() -> bool:
