@@ -1,11 +1,12 @@
 """Liger-kernel's fused RMSNorm and SiLU-times-up (SwiGLU) in the Llama layers, on CUDA (pip install liger-kernel).
 
-transformers' LlamaRMSNorm runs about seven element-wise kernels per call (cast to float32, square, mean, add epsilon,
-reciprocal square root, multiply, cast back, scale) and LlamaMLP two between its products (SiLU, multiply); with gradient checkpointing each runs three times
-per update step (forward, recomputation, backward). Liger replaces each with one Triton kernel, forward and backward,
-computing in float32 as transformers does (RMSNorm's "llama" casting mode: normalised in float32, cast, then scaled;
-SiLU in float32, cast, times up). The modules keep the originals' parameters and child modules under the same
-names, so state dicts, LoRA adapters (PEFT wraps the projections inside the MLP) and checkpoints are unchanged.
+transformers' LlamaRMSNorm runs about seven element-wise kernels per call (cast to float32, square, mean, add
+epsilon, reciprocal square root, multiply, cast back, scale) and LlamaMLP two between its products (SiLU, multiply);
+with gradient checkpointing each runs three times per update step (forward, recomputation, backward). Liger
+replaces each with one Triton kernel, forward and backward, computing in float32 as transformers does (RMSNorm's
+"llama" casting mode: normalised in float32, cast, then scaled; SiLU in float32, cast, times up). The modules keep
+the originals' parameters and child modules under the same names, so state dicts, LoRA adapters (PEFT wraps the
+projections inside the MLP) and checkpoints are unchanged.
 """
 
 from __future__ import annotations
