@@ -151,8 +151,9 @@ class VLAPolicy:
     the next of the same batch size (and prompt length); set it to False to run them eagerly (what is kept stays
     until `release_graphs`). Teacher-forced forwards (`log_probs`, `token_cross_entropy`) replay a kept vision
     graph too while the towers and the projector hold nothing trainable (eagerly the towers are thousands of small
-    kernel launches per micro-batch); they free the decode graph and the KV cache (the update needs the memory). Every change to the modules (LoRA, compilation, a disabled adapter), which a
-    replay would not see, frees all kept graphs.
+    kernel launches per micro-batch); they free the decode graph and the KV cache (the update needs the memory).
+    Every change to the modules (LoRA, compilation, a disabled adapter), which a replay would not see, frees all
+    kept graphs.
     `carried_files`: the source checkpoint's tokenizer and remote-code files (name -> bytes), which exports write
     back verbatim; empty for a policy built in memory, whose exports get a tokenizer.json written from `tokenizer`.
     """
