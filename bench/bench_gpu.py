@@ -348,7 +348,7 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     results.update(update_curve=update_curve, update_micro_batch=best_micro,
                    update_samples_per_s=update_curve[str(best_micro)]["samples_per_s"],
                    update_mini_batch=config.mini_batch)
-    # The same update with the vision towers run eagerly (before they replayed the rollout's kept graph).
+    # The same update with the vision towers run eagerly: what replaying the rollout's kept vision graph gains.
     policy.cuda_graphs = False
     policy.release_graphs()
     results["update_samples_per_s_eager_vision"] = try_measure(device, lambda: samples_per_second(
