@@ -1,8 +1,9 @@
 """On a GPU: the CUDA graphs of sampling (vision towers and decode steps, kept from call to call) equal eager runs
 (tiny checkpoint, fp32 and bf16), teacher forcing replays the kept vision graph, errors inside a capture reach the
 caller as themselves, the compiled blocks (VLAPolicy.compile_layers) and Liger's fused kernels
-(VLAPolicy.fuse_kernels) equal the plain layers; the 7B shape in bf16 with random weights: rollout, teacher forcing, a LoRA update
-within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8, vla_actor.quant) with its memory.
+(VLAPolicy.fuse_kernels) equal the plain layers; the 7B shape in bf16 with random weights: rollout, teacher forcing,
+a LoRA update within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8, vla_actor.quant) with
+its memory.
 
 The 7B tests measure memory from what was allocated at their start, check that all of it is handed back once the
 policy is gone (a leak fails on its own, named so), and name the largest live CUDA tensors when a size is exceeded,
