@@ -17,7 +17,8 @@
 #              simulators in ROLLOUT_ENVS ("16 32": one and two per core), ROLLOUT_EPISODES_PER_TASK (25) held-out
 #              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
-#   e2e, e2eoft  bench_e2e (OpenVLA and OFT, or OFT only) against BASELINE_TAR
+#   e2e, e2eoft  bench_e2e (E2E_MODELS, default "openvla oft", E2E_ITERATIONS each (2), or OFT only) against
+#              BASELINE_TAR; one OpenVLA run at horizon 220 takes ~7 minutes an iteration with its scene builds
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and Liger's fused kernels (--fused-kernels), each against this run
@@ -98,8 +99,8 @@ stage() {
           --episodes-per-task "${ROLLOUT_EPISODES_PER_TASK:-25}" --modes refill_kept refill_kept_overlapped \
           --out "$RESULTS/rollout_gpu_${envs}_envs.json" || return
       done ;;
-    e2e) baseline; python3 -m bench.bench_e2e --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
-           --output "$RESULTS/gpu_7b_e2e.json" ;;
+    e2e) baseline; python3 -m bench.bench_e2e --models ${E2E_MODELS:-openvla oft} --iterations "${E2E_ITERATIONS:-2}" \
+           --baseline-repo /tmp/baseline --work-dir /tmp/e2e --output "$RESULTS/gpu_7b_e2e.json" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels --output "$RESULTS/gpu_7b_levers.json" ;;
