@@ -18,7 +18,7 @@
 #              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (E2E_MODELS, default "openvla oft", E2E_ITERATIONS each (2), or OFT only) against
-#              BASELINE_TAR; an OpenVLA iteration at horizon 220 takes ~5 minutes on an H100, the first ~1 more (scene builds)
+#              BASELINE_TAR; an OpenVLA iteration at horizon 220 takes ~5 minutes on an H100, the first ~1 more
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and Liger's fused kernels (--fused-kernels), each against this run
