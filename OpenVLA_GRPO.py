@@ -41,7 +41,7 @@ from trainer.config import (CompareConfig, DemoConfig, EvaluateConfig, ModelConf
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.errors import UserError, one_line_errors, traceback_requested
-from trainer.evaluation import EVALS_DIR, compare_evals, evaluate, write_results
+from trainer.evaluation import compare_evals, evaluate, run_eval_dir, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
@@ -337,7 +337,7 @@ class GRPOTrainer:
         if self.ctx.is_main:
             config = config_to_dict(_as_saved(self.config)) | {"protocol": "heldout", "temperature": None,
                                                                 "iteration": self.iteration}
-            results_dir = self.run_dir / EVALS_DIR / f"iter_{self.iteration:06d}"
+            results_dir = run_eval_dir(self.run_dir, self.iteration)
             results_dir.mkdir(parents=True, exist_ok=True)
             write_results(results_dir, results,
                           {t: self.env.instruction(t) for t in self.task_ids}, config, dtype_name(self.policy.dtype),

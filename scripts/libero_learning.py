@@ -53,7 +53,7 @@ from libero_env.suites import NUM_INIT_STATES, init_state_split
 from trainer.checkpoint import (ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, checkpoint_iteration, latest_checkpoint,
                                 write_json)
 from trainer.errors import one_line_errors, traceback_requested
-from trainer.evaluation import EVALS_DIR, paired_comparison
+from trainer.evaluation import paired_comparison, run_eval_dir
 from trainer.metrics import read_metrics
 from trainer.plot import plot_metrics
 from vla_actor import load_policy
@@ -487,7 +487,7 @@ def grpo_heldout_evals(ex: Experiment, rows: list[dict]) -> tuple[HeldoutEval, H
                              [row["eval/success_rate_ci95_low"], row["eval/success_rate_ci95_high"]],
                              int(row["eval/episodes"]), dtype.removeprefix("torch."),
                              sorted((run_dir / "videos").glob(f"iter{row['iteration']:06d}_*.mp4")),
-                             run_dir / EVALS_DIR / f"iter_{row['iteration']:06d}" / "results.json")
+                             run_eval_dir(run_dir, row["iteration"]) / "results.json")
                  for row in (evals[0], evals[-1]))
 
 

@@ -167,6 +167,11 @@ EVALS_DIR = "evals"
 `compare` pairs any two of a run's evals (e.g. its first and last)."""
 
 
+def run_eval_dir(run_dir: Path, iteration: int) -> Path:
+    """Where a training run writes (and readers find) its held-out eval at `iteration`."""
+    return run_dir / EVALS_DIR / f"iter_{iteration:06d}"
+
+
 def write_results(results_dir: Path, results: TaskResults, instructions: dict[int, str],
                   config: dict[str, Any], dtype: str, policy: str | None = None) -> None:
     """results.json and results.md: success per task and overall with 95 % Wilson intervals, the dtype the policy
