@@ -156,6 +156,21 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     assert policy.graph_captures == {"vision": 4, "decode": 5}
 
 
+def pi_old_and_gradients(policy, images, instructions, tokens, **kwargs):
+    """Teacher-forced log-probs without gradients (pi_old, as --old-log-probs recompute takes it), then with them:
+    asserts they are equal (the first PPO ratio is exactly 1) and returns them with the adapters' gradients of a
+    loss on them (the gradients are cleared again)."""
+    with torch.no_grad():
+        old, _ = policy.log_probs(images, instructions, tokens, temperature=1.6, **kwargs)
+    log_probs, entropy = policy.log_probs(images, instructions, tokens, temperature=1.6, **kwargs)
+    assert torch.equal(log_probs.detach(), old)
+    (log_probs.mean() + 0.01 * entropy.mean()).backward()
+    grads = [p.grad.clone() for p in policy.trainable_parameters()]
+    for parameter in policy.trainable_parameters():
+        parameter.grad = None
+    return old, grads
+
+
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, monkeypatch, dtype, atol):
     """With frozen towers and projector, teacher-forced forwards replay the vision graph the rollout kept, with and
@@ -172,16 +187,8 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, monkeypatch, dt
     for graph in (True, False):
         policy.cuda_graphs = graph
         for rows in (8, 5):
-            with torch.no_grad():
-                old, _ = policy.log_probs(images[:rows], instructions[:rows], tokens[:rows], temperature=1.6,
-                                          graph_batch=8)
-            new, entropy = policy.log_probs(images[:rows], instructions[:rows], tokens[:rows], temperature=1.6,
-                                            graph_batch=8)
-            assert torch.equal(new.detach(), old)
-            (new.mean() + 0.01 * entropy.mean()).backward()
-            results[graph, rows] = old, [p.grad.clone() for p in policy.trainable_parameters()]
-            for parameter in policy.trainable_parameters():
-                parameter.grad = None
+            results[graph, rows] = pi_old_and_gradients(policy, images[:rows], instructions[:rows], tokens[:rows],
+                                                        graph_batch=8)
     assert policy.graph_captures == {"vision": 1, "decode": 1}
     for rows in (8, 5):
         (graph_old, graph_grads), (eager_old, eager_grads) = results[True, rows], results[False, rows]
@@ -207,15 +214,7 @@ def test_fused_kernels_equal_the_transformers_layers(tmp_path, monkeypatch, dtyp
 
     def outputs():
         sampled = policy.sample(images, instructions, temperature=1.6, greedy=True)
-        with torch.no_grad():
-            old, _ = policy.log_probs(images, instructions, tokens, temperature=1.6)
-        log_probs, entropy = policy.log_probs(images, instructions, tokens, temperature=1.6)
-        assert torch.equal(log_probs.detach(), old)
-        (log_probs.mean() + 0.01 * entropy.mean()).backward()
-        grads = [p.grad.clone() for p in policy.trainable_parameters()]
-        for parameter in policy.trainable_parameters():
-            parameter.grad = None
-        return sampled, old, grads
+        return sampled, *pi_old_and_gradients(policy, images, instructions, tokens)
 
     keys = set(policy.model.state_dict())
     plain = outputs()
