@@ -18,10 +18,12 @@
 #              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (E2E_MODELS, default "openvla oft", E2E_ITERATIONS each (2), or OFT only) against
-#              BASELINE_TAR; an OpenVLA iteration at horizon 220 takes ~5 minutes on an H100, the first ~1 more
+#              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json); an OpenVLA iteration at horizon 220 takes ~5
+#              minutes on an H100, the first ~1 more
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
-#              replayed the rollout's vision graph) and Liger's fused kernels (--fused-kernels), each against this run
+#              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
+#              into LEVERS_OUTPUT (gpu_7b_levers.json)
 # Optional inputs, used where present: .gl/*.deb (GL loader libraries), .libero_bundle/ (see
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg), .whl_quant/*.whl (torchao, for quant8 and the quantized GPU tests), .baseline/baseline.tar.xz
@@ -100,10 +102,11 @@ stage() {
           --out "$RESULTS/rollout_gpu_${envs}_envs.json" || return
       done ;;
     e2e) baseline; python3 -m bench.bench_e2e --models ${E2E_MODELS:-openvla oft} --iterations "${E2E_ITERATIONS:-2}" \
-           --baseline-repo /tmp/baseline --work-dir /tmp/e2e --output "$RESULTS/gpu_7b_e2e.json" ;;
+           --baseline-repo /tmp/baseline --work-dir /tmp/e2e --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
-    levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels --output "$RESULTS/gpu_7b_levers.json" ;;
+    levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
+              --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \
                   --extra-flags=--overlap-rollouts --baseline-flags=--no-overlap-rollouts --work-dir /tmp/e2e \
                   --output "$RESULTS/gpu_7b_e2e_overlap.json" ;;

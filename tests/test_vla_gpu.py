@@ -200,9 +200,10 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, monkeypatch, dt
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_fused_kernels_equal_the_transformers_layers(tmp_path, monkeypatch, dtype, atol):
-    """VLAPolicy.fuse_kernels (Liger's RMSNorm and SwiGLU): the same state dict keys; greedy samples through the
-    CUDA-graph decoder, teacher-forced log-probs and (float32) the adapters' gradients under gradient checkpointing
-    equal the unfused policy's; the first PPO ratio stays exactly 1."""
+    """VLAPolicy.fuse_kernels (Liger's RMSNorm, RoPE and SwiGLU, LoRA's scale-and-add in addmm_): the same state
+    dict keys; greedy samples through the CUDA-graph decoder, teacher-forced log-probs, those of the base with the
+    adapters disabled (the KL reference, which runs PEFT's own forward) and (float32) the adapters' gradients under
+    gradient checkpointing equal the unfused policy's; the first PPO ratio stays exactly 1."""
     if not fused_kernels_available():
         pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -214,7 +215,9 @@ def test_fused_kernels_equal_the_transformers_layers(tmp_path, monkeypatch, dtyp
 
     def outputs():
         sampled = policy.sample(images, instructions, temperature=1.6, greedy=True)
-        return sampled, *pi_old_and_gradients(policy, images, instructions, tokens)
+        with torch.no_grad(), policy.adapter_disabled():
+            base, _ = policy.log_probs(images, instructions, tokens, temperature=1.6)
+        return sampled, *pi_old_and_gradients(policy, images, instructions, tokens), base
 
     keys = set(policy.model.state_dict())
     plain = outputs()
@@ -222,6 +225,8 @@ def test_fused_kernels_equal_the_transformers_layers(tmp_path, monkeypatch, dtyp
     assert set(policy.model.state_dict()) == keys
     fused = outputs()
     assert torch.allclose(plain[1], fused[1], atol=atol)
+    assert torch.allclose(plain[3], fused[3], atol=atol)
+    assert not torch.allclose(fused[1], fused[3], atol=atol)  # the adapters change the log-probs
     if dtype == torch.float32:
         assert torch.equal(plain[0].token_ids, fused[0].token_ids)
         assert torch.allclose(plain[0].log_probs, fused[0].log_probs, atol=atol)

@@ -1,12 +1,17 @@
-"""Liger-kernel's fused RMSNorm and SiLU-times-up (SwiGLU) in the Llama layers, on CUDA (pip install liger-kernel).
+"""Fused kernels in the Llama layers, on CUDA (pip install liger-kernel): Liger's RMSNorm, RoPE and SiLU-times-up
+(SwiGLU), and LoRA's scale-and-add folded into its second product.
 
 transformers' LlamaRMSNorm runs about seven element-wise kernels per call (cast to float32, square, mean, add
-epsilon, reciprocal square root, multiply, cast back, scale) and LlamaMLP two between its products (SiLU, multiply);
-with gradient checkpointing each runs three times per update step (forward, recomputation, backward). Liger
-replaces each with one Triton kernel, forward and backward, computing in float32 as transformers does (RMSNorm's
-"llama" casting mode: normalised in float32, cast, then scaled; SiLU in float32, cast, times up). The modules keep
-the originals' parameters and child modules under the same names, so state dicts, LoRA adapters (PEFT wraps the
-projections inside the MLP) and checkpoints are unchanged.
+epsilon, reciprocal square root, multiply, cast back, scale), its RoPE seven (two multiplies, a negation and a
+concatenation per rotated half, an add, for queries and keys), LlamaMLP two between its products (SiLU, multiply),
+and every PEFT LoRA projection two after its own (times the scale, plus the base output); with gradient
+checkpointing each runs three times per update step (forward, recomputation, backward), and in a decode step they
+are most of its ~2,000 kernels. Liger replaces each of the first three with one Triton kernel, forward and
+backward, computing in float32 as transformers does (RMSNorm's "llama" casting mode: normalised in float32, cast,
+then scaled; SiLU in float32, cast, times up); `lora_linear` lets cuBLAS add the scaled adapter product into the
+base output inside its GEMM (`addmm_`, one rounding instead of three). The modules keep the originals' parameters
+and child modules under the same names, so state dicts, LoRA adapters (PEFT wraps the projections inside the
+attention and the MLP) and checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import importlib.util
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaModel, LlamaRMSNorm
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, LlamaModel, LlamaRMSNorm,
+                                                      eager_attention_forward)
 
 INSTALL_HINT = "pip install liger-kernel (it needs triton, which CUDA builds of torch bring)"
 """How to get the fused kernels, for messages."""
@@ -35,6 +44,35 @@ def liger_ops() -> ModuleType:
     return importlib.import_module("liger_kernel.ops")
 
 
+def _fusable_adapter(layer: nn.Module) -> str | None:
+    """The adapter whose scale-and-add `lora_linear` can fold: the one active plain LoRA adapter of a PEFT Linear
+    over an unquantized nn.Linear, not merged or disabled; None otherwise."""
+    if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged:
+        return None
+    base = layer.base_layer
+    if type(base) is not nn.Linear or type(base.weight.data) is not torch.Tensor:  # quantized or sharded weights
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in layer.lora_variant:  # DoRA and the other variants have their own forward
+        return None
+    return active[0]
+
+
+def lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, with a plain LoRA adapter's `base + B(A(x)) * scale` computed as the base product and one
+    `addmm_` that accumulates the scaled adapter product into it; any other layer or adapter state runs as itself."""
+    adapter = _fusable_adapter(layer)
+    if adapter is None:
+        return layer(x)
+    base = layer.base_layer
+    rows = x.reshape(-1, x.shape[-1])
+    output = F.linear(rows, base.weight, base.bias)
+    down = layer.lora_A[adapter](layer.lora_dropout[adapter](rows)).to(output.dtype)
+    # in-place ops take no autocast: the float32 adapter is cast here, as autocast casts it for lora_B's product
+    output.addmm_(down, layer.lora_B[adapter].weight.to(output.dtype).t(), alpha=layer.scaling[adapter])
+    return output.view(*x.shape[:-1], output.shape[-1])
+
+
 class FusedRMSNorm(nn.Module):
     """LlamaRMSNorm through Liger's kernel; the same `weight` parameter and epsilon."""
 
@@ -49,8 +87,39 @@ class FusedRMSNorm(nn.Module):
         return self._function.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", False)
 
 
+class FusedRopeAttention(nn.Module):
+    """LlamaAttention with Liger's RoPE kernel (in place on the projections' outputs, which nothing else reads) and
+    `lora_linear` projections; the same q/k/v/o modules, KV cache and attention implementation."""
+
+    def __init__(self, attention: LlamaAttention):
+        super().__init__()
+        self.config, self.layer_idx, self.head_dim = attention.config, attention.layer_idx, attention.head_dim
+        self.num_key_value_groups, self.scaling = attention.num_key_value_groups, attention.scaling
+        self.attention_dropout, self.is_causal = attention.attention_dropout, attention.is_causal
+        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
+        self.o_proj = attention.o_proj
+        self._rope = liger_ops().LigerRopeFunction
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values  # transformers 5.24 passes `cache`, 5.17 the other
+        input_shape = hidden_states.shape[:-1]
+        heads = (*input_shape, -1, self.head_dim)
+        query, key, value = (lora_linear(projection, hidden_states).view(heads).transpose(1, 2)
+                             for projection in (self.q_proj, self.k_proj, self.v_proj))
+        query, key = self._rope.apply(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
+                                    dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        return lora_linear(self.o_proj, output.reshape(*input_shape, -1).contiguous()), weights
+
+
 class FusedSwiGLU(nn.Module):
-    """LlamaMLP with SiLU(gate) * up in one Liger kernel; the same gate/up/down projection modules."""
+    """LlamaMLP with SiLU(gate) * up in one Liger kernel and `lora_linear` projections; the same gate/up/down
+    projection modules."""
 
     def __init__(self, mlp: LlamaMLP):
         super().__init__()
@@ -58,11 +127,12 @@ class FusedSwiGLU(nn.Module):
         self._function = liger_ops().LigerSiLUMulFunction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._function.apply(self.gate_proj(x), self.up_proj(x)))
+        product = self._function.apply(lora_linear(self.gate_proj, x), lora_linear(self.up_proj, x))
+        return lora_linear(self.down_proj, product)
 
 
 def fuse_llama_kernels(llama: LlamaModel) -> None:
-    """Swap every RMSNorm and MLP of `llama` (the decoder stack) for the fused modules, in place."""
+    """Swap every RMSNorm, attention and MLP of `llama` (the decoder stack) for the fused modules, in place."""
     config = llama.config
     if config.hidden_act != "silu" or getattr(config, "mlp_bias", False):
         raise ValueError(f"fused kernels expect Llama's SiLU MLP without biases; got hidden_act={config.hidden_act!r}, "
@@ -72,6 +142,8 @@ def fuse_llama_kernels(llama: LlamaModel) -> None:
             norm = getattr(layer, name)
             if isinstance(norm, LlamaRMSNorm):
                 setattr(layer, name, FusedRMSNorm(norm))
+        if isinstance(layer.self_attn, LlamaAttention):
+            layer.self_attn = FusedRopeAttention(layer.self_attn)
         if isinstance(layer.mlp, LlamaMLP):
             layer.mlp = FusedSwiGLU(layer.mlp)
     if isinstance(llama.norm, LlamaRMSNorm):
