@@ -62,11 +62,12 @@ DENSE_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 
                      "4070": 58, "4060 Ti": 44, "3090": 71, "3080": 60, "T4": 65}
 """Vendor datasheet rates (dense, fp32 accumulation) by a substring of the device name; T4 is fp16."""
 MEASURED_ON = "H100"
-SECONDS_PER_QUERY = {"openvla": 0.0178, "oft": 0.0226}
-"""Rollout model seconds per policy query at batch 16 on the H100 (bench_e2e, fused kernels and kept graphs:
-17.1 s / 960 in gpu_7b_e2e_openvla60.json, 10.1 s / 448 in gpu_7b_e2e_oft_fused.json)."""
-SECONDS_PER_SAMPLE = {"openvla": 0.0453, "oft": 0.0978}
-"""Update seconds per trained policy step, pi_old recomputed (the same runs: 43.5 s / 960, 43.8 s / 448)."""
+SECONDS_PER_QUERY = {"openvla": 0.0142, "oft": 0.0193}
+"""Rollout model seconds per policy query at batch 16 on the H100 (bench_e2e at the full horizon, fused kernels with
+RoPE and LoRA's scale-and-add, kept graphs: 50.0 s / 3,520 in gpu_7b_e2e_openvla220.json, 8.5 s / 440 in
+gpu_7b_e2e_oft_rope_lora.json)."""
+SECONDS_PER_SAMPLE = {"openvla": 0.0401, "oft": 0.0844}
+"""Update seconds per trained policy step, pi_old recomputed (the same runs: 141.2 s / 3,520, 37.1 s / 440)."""
 SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
 """Env actions per second per worker process in the steady state (bench_e2e OFT, 16 workers on 16 cores)."""
 DEQUANTIZED_COPIES = 2
