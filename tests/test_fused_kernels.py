@@ -71,7 +71,7 @@ def test_lora_linear_under_autocast_takes_half_weights_and_float32_adapters():
         assert relative_error(plain_grad, fused_grad) < 2e-2  # entries cancel: the norm's scale
 
 
-@pytest.mark.parametrize("state", ["disabled", "merged", "plain linear"])
+@pytest.mark.parametrize("state", ["disabled", "merged", "plain linear", "adapter bias", "DoRA"])
 def test_states_it_does_not_fold_run_as_themselves(state):
     model = lora_model()
     x = torch.randn(4, 12)
@@ -80,6 +80,12 @@ def test_states_it_does_not_fold_run_as_themselves(state):
         layer.enable_adapters(False)
     elif state == "merged":
         layer.merge()
-    else:
+    elif state == "plain linear":
         layer = nn.Linear(12, 20)
+    else:
+        config = LoraConfig(r=4, target_modules=["up"], lora_bias=state == "adapter bias", use_dora=state == "DoRA")
+        layer = get_peft_model(TwoLinears(), config).base_model.model.up
+        with torch.no_grad():
+            for parameter in layer.parameters():
+                parameter.normal_(0.0, 0.3)
     assert torch.equal(lora_linear(layer, x), layer(x))

@@ -45,8 +45,8 @@ def liger_ops() -> ModuleType:
 
 
 def _fusable_adapter(layer: nn.Module) -> str | None:
-    """The adapter whose scale-and-add `lora_linear` can fold: the one active plain LoRA adapter of a PEFT Linear
-    over an unquantized nn.Linear, not merged or disabled; None otherwise."""
+    """The adapter whose scale-and-add `lora_linear` can fold: the one active plain LoRA adapter (no variant, no
+    bias) of a PEFT Linear over an unquantized nn.Linear, not merged or disabled; None otherwise."""
     if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged:
         return None
     base = layer.base_layer
@@ -55,7 +55,7 @@ def _fusable_adapter(layer: nn.Module) -> str | None:
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in layer.lora_variant:  # DoRA and the other variants have their own forward
         return None
-    return active[0]
+    return None if layer.lora_B[active[0]].bias is not None else active[0]  # lora_bias=True adds B's bias
 
 
 def lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
