@@ -33,6 +33,7 @@ from bench.bench_gpu import BenchConfig, actions_per_second, build_policy
 from trainer.checkpoint import write_json
 from trainer.envs import suite_shape
 from vla_actor import make_tiny_checkpoint, random_7b_policy
+from vla_actor.fused_kernels import fused_kernels_available
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -107,13 +108,21 @@ def write_checkpoints(config: E2EConfig, work_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def microbench_fused() -> bool:
+    """Whether the microbenchmark fuses kernels: where `train` does by default (CUDA with liger-kernel)."""
+    return torch.cuda.is_available() and fused_kernels_available()
+
+
 def microbench(config: E2EConfig, work_dir: Path) -> dict[str, float]:
-    """bench_gpu's batched rollout rate of each model at `microbench_batch`, in this process."""
+    """bench_gpu's batched rollout rate of each model at `microbench_batch`, in this process, with the kernels
+    `train` uses by default (`microbench_fused`)."""
     rates = {}
     for name in config.models:
         variant, images, proprio, _ = MODELS[name]
         policy = build_policy(BenchConfig(model=config.model, repeats=3), variant, work_dir / "microbench",
                               images, proprio)
+        if microbench_fused():
+            policy.fuse_kernels()
         rates[name] = actions_per_second(BenchConfig(model=config.model, repeats=3), policy,
                                          config.microbench_batch, np.random.default_rng(0))
         del policy
@@ -170,6 +179,9 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
     if all(key in steady[0] for key in breakdown):
         summary["rollout_breakdown_seconds"] = {key.split("/")[1].removeprefix("rollout_").removesuffix("_seconds"):
                                                 sum(r[key] for r in steady) for key in breakdown}
+        model_rate = env_steps / summary["rollout_breakdown_seconds"]["model"]  # the simulators' wait left out
+        summary.update(rollout_model_actions_per_s=model_rate,
+                       rollout_model_share_of_microbench=model_rate / microbench_rate)
     workers = sorted(key for key in steady[0] if key.startswith("perf/env_worker_"))
     if workers:  # mean per simulator: set against env_wait above
         summary["env_worker_seconds"] = {key.removeprefix("perf/env_worker_").removesuffix("_seconds"):
@@ -200,7 +212,7 @@ def main(config: E2EConfig) -> dict:
             "groups_per_iteration": config.groups_per_iteration, "iterations": config.iterations,
             "max_steps": config.max_steps or suite_shape(config.task_suite).max_steps,
             "extra_flags": list(config.extra_flags),
-            "baseline_flags": list(config.baseline_flags),
+            "baseline_flags": list(config.baseline_flags), "microbench_fused_kernels": microbench_fused(),
             "update_work": "random weights never succeed; --no-dynamic-sampling keeps every group, so the update "
                            "runs forward and backward on every played policy step (zero advantages); checked: "
                            "train/steps == rollout/policy_queries",

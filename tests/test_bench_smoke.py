@@ -4,6 +4,7 @@ speed is measured on the GPU, see BENCHMARKS.md)."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.bench_gpu import BenchConfig, main
@@ -98,7 +99,12 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
     for suffix in ("", "_baseline"):
         assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
         assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset"}
+        model_rate = results[f"oft_rollout_model_actions_per_s{suffix}"]
+        assert model_rate >= results[f"oft_rollout_actions_per_s{suffix}"]  # the simulators' wait left out
+        assert results[f"oft_rollout_model_share_of_microbench{suffix}"] == pytest.approx(
+            model_rate / results[f"oft_microbench_actions_per_s{suffix}"])
     assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4
+    assert results["microbench_fused_kernels"] is False  # the CPU has no Liger kernels
 
 
 def test_profile_trace_summary_hand_computed():
