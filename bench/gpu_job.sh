@@ -20,6 +20,7 @@
 #   e2e, e2eoft  bench_e2e (E2E_MODELS, default "openvla oft", E2E_ITERATIONS each (2), or OFT only) against
 #              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json); an OpenVLA iteration at horizon 220 takes ~5
 #              minutes on an H100, the first ~1 more
+#   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -105,6 +106,8 @@ stage() {
            --baseline-repo /tmp/baseline --work-dir /tmp/e2e --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
+    profile) python3 -m bench.profile_gpu --variants eager fused --rollout-batches 16 32 \
+               --output "$RESULTS/profile_7b_fused.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
               --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \

@@ -4,7 +4,8 @@ On a GPU: the random-weight OpenVLA-7B shape with LoRA r16 under the 24 GiB cap 
 over a few rollout queries (`VLAPolicy.sample`) at batch 8, 16 and 32, a few no-grad pi_old forwards (`log_probs`
 without gradients, as `--old-log-probs recompute` runs them) and a few update micro-batches (`log_probs` with
 gradients, gradient checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is
-then compiled (`VLAPolicy.compile_layers`) and profiled again in the same run. `--model tiny` runs every code path
+then compiled (`VLAPolicy.compile_layers`) and profiled again in the same run; `--variants eager fused` does the
+same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA). `--model tiny` runs every code path
 on the CPU (the CI smoke test; there is no GPU timeline then).
 
     python -m bench.profile_gpu --variants eager compiled --output bench/results/profile_7b.json
@@ -53,8 +54,9 @@ class ProfileConfig:
 
     model: Literal["7b", "tiny"] = "7b"
     """"7b": random-weight OpenVLA-7B shape on CUDA; "tiny": look-alike checkpoint on the CPU (smoke test)."""
-    variants: tuple[Literal["eager", "compiled"], ...] = ("eager",)
-    """Profiled in this order on the same policy; "compiled" applies VLAPolicy.compile_layers (so it comes last)."""
+    variants: tuple[Literal["eager", "fused", "compiled"], ...] = ("eager",)
+    """Profiled in this order on the same policy; "fused" applies VLAPolicy.fuse_kernels (CUDA, liger-kernel),
+    "compiled" VLAPolicy.compile_layers (so either comes after "eager"; not both, as `train` never runs both)."""
     rollout_batches: tuple[int, ...] = (8, 16, 32)
     """Observations per rollout query, one phase each: what stays fixed as the batch grows is the cost per call."""
     micro_batch: int = 16
@@ -192,6 +194,8 @@ def main(config: ProfileConfig) -> dict:
         raise SystemExit("profile_gpu.py: --variants is eager, compiled, or eager compiled (compiling is one-way)")
     bench = BenchConfig(model=config.model)
     device = device_of(bench)
+    if {"fused", "compiled"} <= set(config.variants):
+        raise SystemExit("profile_gpu: --variants takes fused or compiled, not both (train never runs both)")
     torch.manual_seed(bench.seed)
     rng = np.random.default_rng(bench.seed)
     set_memory_cap(device, bench.mem_cap_gib)
@@ -211,6 +215,8 @@ def main(config: ProfileConfig) -> dict:
         for variant in config.variants:
             if variant == "compiled":
                 policy.compile_layers()
+            elif variant == "fused":
+                policy.fuse_kernels()
             phases = {}
             for phase, call in phase_calls(config, bench, policy, rng).items():
                 name = f"{variant}/{phase}"

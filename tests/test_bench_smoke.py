@@ -64,6 +64,8 @@ def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
         assert "OpenVLAModel.vision" in phase["named_phases"]
     assert {"DynamicDecoder.prefill", "DynamicDecoder.step"} <= set(phases["rollout_batch2"]["named_phases"])
     assert "== eager/update_micro_batch" in output.with_suffix(".txt").read_text()
+    with pytest.raises(SystemExit, match="fused or compiled, not both"):
+        profile_main(ProfileConfig(model="tiny", variants=("eager", "fused", "compiled"), output=output))
 
 
 def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):

@@ -71,6 +71,18 @@ def test_lora_linear_under_autocast_takes_half_weights_and_float32_adapters():
         assert relative_error(plain_grad, fused_grad) < 2e-2  # entries cancel: the norm's scale
 
 
+def test_lora_linear_casts_the_input_to_the_adapters_dtype_as_peft_does():
+    """bf16 weights, float32 adapters, no autocast: PEFT's input cast (on by default) feeds the adapters float32."""
+    model = lora_model(torch.bfloat16, cast_inputs=True)
+    x = torch.randn(3, 5, 12, dtype=torch.bfloat16)
+    plain, plain_grads = forward_and_grads(model, x, fused=False)
+    fused, fused_grads = forward_and_grads(model, x, fused=True)
+    assert fused.dtype == torch.bfloat16
+    assert relative_error(plain, fused) < 1e-2
+    for plain_grad, fused_grad in zip(plain_grads, fused_grads):
+        assert relative_error(plain_grad, fused_grad) < 2e-2
+
+
 @pytest.mark.parametrize("state", ["disabled", "merged", "plain linear", "adapter bias", "DoRA"])
 def test_states_it_does_not_fold_run_as_themselves(state):
     model = lora_model()

@@ -64,10 +64,12 @@ def lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     adapter = _fusable_adapter(layer)
     if adapter is None:
         return layer(x)
-    base = layer.base_layer
+    base, lora_a = layer.base_layer, layer.lora_A[adapter]
     rows = x.reshape(-1, x.shape[-1])
     output = F.linear(rows, base.weight, base.bias)
-    down = layer.lora_A[adapter](layer.lora_dropout[adapter](rows)).to(output.dtype)
+    if layer.cast_input_dtype_enabled:  # as PEFT does; VLAPolicy turns it off where autocast casts instead
+        rows = rows.to(lora_a.weight.dtype)
+    down = lora_a(layer.lora_dropout[adapter](rows)).to(output.dtype)
     # in-place ops take no autocast: the float32 adapter is cast here, as autocast casts it for lora_B's product
     output.addmm_(down, layer.lora_B[adapter].weight.to(output.dtype).t(), alpha=layer.scaling[adapter])
     return output.view(*x.shape[:-1], output.shape[-1])
