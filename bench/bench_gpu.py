@@ -112,7 +112,7 @@ class BenchConfig:
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """torch.compile backend of --compile-layers; aot_eager (no generated kernels) keeps the CPU smoke test quick."""
     fused_kernels: bool = False
-    """After the eager measurements, swap in Liger's fused RMSNorm and SwiGLU (VLAPolicy.fuse_kernels) and measure
+    """After the eager measurements, swap in the fused kernels (VLAPolicy.fuse_kernels) and measure
     again as --compile-layers does (results under "fused"; CUDA only, not together with --compile-layers)."""
 
 

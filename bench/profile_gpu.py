@@ -5,8 +5,8 @@ over a few rollout queries (`VLAPolicy.sample`) at batch 8, 16 and 32, a few no-
 without gradients, as `--old-log-probs recompute` runs them) and a few update micro-batches (`log_probs` with
 gradients, gradient checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is
 then compiled (`VLAPolicy.compile_layers`) and profiled again in the same run; `--variants eager fused` does the
-same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA). `--model tiny` runs every code path
-on the CPU (the CI smoke test; there is no GPU timeline then).
+same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA). `--model tiny` runs every
+code path on the CPU (the CI smoke test; there is no GPU timeline then).
 
     python -m bench.profile_gpu --variants eager compiled --output bench/results/profile_7b.json
     python -m bench.profile_gpu --model tiny --rollout-batches 2 --micro-batch 2 --output /tmp/profile.json

@@ -82,11 +82,12 @@ class ModelConfig:
     default: on an H100 it rolls out 1.16x and updates 1.10x faster than eager and needs 2.6 GiB more (counted by
     the memory check), but no whole-iteration run has measured it yet (BENCHMARKS.md). Not with --finetune full."""
     fused_kernels: bool = True
-    """On CUDA with liger-kernel installed (pip install liger-kernel), Liger's fused RMSNorm and SwiGLU in every
-    Llama layer (VLAPolicy.fuse_kernels: one Triton kernel each where transformers runs several element-wise ones,
-    same parameters and adapters): 7B update 1.16-1.19x, rollout 1.11x on an H100 (BENCHMARKS.md). Not applied on
-    the CPU, under --compile-layers (which fuses the same work) or --finetune full; a CUDA run without the package
-    says so in one line and runs unfused. --no-fused-kernels turns them off."""
+    """On CUDA with liger-kernel installed (pip install liger-kernel), Liger's fused RMSNorm, RoPE and SwiGLU in
+    every Llama layer and LoRA's scale-and-add folded into one addmm_ (VLAPolicy.fuse_kernels: one kernel where
+    transformers and PEFT run several element-wise ones, same parameters and adapters): 7B update 1.41x, rollout
+    1.31x on an H100 (BENCHMARKS.md). Not applied on the CPU, under --compile-layers (which fuses the same work) or
+    --finetune full; a CUDA run without the package says so in one line and runs unfused. --no-fused-kernels turns
+    them off."""
 
 
 @dataclass

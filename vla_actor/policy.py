@@ -579,9 +579,9 @@ class VLAPolicy:
             block.compile(backend=backend, dynamic=True)
 
     def fuse_kernels(self) -> None:
-        """Liger-kernel's fused RMSNorm and SwiGLU in every Llama layer, in place (vla_actor.fused_kernels): the
-        same parameters, adapters and state dict; CUDA only. Not together with `compile_layers`, which fuses the
-        same element-wise work its own way."""
+        """Liger-kernel's fused RMSNorm, RoPE and SwiGLU and LoRA's scale-and-add in one addmm_ in every Llama
+        layer, in place (vla_actor.fused_kernels): the same parameters, adapters and state dict; CUDA only. Not
+        together with `compile_layers`, which fuses the same element-wise work its own way."""
         if self.device.type != "cuda":
             raise ValueError(f"fused kernels run on CUDA only; this policy is on {self.device}")
         self.release_graphs()
