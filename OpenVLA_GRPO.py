@@ -212,8 +212,9 @@ class GRPOTrainer:
         with torch.no_grad(), fsdp.gathered(self.units):
             for rows in first_epoch:
                 for part in torch.arange(len(rows)).split(size):
-                    inputs = self.step_inputs(batch, rows[part])
-                    recomputed[rows[part]] = self.policy.log_probs(*inputs, graph_batch=size)[0].float().cpu()
+                    index = rows[part]
+                    inputs = self.step_inputs(batch, index)
+                    recomputed[index] = self.policy.log_probs(*inputs, graph_batch=size)[0].float().cpu()
         stats.mean("rollout_logprob_mismatch", (recomputed - batch.log_probs).abs().mean(), recomputed.numel())
         return recomputed
 

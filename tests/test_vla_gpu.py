@@ -24,6 +24,14 @@ from vla_actor.openvla_7b import random_7b_policy
 from vla_actor.quant import FP8_MIN_CAPABILITY
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture
+def without_tf32(monkeypatch):
+    """float32 without TF32, so that different kernels (batch sizes, graphs, fused or compiled blocks) agree to
+    rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 GIB = 2**30
 INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
                 "open the top drawer and put the bowl inside", "push the plate to the front of the stove",
@@ -156,6 +164,15 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     assert policy.graph_captures == {"vision": 4, "decode": 5}
 
 
+def checkpointed_tiny_policy(directory, dtype):
+    """tiny_policy_with_lora with gradient checkpointing, 8 observations and greedy tokens sampled for them."""
+    policy = tiny_policy_with_lora(directory, dtype)
+    policy.gradient_checkpointing(True)
+    images, instructions = observations(8)
+    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+    return policy, images, instructions, tokens
+
+
 def pi_old_and_gradients(policy, images, instructions, tokens, **kwargs):
     """Teacher-forced log-probs without gradients (pi_old, as --old-log-probs recompute takes it), then with them:
     asserts they are equal (the first PPO ratio is exactly 1) and returns them with the adapters' gradients of a
@@ -172,17 +189,12 @@ def pi_old_and_gradients(policy, images, instructions, tokens, **kwargs):
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, monkeypatch, dtype, atol):
+def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, dtype, atol):
     """With frozen towers and projector, teacher-forced forwards replay the vision graph the rollout kept, with and
     without gradients, a smaller micro-batch padded to `graph_batch`: no new capture, the log-probs and (float32) the
     adapters' gradients equal the eager towers', and with gradients the log-probs equal the no-grad ones exactly (the
     first PPO ratio stays 1)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    policy = tiny_policy_with_lora(tmp_path, dtype)
-    policy.gradient_checkpointing(True)
-    images, instructions = observations(8)
-    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+    policy, images, instructions, tokens = checkpointed_tiny_policy(tmp_path, dtype)
     results = {}
     for graph in (True, False):
         policy.cuda_graphs = graph
@@ -199,19 +211,14 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, monkeypatch, dt
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_fused_kernels_equal_the_transformers_layers(tmp_path, monkeypatch, dtype, atol):
+def test_fused_kernels_equal_the_transformers_layers(tmp_path, without_tf32, dtype, atol):
     """VLAPolicy.fuse_kernels (Liger's RMSNorm, RoPE and SwiGLU, LoRA's scale-and-add in addmm_): the same state
     dict keys; greedy samples through the CUDA-graph decoder, teacher-forced log-probs, those of the base with the
     adapters disabled (the KL reference, which runs PEFT's own forward) and (float32) the adapters' gradients under
     gradient checkpointing equal the unfused policy's; the first PPO ratio stays exactly 1."""
     if not fused_kernels_available():
         pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    policy = tiny_policy_with_lora(tmp_path, dtype)
-    policy.gradient_checkpointing(True)
-    images, instructions = observations(8)
-    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+    policy, images, instructions, tokens = checkpointed_tiny_policy(tmp_path, dtype)
 
     def outputs():
         sampled = policy.sample(images, instructions, temperature=1.6, greedy=True)
@@ -264,10 +271,7 @@ def test_errors_inside_a_decode_capture(tmp_path, monkeypatch):
     assert policy.graph_captures["decode"] == 3
 
 
-def test_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, monkeypatch):
-    # float32 without TF32, so different batch sizes (other convolution / GEMM kernels) agree to rounding
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, without_tf32):
     policy = tiny_policy_with_lora(tmp_path, torch.float32)
     assert_matches_single_samples_and_teacher_forcing(policy, *observations(8), rows=(0, 5))
 
@@ -332,11 +336,9 @@ def check_7b_rollout_teacher_forcing_and_lora_update(variant, start):
 
 
 @pytest.mark.parametrize("graph_decode", [True, False])
-def test_compiled_blocks_equal_eager(tmp_path, monkeypatch, graph_decode):
+def test_compiled_blocks_equal_eager(tmp_path, without_tf32, graph_decode):
     """VLAPolicy.compile_layers with inductor's CUDA kernels (float32 without TF32), inside the CUDA-graph decoder
     (captured after the eager warm-up step compiled them) and eagerly decoded."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     policy = apply_trained_adapter(load_policy(make_tiny_checkpoint(tmp_path / "openvla"), device="cuda"))
     policy.cuda_graphs = graph_decode
     policy.gradient_checkpointing(True)
