@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,9 +78,10 @@ class E2EConfig:
     baseline_repo: Path | None = None
     """A checkout of the code to compare with (e.g. `git worktree add .baseline main`), run the same way."""
     baseline_flags: tuple[str, ...] = ()
-    """Extra train flags of the baseline runs only."""
+    """Extra train flags of the baseline runs only; each value is split as a shell would, so one value can carry
+    several flags (`--baseline-flags="--gradient-checkpointing --micro-batch-size 16"`)."""
     extra_flags: tuple[str, ...] = ()
-    """Extra train flags of every run (e.g. --old-log-probs rollout)."""
+    """Extra train flags of every run (e.g. --old-log-probs rollout), split as --baseline-flags are."""
     microbench_batch: int = 16
     """Batch of bench_gpu's rollout measurement that the in-training rate is compared with."""
     work_dir: Path | None = None
@@ -129,6 +131,11 @@ def microbench(config: E2EConfig, work_dir: Path) -> dict[str, float]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rates
+
+
+def split_flags(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Train flags from --extra-flags / --baseline-flags values, each split as a shell would."""
+    return tuple(flag for value in values for flag in shlex.split(value))
 
 
 def run_trainer(config: E2EConfig, repo: Path, checkpoint: Path, name: str, run_dir: Path,
@@ -202,17 +209,17 @@ def main(config: E2EConfig) -> dict:
         work_dir.mkdir(parents=True, exist_ok=True)
         checkpoints = write_checkpoints(config, work_dir)
         rates = microbench(config, work_dir)
-        versions = {"": (REPO, config.extra_flags)}
+        extra_flags, baseline_flags = split_flags(config.extra_flags), split_flags(config.baseline_flags)
+        versions = {"": (REPO, extra_flags)}
         if config.baseline_repo is not None:
-            versions["_baseline"] = (config.baseline_repo.resolve(), config.extra_flags + config.baseline_flags)
+            versions["_baseline"] = (config.baseline_repo.resolve(), extra_flags + baseline_flags)
         results: dict = {
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "model": config.model, "task_suite": config.task_suite,
             "mem_cap_gib": config.mem_cap_gib, "num_envs": config.num_envs, "group_size": config.group_size,
             "groups_per_iteration": config.groups_per_iteration, "iterations": config.iterations,
             "max_steps": config.max_steps or suite_shape(config.task_suite).max_steps,
-            "extra_flags": list(config.extra_flags),
-            "baseline_flags": list(config.baseline_flags), "microbench_fused_kernels": microbench_fused(),
+            "extra_flags": list(extra_flags), "baseline_flags": list(baseline_flags), "microbench_fused_kernels": microbench_fused(),
             "update_work": "random weights never succeed; --no-dynamic-sampling keeps every group, so the update "
                            "runs forward and backward on every played policy step (zero advantages); checked: "
                            "train/steps == rollout/policy_queries",

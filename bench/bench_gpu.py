@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -74,7 +74,10 @@ class BenchConfig:
     """Micro-batch sizes tried for the update with gradient checkpointing."""
     no_checkpoint_micro_batches: tuple[int, ...] = ()
     """Micro-batch sizes also tried for the update without gradient checkpointing (every layer keeps its
-    activations, so the backward pass runs no second forward; results under update_curve_no_checkpointing)."""
+    activations, so the backward pass runs no second forward; results under update_curve_no_checkpointing). With
+    --fused-kernels or --compile-layers they are measured under the lever instead, with the trainer's recomputed
+    pi_old, beside the checkpointed --micro-batches (update_curve_no_checkpointing_with_pi_old,
+    update_curve_with_pi_old)."""
     mini_batch: int = 64
     """Samples (env steps) per optimizer step in our update."""
     seed_samples: int = 16
@@ -238,16 +241,32 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     return {"grad_norm": float(grad_norm)}
 
 
+def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, temperature: float) -> torch.Tensor:
+    """The trainer's pi_old (--old-log-probs recompute): a no-grad forward over the rows in the update's
+    micro-batches."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(batch.instructions), micro_batch):
+            index = slice(start, start + micro_batch)
+            log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
+                                            temperature=temperature, graph_batch=micro_batch)
+            parts.append(log_probs.float().cpu())
+    return torch.cat(parts)
+
+
 def samples_per_second(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, step_rows: int,
-                       micro_batch: int, temperature: float) -> float:
-    """Samples/s of updates that take an optimizer step every `step_rows` rows (after one warm-up step)."""
+                       micro_batch: int, temperature: float, pi_old: bool = False) -> float:
+    """Samples/s of updates that take an optimizer step every `step_rows` rows (after one warm-up step); `pi_old`:
+    each step's rows first get the trainer's recomputed pi_old, timed with it."""
     device = policy.device
 
     def run(rows: slice) -> None:
         for start in range(rows.start, rows.stop, step_rows):
             part = slice(start, start + step_rows)
-            update(policy, optimizer, Batch(**batch.rows(part), token_ids=batch.token_ids[part],
-                                            old_log_probs=batch.old_log_probs[part]), micro_batch, temperature)
+            step = Batch(**batch.rows(part), token_ids=batch.token_ids[part], old_log_probs=batch.old_log_probs[part])
+            if pi_old:
+                step = replace(step, old_log_probs=recomputed_pi_old(policy, step, micro_batch, temperature))
+            update(policy, optimizer, step, micro_batch, temperature)
 
     total = len(batch.instructions)
     run(slice(0, step_rows))
@@ -357,7 +376,7 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     policy.cuda_graphs = True
     print(f"update micro-batch {best_micro}, eager vision: {results['update_samples_per_s_eager_vision']}",
           flush=True)
-    if config.no_checkpoint_micro_batches:
+    if config.no_checkpoint_micro_batches and not (config.compile_layers or config.fused_kernels):
         policy.gradient_checkpointing(False)
         results["update_curve_no_checkpointing"] = micro_batch_curve(
             config, policy, optimizer, min(best_batch, 16), rng, config.no_checkpoint_micro_batches)
@@ -418,21 +437,29 @@ def lever_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.O
                    rollout_actions_per_s=None if best is None else curve[str(best)]["actions_per_s"],
                    update_micro_batch=micro_batch, update_samples_per_s=rate,
                    update_peak_gib=None if rate is None else peak_gib(device))
+    if config.no_checkpoint_micro_batches:  # the trainer's update (pi_old recomputed) with and without checkpoints
+        results["update_curve_with_pi_old"] = micro_batch_curve(config, policy, optimizer, 16, rng, pi_old=True)
+        policy.gradient_checkpointing(False)
+        results["update_curve_no_checkpointing_with_pi_old"] = micro_batch_curve(
+            config, policy, optimizer, 16, rng, config.no_checkpoint_micro_batches, pi_old=True)
+        policy.gradient_checkpointing(True)
     print(f"{name}: {json.dumps({k: v for k, v in results.items() if k != 'rollout_curve'})}", flush=True)
     return results
 
 
 def micro_batch_curve(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.Optimizer, rollout_batch: int,
-                      rng: np.random.Generator, micro_batches: tuple[int, ...] | None = None) -> dict:
+                      rng: np.random.Generator, micro_batches: tuple[int, ...] | None = None,
+                      pi_old: bool = False) -> dict:
     """Micro-batch size (config.micro_batches unless given) -> update samples/s and peak GiB (one step per
-    mini-batch, the policy's gradient checkpointing as set; None where it does not fit under the cap)."""
+    mini-batch, the policy's gradient checkpointing as set, with the recomputed pi_old where `pi_old`; None where it
+    does not fit under the cap)."""
     device = policy.device
     data = sampled(policy, config.mini_batch, rollout_batch, rng, config.temperature)
     curve = {}
     for micro in micro_batches or config.micro_batches:
         reset_peak(device)
         rate = try_measure(device, lambda: samples_per_second(policy, optimizer, data, config.mini_batch, micro,
-                                                              config.temperature))
+                                                              config.temperature, pi_old))
         curve[str(micro)] = None if rate is None else {"samples_per_s": rate, "peak_gib": peak_gib(device)}
         print(f"update micro-batch {micro}: {curve[str(micro)]}", flush=True)
     return curve

@@ -22,6 +22,9 @@
 #              minutes on an H100, the first ~1 more
 #   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
+#   nockpt     bench_gpu --fused-kernels: the update with pi_old recomputed, checkpointed at micro-batch 16 and
+#              without checkpointing at 2 / 4 / 6 / 8; if one of the latter is faster by 5 %, bench_e2e of OpenVLA
+#              (one iteration at the full horizon) with it against micro-batch 16 checkpointed, both this checkout
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
 #              into LEVERS_OUTPUT (gpu_7b_levers.json)
@@ -66,6 +69,17 @@ baseline() {  # the baseline checkout, unpacked once
   [ -d /tmp/baseline ] || { mkdir -p /tmp/baseline && tar -xJf "$BASELINE_TAR" -C /tmp/baseline; }
 }
 
+# The fastest update micro-batch without gradient checkpointing (pi_old recomputed, fused kernels) that divides
+# bench_e2e's mini-batch of 256 and peaked at most 22 GiB, printed if it beats the checkpointed micro-batch 16 by 5 %.
+PICK_UNCHECKPOINTED='
+import json, sys
+fused = json.load(open(sys.argv[1]))["fused"]
+checkpointed = fused["update_curve_with_pi_old"]["16"]["samples_per_s"]
+rates = {int(m): p["samples_per_s"] for m, p in fused["update_curve_no_checkpointing_with_pi_old"].items()
+         if p and 256 % int(m) == 0 and p["peak_gib"] <= 22}
+best = max(rates, key=rates.get, default=None)
+print(best if best and rates[best] > 1.05 * checkpointed else "")'
+
 stage() {
   local name=$1
   local bench="python3 -m bench.bench_gpu --skip-oft"
@@ -108,6 +122,16 @@ stage() {
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
     profile) python3 -m bench.profile_gpu --variants eager fused --rollout-batches 16 32 \
                --output "$RESULTS/profile_7b_fused.json" ;;
+    nockpt)
+      $bench --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 6 8 --fused-kernels \
+        --mini-batch 96 --output "$RESULTS/gpu_7b_no_checkpointing_fused.json" || return
+      local micro
+      micro=$(python3 -c "$PICK_UNCHECKPOINTED" "$RESULTS/gpu_7b_no_checkpointing_fused.json") || return
+      [ -n "$micro" ] || { echo "no micro-batch without checkpointing beats the checkpointed update by 5 %"; return; }
+      python3 -m bench.bench_e2e --models openvla --iterations 1 --baseline-repo . \
+        --extra-flags="--no-gradient-checkpointing --micro-batch-size $micro" \
+        --baseline-flags="--gradient-checkpointing --micro-batch-size 16" --work-dir /tmp/e2e \
+        --output "$RESULTS/gpu_7b_e2e_no_checkpointing.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
               --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \

@@ -8,7 +8,8 @@ import pytest
 
 from OpenVLA_GRPO import parse_command
 from trainer.memory import (FIRST_RESET_SECONDS, GIB, KV_SLOT_MULTIPLE, ROLLOUT_ACTIVATIONS, SECONDS_PER_QUERY,
-                            SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV, UPDATE_ACTIVATIONS, ModelShape,
+                            SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV, UNCHECKPOINTED_ACTIVATIONS, UPDATE_ACTIVATIONS,
+                            ModelShape,
                             check_fits, checkpoint_shape, iteration_seconds, model_shape, predict,
                             rollout_bytes_per_sample, update_bytes_per_sample)
 from vla_actor import LoraSettings
@@ -27,7 +28,7 @@ def test_per_sample_bytes_by_hand():
     tokens = prompt + 7
     assert update_bytes_per_sample(shape, True) == pytest.approx(2 * tokens * 8 * 2
                                                                  + UPDATE_ACTIVATIONS * tokens * 16 * 2)
-    assert update_bytes_per_sample(shape, False) == pytest.approx(2 * UPDATE_ACTIVATIONS * tokens * 16 * 2)
+    assert update_bytes_per_sample(shape, False) == pytest.approx(2 * UNCHECKPOINTED_ACTIVATIONS * tokens * 16 * 2)
 
 
 def shape_7b(tmp_path: Path, variant: str, images: int, proprio: bool) -> ModelShape:
@@ -37,8 +38,8 @@ def shape_7b(tmp_path: Path, variant: str, images: int, proprio: bool) -> ModelS
     return model_shape(directory, LoraSettings(rank=16, alpha=16), dtype_bytes=2)
 
 
-def train_config(num_envs: int, micro_batch: int):
-    return parse_command(["train", "--num-envs", str(num_envs), "--micro-batch-size", str(micro_batch)])
+def train_config(num_envs: int, micro_batch: int, *flags: str):
+    return parse_command(["train", "--num-envs", str(num_envs), "--micro-batch-size", str(micro_batch), *flags])
 
 
 def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
@@ -67,10 +68,13 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
         cases.append((openvla, openvla_run["num_envs"], 16, openvla_run["peak_gib"], "peak"))
     oft_run = json.loads((RESULTS / "gpu_7b_e2e_oft_rope_lora.json").read_text())  # RoPE and LoRA fused too
     cases.append((oft, oft_run["num_envs"], 8, oft_run["oft_peak_gib"], "peak"))
+    unchecked = json.loads((RESULTS / "gpu_7b_no_checkpointing.json").read_text())["update_curve_no_checkpointing"]
+    cases += [(openvla, 1, int(m), point["peak_gib"], "update_unchecked") for m, point in unchecked.items() if point]
     for shape, num_envs, micro_batch, measured, part in cases:
-        prediction = predict(train_config(num_envs, micro_batch), shape, "NVIDIA H200")
+        flags = ["--no-gradient-checkpointing"] if part == "update_unchecked" else []
+        prediction = predict(train_config(num_envs, micro_batch, *flags), shape, "NVIDIA H200")
         predicted = {"rollout": prediction.rollout_gib, "update": prediction.update_gib,
-                     "peak": prediction.peak_gib}[part]
+                     "update_unchecked": prediction.update_gib, "peak": prediction.peak_gib}[part]
         assert abs(predicted / measured - 1) < 0.10, (part, num_envs, micro_batch, predicted, measured)
 
 

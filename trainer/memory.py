@@ -6,7 +6,8 @@ quantized layers in their torchao storage, to the byte), the LoRA weights and th
 Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA; OFT decodes in one forward)
 plus the activations of the no-grad forward, proportional to tokens x MLP width.
 Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
-the one layer recomputed in the backward pass. The activation factors and the fixed workspace terms are fitted to
+the one layer recomputed in the backward pass (without gradient checkpointing: every layer's activations, at their
+own fitted factor). The activation factors and the fixed workspace terms are fitted to
 the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_e2e.json`,
 `gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
 dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
@@ -49,6 +50,9 @@ ROLLOUT_ACTIVATIONS = 7.4
 """Bytes of no-grad activations alive per token and MLP channel, in units of the compute dtype (fitted)."""
 UPDATE_ACTIVATIONS = 11.1
 """The same for the decoder layer the backward pass recomputes (fitted)."""
+UNCHECKPOINTED_ACTIVATIONS = 9.2
+"""The same for each decoder layer of an update without gradient checkpointing, which keeps every layer's
+activations for the backward pass (fitted to gpu_7b_no_checkpointing.json's micro-batches 2 and 4)."""
 COMPILED_ROLLOUT_ACTIVATIONS = 27.9
 """What compiled blocks hold beyond ROLLOUT_ACTIVATIONS, in the same units (fitted: +2.6 GiB at batch 16)."""
 COMPILED_UPDATE_ACTIVATIONS = 11.3
@@ -180,11 +184,11 @@ def rollout_bytes_per_sample(shape: ModelShape, compiled: bool = False) -> float
 
 def update_bytes_per_sample(shape: ModelShape, gradient_checkpointing: bool, compiled: bool = False) -> float:
     tokens = shape.prompt_tokens + shape.action_tokens + int(shape.oft)
-    factor = UPDATE_ACTIVATIONS + (COMPILED_UPDATE_ACTIVATIONS if compiled else 0.0)
-    layer = factor * tokens * shape.mlp * shape.dtype_bytes
+    compiled_extra = COMPILED_UPDATE_ACTIVATIONS if compiled else 0.0
     if not gradient_checkpointing:  # every layer keeps its activations for the backward pass
-        return shape.layers * layer
-    return shape.layers * tokens * shape.hidden * shape.dtype_bytes + layer
+        return shape.layers * (UNCHECKPOINTED_ACTIVATIONS + compiled_extra) * tokens * shape.mlp * shape.dtype_bytes
+    return (shape.layers * tokens * shape.hidden * shape.dtype_bytes
+            + (UPDATE_ACTIVATIONS + compiled_extra) * tokens * shape.mlp * shape.dtype_bytes)
 
 
 def card_tflops(card: str) -> float | None:
