@@ -23,7 +23,8 @@
 #   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 #   nockpt     bench_gpu --fused-kernels: the update with pi_old recomputed, checkpointed at micro-batch 16 and
-#              without checkpointing at 2 / 4 / 6 / 8; if one of the latter is faster by 5 %, bench_e2e of OpenVLA
+#              without checkpointing at 2 / 4 / 6 / 8, and OFT 2 images + proprio at batches 16 / 32 / 64 (fused at the
+#              eager best); if an unchecked micro-batch is faster by 5 %, bench_e2e of OpenVLA
 #              (one iteration at the full horizon) with it against micro-batch 16 checkpointed, both this checkout
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -123,8 +124,9 @@ stage() {
     profile) python3 -m bench.profile_gpu --variants eager fused --rollout-batches 16 32 \
                --output "$RESULTS/profile_7b_fused.json" ;;
     nockpt)
-      $bench --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 6 8 --fused-kernels \
-        --mini-batch 96 --output "$RESULTS/gpu_7b_no_checkpointing_fused.json" || return
+      python3 -m bench.bench_gpu --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 6 8 \
+        --fused-kernels --mini-batch 96 --oft-setups 2img_proprio --oft-batches 16 32 64 \
+        --output "$RESULTS/gpu_7b_no_checkpointing_fused.json" || return
       local micro
       micro=$(python3 -c "$PICK_UNCHECKPOINTED" "$RESULTS/gpu_7b_no_checkpointing_fused.json") || return
       [ -n "$micro" ] || { echo "no micro-batch without checkpointing beats the checkpointed update by 5 %"; return; }
