@@ -24,8 +24,9 @@
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
 #   nockpt     bench_gpu --fused-kernels: the update with pi_old recomputed, checkpointed at micro-batch 16 and
 #              without checkpointing at 2 / 4 / 6 / 8, and OFT 2 images + proprio at batches 16 / 32 / 64 (fused at the
-#              eager best); if an unchecked micro-batch is faster by 5 %, bench_e2e of OpenVLA
-#              (one iteration at the full horizon) with it against micro-batch 16 checkpointed, both this checkout
+#              eager best); writes the unchecked micro-batch faster by 5 % than the checkpointed one, if any
+#   e2enow     bench_e2e of OpenVLA, one iteration at the full horizon, against BASELINE_TAR, this checkout with the
+#              micro-batch nockpt found (if it ran and found one) without gradient checkpointing
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
 #              into LEVERS_OUTPUT (gpu_7b_levers.json)
@@ -127,13 +128,16 @@ stage() {
       python3 -m bench.bench_gpu --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 6 8 \
         --fused-kernels --mini-batch 96 --oft-setups 2img_proprio --oft-batches 16 32 64 \
         --output "$RESULTS/gpu_7b_no_checkpointing_fused.json" || return
-      local micro
-      micro=$(python3 -c "$PICK_UNCHECKPOINTED" "$RESULTS/gpu_7b_no_checkpointing_fused.json") || return
-      [ -n "$micro" ] || { echo "no micro-batch without checkpointing beats the checkpointed update by 5 %"; return; }
-      python3 -m bench.bench_e2e --models openvla --iterations 1 --baseline-repo . \
-        --extra-flags="--no-gradient-checkpointing --micro-batch-size $micro" \
-        --baseline-flags="--gradient-checkpointing --micro-batch-size 16" --work-dir /tmp/e2e \
-        --output "$RESULTS/gpu_7b_e2e_no_checkpointing.json" ;;
+      python3 -c "$PICK_UNCHECKPOINTED" "$RESULTS/gpu_7b_no_checkpointing_fused.json" > "$JOB_DIR/unchecked_micro" ;;
+    e2enow)
+      baseline
+      local micro flags=""
+      micro=$(cat "$JOB_DIR/unchecked_micro" 2>/dev/null)
+      [ -n "$micro" ] && flags="--no-gradient-checkpointing --micro-batch-size $micro"
+      echo "this checkout's flags: ${flags:-none}"
+      python3 -m bench.bench_e2e --models openvla --iterations 1 --baseline-repo /tmp/baseline \
+        --extra-flags="$flags" --baseline-flags="--gradient-checkpointing --micro-batch-size 16" --work-dir /tmp/e2e \
+        --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e_now.json}" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
               --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \
