@@ -437,13 +437,6 @@ def lever_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.O
                    rollout_actions_per_s=None if best is None else curve[str(best)]["actions_per_s"],
                    update_micro_batch=micro_batch, update_samples_per_s=rate,
                    update_peak_gib=None if rate is None else peak_gib(device))
-    if best is not None and device.type == "cuda":  # what keeping the prefill as a graph gains, same process
-        policy.graph_prefill = False
-        policy.release_graphs()
-        results["rollout_actions_per_s_eager_prefill"] = try_measure(
-            device, lambda: actions_per_second(config, policy, best, rng))
-        policy.graph_prefill = True
-        policy.release_graphs()
     if config.no_checkpoint_micro_batches:  # the trainer's update (pi_old recomputed) with and without checkpoints
         results["update_curve_with_pi_old"] = micro_batch_curve(config, policy, optimizer, 16, rng, pi_old=True)
         policy.gradient_checkpointing(False)

@@ -1,6 +1,6 @@
-"""On a GPU: the CUDA graphs of sampling (vision towers, prefill and decode steps, kept from call to call) equal
-eager runs (tiny checkpoint, fp32 and bf16), teacher forcing replays the kept vision graph, errors inside a capture
-reach the caller as themselves, the compiled blocks (VLAPolicy.compile_layers) and Liger's fused kernels
+"""On a GPU: the CUDA graphs of sampling (vision towers and decode steps, kept from call to call) equal eager runs
+(tiny checkpoint, fp32 and bf16), teacher forcing replays the kept vision graph, errors inside a capture reach the
+caller as themselves, the compiled blocks (VLAPolicy.compile_layers) and Liger's fused kernels
 (VLAPolicy.fuse_kernels) equal the plain layers; the 7B shape in bf16 with random weights: rollout, teacher forcing,
 a LoRA update within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8, vla_actor.quant) with
 its memory.
@@ -101,22 +101,18 @@ def tiny_policy_with_lora(directory, dtype, everywhere=False):
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_graph_decode_equals_eager_decode(tmp_path, dtype, atol):
-    """Eager decoding, graph-replayed decode steps after an eager prefill, and the prefill replayed too (the second
-    call of a shape replays the graphs the first captured) draw the same tokens."""
     policy = tiny_policy_with_lora(tmp_path, dtype)
     images, instructions = observations(8)  # prompts of different lengths: right padding is exercised
     outputs = {}
-    for graphs, graph_prefill in ((False, True), (True, False), (True, True)):
-        policy.cuda_graphs, policy.graph_prefill = graphs, graph_prefill
-        policy.release_graphs()
+    for graph in (False, True):
+        policy.cuda_graphs = graph
         generator = torch.Generator("cuda").manual_seed(0)
-        outputs[graphs, graph_prefill] = (policy.sample(images, instructions, temperature=1.6, generator=generator),
-                                          policy.sample(images, instructions, temperature=1.6, greedy=True))
-    for mode in ((True, False), (True, True)):
-        for eager, fast in zip(outputs[False, True], outputs[mode]):
-            assert torch.equal(eager.token_ids, fast.token_ids)
-            assert torch.allclose(eager.log_probs, fast.log_probs, atol=atol)
-            assert np.array_equal(eager.actions, fast.actions)
+        outputs[graph] = (policy.sample(images, instructions, temperature=1.6, generator=generator),
+                          policy.sample(images, instructions, temperature=1.6, greedy=True))
+    for eager, fast in zip(outputs[False], outputs[True]):
+        assert torch.equal(eager.token_ids, fast.token_ids)
+        assert torch.allclose(eager.log_probs, fast.log_probs, atol=atol)
+        assert np.array_equal(eager.actions, fast.actions)
 
 
 def sample_graph_and_eager(policy, images, instructions):
@@ -248,8 +244,8 @@ def test_fused_kernels_equal_the_transformers_layers(tmp_path, without_tf32, dty
 
 
 def test_errors_inside_a_decode_capture(tmp_path, monkeypatch):
-    """An out-of-memory error inside a capture (the prefill's, a call's first) is retried once (after emptying the
-    allocator's cache, which a capture cannot do) and a second one reaches the caller as itself; any other error reaches the caller as itself,
+    """An out-of-memory error inside a capture is retried once (after emptying the allocator's cache, which a
+    capture cannot do) and a second one reaches the caller as itself; any other error reaches the caller as itself,
     with the stream out of capture mode, and the next call captures afresh."""
     policy = tiny_policy_with_lora(tmp_path, torch.float32)
     llama, failures = policy._llama, []

@@ -6,13 +6,10 @@ step. One decode step of the 7B model with PEFT LoRA on every linear layer is ~2
 slow host it is bound by the launches, not by the GPU. `GraphDecoder` (CUDA only) runs the same steps on a
 transformers StaticCache with a prepared 4D mask, so every step has the same shapes and buffer addresses: the first
 step of a new (batch size, prompt length) runs eagerly (warm-up) and is then captured in a CUDA graph; every other
-step, in this call and in later calls of that shape, replays it. The prefill is captured the same way at the
-shape's first call and replayed by later calls (`capture_prefill`), so every pass through the decoder stack of a
-rollout query is a replay.
-Each phase is a named range in torch.profiler traces (bench/profile_gpu.py): `GraphDecoder.prefill` (eager),
-`GraphDecoder.prefill_capture`, `GraphDecoder.prefill_replay`, `GraphDecoder.capture` (the eager warm-up step,
-the capture and the graph's instantiation), `GraphDecoder.replay`, `DynamicDecoder.prefill`,
-`DynamicDecoder.step`.
+step, in this call and in later calls of that shape, replays it.
+Each phase is a named range in torch.profiler traces (bench/profile_gpu.py): `GraphDecoder.prefill`,
+`GraphDecoder.capture` (the eager warm-up step, the capture and the graph's instantiation), `GraphDecoder.replay`,
+`DynamicDecoder.prefill`, `DynamicDecoder.step`.
 """
 
 from __future__ import annotations
@@ -78,8 +75,7 @@ class GraphDecoder:
     adapter are not, so the owner calls `release()` whenever its modules change and before training forwards,
     which need the memory."""
 
-    def __init__(self, forward: LlamaForward, config: PretrainedConfig, device: torch.device,
-                 capture_prefill: bool = True):
+    def __init__(self, forward: LlamaForward, config: PretrainedConfig, device: torch.device):
         if device.type != "cuda":
             raise ValueError(f"GraphDecoder needs a CUDA device, got {device}; use DynamicDecoder")
         self._forward = forward
@@ -88,9 +84,6 @@ class GraphDecoder:
         self._shape: _CapturedShape | None = None
         self._length = 0
         self._steps = 0
-        self.capture_prefill = capture_prefill
-        """Whether the prefill is kept as a graph too, captured at its shape's first call and replayed after
-        (False: it runs eagerly)."""
         self.captures = 0
         """How many decode steps were captured so far (one per new shape)."""
 
@@ -139,14 +132,7 @@ class GraphDecoder:
             self._shape = None
 
     def prefill(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """embeddings [B, M, D] of the prompts; the returned hidden states are overwritten by the next call's
-        prefill when it replays a kept graph."""
         shape = self._shape
-        if self.capture_prefill and shape.prefill_graph is not None:
-            shape.prefill_embeddings.copy_(embeddings)
-            with record_function("GraphDecoder.prefill_replay"):
-                shape.prefill_graph.replay()
-            return shape.prefill_hidden
         batch, slots = shape.visible.shape
         if not shape.cache_ready:
             # Allocate the cache before the prefill: lazily, each layer's first update copies its slot counter to
@@ -157,22 +143,11 @@ class GraphDecoder:
             shape.cache.early_initialization(batch, config.num_key_value_heads, head_dim, embeddings.dtype,
                                              embeddings.device)
             shape.cache_ready = True
-        length = self._length
-
-        def prefill(prompts: torch.Tensor) -> torch.Tensor:  # the prompts' validity is read from `visible`
-            causal = torch.ones(length, slots, dtype=torch.bool, device=prompts.device).tril()
-            mask = (causal & shape.visible[:, None, :])[:, None]
-            positions = torch.arange(length, device=prompts.device).expand(batch, length)
-            return self._forward(prompts, mask, positions, shape.cache)
-
-        if not self.capture_prefill:
-            with record_function("GraphDecoder.prefill"):
-                return prefill(embeddings)
-        shape.prefill_embeddings = embeddings.clone()
-        with record_function("GraphDecoder.prefill_capture"):
-            hidden, shape.prefill_graph, shape.prefill_hidden = warm_up_and_capture(
-                lambda: prefill(shape.prefill_embeddings), self._stream)
-        return hidden
+        causal = torch.ones(self._length, slots, dtype=torch.bool, device=embeddings.device).tril()
+        mask = (causal & shape.visible[:, None, :])[:, None]
+        positions = torch.arange(self._length, device=embeddings.device).expand(batch, self._length)
+        with record_function("GraphDecoder.prefill"):
+            return self._forward(embeddings, mask, positions, shape.cache)
 
     def step(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings [B, 1, D]; the returned hidden states are overwritten by the next step."""
@@ -207,6 +182,3 @@ class _CapturedShape:
     hidden: torch.Tensor | None = None  # [B, 1, D]: the captured step's output
     graph: torch.cuda.CUDAGraph | None = None
     cache_ready: bool = False  # the cache's tensors are allocated (at the first prefill, in its dtype)
-    prefill_embeddings: torch.Tensor | None = None  # [B, M, D]: the prompts, copied in before each prefill replay
-    prefill_hidden: torch.Tensor | None = None  # [B, M, D]: the captured prefill's output
-    prefill_graph: torch.cuda.CUDAGraph | None = None

@@ -147,10 +147,9 @@ class VLAPolicy:
     """An OpenVLA or OpenVLA-OFT policy. Build it with `load_policy`.
 
     `cuda_graphs` (default True): on CUDA, `sample` replays the vision towers (`cuda_graphs.KeptGraph`) and
-    OpenVLA's prefill and decode steps (`fast_decode.GraphDecoder`) from CUDA graphs, same results, each kept from
-    one call to the next of the same batch size (and prompt length); set it to False to run them eagerly (what is
-    kept stays until `release_graphs`). `graph_prefill` (default True) = False runs only the prefill eagerly (the
-    benchmark's comparison). Teacher-forced forwards (`log_probs`, `token_cross_entropy`) replay a kept vision
+    OpenVLA's decode steps (`fast_decode.GraphDecoder`) from CUDA graphs, same results, each kept from one call to
+    the next of the same batch size (and prompt length); set it to False to run them eagerly (what is kept stays
+    until `release_graphs`). Teacher-forced forwards (`log_probs`, `token_cross_entropy`) replay a kept vision
     graph too while the towers and the projector hold nothing trainable (eagerly the towers are thousands of small
     kernel launches per micro-batch); they free the decode graph and the KV cache (the update needs the memory).
     Every change to the modules (LoRA, compilation, a disabled adapter), which a replay would not see, frees all
@@ -177,7 +176,6 @@ class VLAPolicy:
         self.tokens_per_query = OFT_CHUNK * self.action_dim if is_oft else self.action_dim
         self._peft: PeftModel | None = None
         self.cuda_graphs = True
-        self.graph_prefill = True
         self._graph_decoder: GraphDecoder | None = None
         self._vision_graph: KeptGraph | None = None
         if uses_proprio and self.stats.proprio_q01 is None:
@@ -424,7 +422,6 @@ class VLAPolicy:
         if self._replays_graphs:
             if self._graph_decoder is None:
                 self._graph_decoder = GraphDecoder(self._llama, config, self.device)
-            self._graph_decoder.capture_prefill = self.graph_prefill
             # shorter prompts padded to the kept length replay the kept step instead of capturing their own
             inputs = inputs.padded_to(self._graph_decoder.kept_length(len(prompts)))
             decoder = self._graph_decoder.start(inputs.valid, inputs.prompt_end, self.tokens_per_query - 1)
