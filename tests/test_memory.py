@@ -63,9 +63,11 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
     for name in ("gpu_7b_e2e_oft_vision_graph", "gpu_7b_e2e_oft_fused", "gpu_7b_e2e_oft_fused_overlap"):
         run = json.loads((RESULTS / f"{name}.json").read_text())  # vision graph kept through the update, Liger
         cases.append((oft, run["num_envs"], 8, run["oft_peak_gib"], "peak"))
-    for name in ("gpu_7b_e2e_openvla60", "gpu_7b_e2e_openvla220"):
+    for name in ("gpu_7b_e2e_openvla60", "gpu_7b_e2e_openvla220", "gpu_7b_e2e_prefill_graph"):
         openvla_run = json.loads((RESULTS / f"{name}.json").read_text())
         cases.append((openvla, openvla_run["num_envs"], 16, openvla_run["peak_gib"], "peak"))
+        if "peak_gib_baseline" in openvla_run:  # main, in the same run
+            cases.append((openvla, openvla_run["num_envs"], 16, openvla_run["peak_gib_baseline"], "peak"))
     oft_run = json.loads((RESULTS / "gpu_7b_e2e_oft_rope_lora.json").read_text())  # RoPE and LoRA fused too
     cases.append((oft, oft_run["num_envs"], 8, oft_run["oft_peak_gib"], "peak"))
     unchecked = json.loads((RESULTS / "gpu_7b_no_checkpointing.json").read_text())["update_curve_no_checkpointing"]
