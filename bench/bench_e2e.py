@@ -219,7 +219,8 @@ def main(config: E2EConfig) -> dict:
             "mem_cap_gib": config.mem_cap_gib, "num_envs": config.num_envs, "group_size": config.group_size,
             "groups_per_iteration": config.groups_per_iteration, "iterations": config.iterations,
             "max_steps": config.max_steps or suite_shape(config.task_suite).max_steps,
-            "extra_flags": list(extra_flags), "baseline_flags": list(baseline_flags), "microbench_fused_kernels": microbench_fused(),
+            "extra_flags": list(extra_flags), "baseline_flags": list(baseline_flags),
+            "microbench_fused_kernels": microbench_fused(),
             "update_work": "random weights never succeed; --no-dynamic-sampling keeps every group, so the update "
                            "runs forward and backward on every played policy step (zero advantages); checked: "
                            "train/steps == rollout/policy_queries",

@@ -7,9 +7,9 @@ Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenV
 plus the activations of the no-grad forward, proportional to tokens x MLP width.
 Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
 the one layer recomputed in the backward pass (without gradient checkpointing: every layer's activations, at their
-own fitted factor). The activation factors and the fixed workspace terms are fitted to
-the 7B curves of `bench/results/gpu_7b.json`; the real trainer's peaks (`gpu_7b_e2e.json`,
-`gpu_7b_e2e_oft_steady.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
+own fitted factor). The activation factors and the fixed workspace terms are fitted to the 7B curves of
+`bench/results/gpu_7b.json` and `gpu_7b_no_checkpointing.json`; the real trainer's peaks (`gpu_7b_e2e*.json`) are
+predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
 dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
 are counted as alive at a peak, an assumption the int8, nf4 and fp8 rollout and iteration peaks check
 (`gpu_7b_quant.json`, `gpu_7b_quant_fp8.json`, `gpu_7b_quant_8bit.json`: within 6 %). Compiled blocks
