@@ -8,10 +8,9 @@ import pytest
 
 from OpenVLA_GRPO import parse_command
 from trainer.memory import (FIRST_RESET_SECONDS, GIB, KV_SLOT_MULTIPLE, ROLLOUT_ACTIVATIONS, SECONDS_PER_QUERY,
-                            SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV, UNCHECKPOINTED_ACTIVATIONS, UPDATE_ACTIVATIONS,
-                            ModelShape,
-                            check_fits, checkpoint_shape, iteration_seconds, model_shape, predict,
-                            rollout_bytes_per_sample, update_bytes_per_sample)
+                            SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV, UNCHECKPOINTED_ACTIVATIONS,
+                            UPDATE_ACTIVATIONS, ModelShape, check_fits, checkpoint_shape, iteration_seconds, model_shape,
+                            predict, rollout_bytes_per_sample, update_bytes_per_sample)
 from vla_actor import LoraSettings
 from vla_actor.openvla_7b import openvla_7b_config
 
