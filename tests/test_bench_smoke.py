@@ -87,7 +87,8 @@ def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
 
 
 def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
-    """bench_e2e on a tiny OFT look-alike and the toy suite, with this checkout as its own baseline."""
+    """bench_e2e on a tiny OFT look-alike and the toy suite, with this checkout as its own baseline; a flags value
+    carrying several flags is split as a shell would."""
     from bench.bench_e2e import E2EConfig
     from bench.bench_e2e import main as e2e_main
 
@@ -95,9 +96,10 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
     results = e2e_main(E2EConfig(model="tiny", models=("oft",), task_suite="toy", num_envs=4, group_size=2,
                                  groups_per_iteration=2, iterations=2, microbench_batch=2,
                                  baseline_repo=Path(__file__).resolve().parents[1],
-                                 baseline_flags=("--old-log-probs", "rollout"),
+                                 baseline_flags=("--old-log-probs rollout",),
                                  extra_flags=("--old-log-probs", "recompute"), work_dir=tmp_path, output=output))
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    assert results["baseline_flags"] == ["--old-log-probs", "rollout"]
     for suffix in ("", "_baseline"):
         assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
         assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset"}
