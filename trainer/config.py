@@ -60,7 +60,9 @@ class ModelConfig:
     """Llama attention kernel; flash_attention_2 needs flash-attn installed and OpenVLA (OFT's bidirectional mask
     needs sdpa or eager)."""
     gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B)."""
+    """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B). Off, a 7B step
+    keeps ~1.6 GiB of activations, so only micro-batches up to 4 fit 24 GB, and they update slower (15.9 against
+    26.5 samples/s at 16 checkpointed on an H100, BENCHMARKS.md)."""
     base_quant: Literal["none", "int8", "nf4", "fp8"] = "none"
     """Store the frozen base's LLM linear weights quantized at load time (QLoRA; torchao, pip install torchao): int8
     (8-bit per-row, CPU and CUDA), nf4 (QLoRA's 4-bit NormalFloat, CPU and CUDA) or fp8 (e4m3, CUDA compute
