@@ -180,8 +180,8 @@ class GRPOTrainer:
         for epoch, minibatches in enumerate(epochs):
             for index, rows in enumerate(minibatches):
                 bar.update()
-                measure_mismatch = epoch == index == 0 and old_log_probs is batch.log_probs
-                loss += self.accumulate_gradients(batch, advantages, rows, stats, old_log_probs, measure_mismatch)
+                loss += self.accumulate_gradients(batch, advantages, rows, stats, old_log_probs,
+                                                  before_any_step=epoch == index == 0)
                 # sharded (DTensor) gradients give the norm of the whole gradient, the same on every rank
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
                 if np.isfinite(grad_norm) and grad_norm <= cfg.optim.skip_grad_norm and self.optimizer_step():
@@ -204,18 +204,23 @@ class GRPOTrainer:
     def old_log_probs(self, batch: Rollouts, first_epoch: list[torch.Tensor], stats: UpdateStats) -> torch.Tensor:
         """pi_old of the ratio (--old-log-probs): the rollout's log-probs, or the update's own forward over every
         step in the first epoch's micro-batches before any optimizer step (then the first ratio is exactly 1 and
-        train/rollout_logprob_mismatch is measured over all steps)."""
+        train/rollout_logprob_mismatch is measured over all steps). Here the steps of the later mini-batches: the
+        first mini-batch's gradient pass runs before any step too, and fills in its own (NaN until then), so its
+        forward is not run twice (the no-grad and the gradient forward are equal bit for bit, test_vla_gpu.py)."""
         if not self.recompute_old_log_probs:
             return batch.log_probs
-        recomputed = torch.empty_like(batch.log_probs)
+        recomputed = torch.full_like(batch.log_probs, float("nan"))
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
-            for rows in first_epoch:
+            for rows in first_epoch[1:]:
                 for part in torch.arange(len(rows)).split(size):
                     index = rows[part]
                     inputs = self.step_inputs(batch, index)
                     recomputed[index] = self.policy.log_probs(*inputs, graph_batch=size)[0].float().cpu()
-        stats.mean("rollout_logprob_mismatch", (recomputed - batch.log_probs).abs().mean(), recomputed.numel())
+        later = torch.cat(first_epoch[1:]) if len(first_epoch) > 1 else torch.zeros(0, dtype=torch.long)
+        if len(later):
+            gap = (recomputed[later] - batch.log_probs[later]).abs()
+            stats.mean("rollout_logprob_mismatch", gap.mean(), gap.numel())
         return recomputed
 
     def step_inputs(self, batch: Rollouts, rows: torch.Tensor) -> tuple:
@@ -261,12 +266,13 @@ class GRPOTrainer:
         return distributed.reduce_values({"bad": float(not finite)}, self.ctx, "max")["bad"] == 0
 
     def accumulate_gradients(self, batch: Rollouts, advantages: torch.Tensor, rows: torch.Tensor, stats: UpdateStats,
-                             old_log_probs: torch.Tensor | None = None, measure_mismatch: bool = False) -> float:
+                             old_log_probs: torch.Tensor | None = None, before_any_step: bool = False) -> float:
         """Gradients of one mini-batch (`rows` of this rank's steps; together with the other ranks' rows it is
         the global mini-batch) summed over ranks, through micro-batches whose losses add up to the mini-batch
         loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes.
-        `old_log_probs`: pi_old of every step (None: the rollout's). `measure_mismatch`: these forwards precede
-        every optimizer step, so they measure how far the rollout's log-probs are from the update's."""
+        `old_log_probs`: pi_old of every step (None: the rollout's). `before_any_step`: these forwards precede every
+        optimizer step, so they measure how far the rollout's log-probs are from the update's, and with pi_old
+        recomputed they are pi_old of their steps (filled into `old_log_probs`)."""
         traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
         tokens, aggregation = batch.token_ids.shape[1], self.config.grpo.aggregation
         # Dr. GRPO's constant is the configured mini-batch's token slots, whatever this mini-batch holds.
@@ -281,7 +287,7 @@ class GRPOTrainer:
             passes = int(distributed.reduce_values({"passes": passes}, self.ctx, "max")["passes"])
         for part in parts:
             micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats,
-                                               old_log_probs, measure_mismatch)
+                                               old_log_probs, before_any_step)
             micro_loss.backward()
             loss += float(micro_loss.detach())
         for _ in range(passes - len(parts)):
@@ -292,17 +298,19 @@ class GRPOTrainer:
 
     def micro_batch_loss(self, batch: Rollouts, rows: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
                          stats: UpdateStats, old_log_probs: torch.Tensor | None = None,
-                         measure_mismatch: bool = False) -> torch.Tensor:
+                         before_any_step: bool = False) -> torch.Tensor:
         """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights) against
-        pi_old `old_log_probs` (None: the rollout's log-probs)."""
+        pi_old `old_log_probs` (None: the rollout's log-probs; `before_any_step`: see accumulate_gradients)."""
         cfg = self.config.grpo
         inputs, graph_batch = self.step_inputs(batch, rows), self.config.optim.micro_batch_size
         logp, entropy = self.policy.log_probs(*inputs, graph_batch=graph_batch)
         device = logp.device
         weights = weights.to(device)
-        if measure_mismatch:
-            stats.mean("rollout_logprob_mismatch", (logp.detach().float().cpu() - batch.log_probs[rows]).abs().mean(),
-                       float(logp.numel()))
+        if before_any_step:
+            own = logp.detach().float().cpu()
+            stats.mean("rollout_logprob_mismatch", (own - batch.log_probs[rows]).abs().mean(), float(logp.numel()))
+            if self.recompute_old_log_probs:
+                old_log_probs[rows] = own
         loss, loss_stats = grpo.policy_loss(
             logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
             advantages.to(device), weights,

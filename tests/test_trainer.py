@@ -538,6 +538,42 @@ def test_old_log_probs_and_the_rollout_mismatch_are_measured_before_the_first_st
     assert trainer.recompute_old_log_probs == (old_log_probs == "recompute")
 
 
+def test_the_first_mini_batch_is_its_own_pi_old_and_no_step_is_forwarded_twice(checkpoint, tmp_path, monkeypatch):
+    """recompute with several mini-batches: the no-grad pass before the first step covers only the later
+    mini-batches' steps (leaving the first's NaN), and the first mini-batch's gradient pass fills in its own; every
+    step's pi_old then equals a no-grad forward of its micro-batch, and the mismatch is measured over all steps."""
+    trainer = toy_trainer(checkpoint, tmp_path, "--old-log-probs", "recompute", "--mini-batch-size", "8",
+                          "--micro-batch-size", "4", "--eval-every", "0")
+    batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                              dynamic_sampling=True, max_refill_rounds=8)
+    trainer.close()
+    advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+    first_epoch = torch.randperm(batch.num_steps).tensor_split(3)
+    forwards, log_probs = [], trainer.policy.log_probs
+
+    def counted(*args, **kwargs):  # records whether each forward of the policy carried gradients
+        forwards.append(torch.is_grad_enabled())
+        return log_probs(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.policy, "log_probs", counted)
+    stats = UpdateStats()
+    old = trainer.old_log_probs(batch, first_epoch, stats)
+    later = torch.cat(first_epoch[1:])
+    assert forwards == [False] * sum(-(-len(rows) // 4) for rows in first_epoch[1:])
+    assert old[first_epoch[0]].isnan().all() and not old[later].isnan().any()
+    trainer.accumulate_gradients(batch, advantages, first_epoch[0], stats, old, before_any_step=True)
+    assert not old.isnan().any() and forwards.count(True) == -(-len(first_epoch[0]) // 4)
+    with torch.no_grad():
+        for rows in first_epoch:
+            for index in rows.split(4):
+                expected, _ = log_probs(*trainer.step_inputs(batch, index), graph_batch=4)
+                assert torch.equal(old[index], expected.float())
+    gap = (old - batch.log_probs).abs()
+    names = {"mean": ("rollout_logprob_mismatch",), "min": (), "max": ()}
+    assert stats.reduce(trainer.ctx, names)["train/rollout_logprob_mismatch"] == pytest.approx(float(gap.mean()),
+                                                                                               rel=1e-5)
+
+
 def test_constant_aggregation_is_a_fixed_normaliser():
     """Dr. GRPO: a mini-batch of 3 steps (7 tokens each) where 4 are configured weighs 3/4 of a full one, each token
     1 / (4 x 7); token-mean would give each token 1 / (3 x 7), a sum of 1."""

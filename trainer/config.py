@@ -167,12 +167,14 @@ class GrpoConfig:
     """Weight of the k3 KL to the base model (the same model with the adapter disabled, REF 9.4); 0 as in every
     surveyed VLA recipe."""
     old_log_probs: Literal["auto", "rollout", "recompute"] = "auto"
-    """pi_old of the PPO ratio. rollout: the log-probs the rollout sampled with; recompute: one gradient-free pass
-    of the update's own forward over the iteration's steps, in the first epoch's micro-batches, before any
-    optimizer step, so the first ratio is exactly 1 (bfloat16 decoding with a KV cache and the teacher-forced
-    forward round differently: 0.016 mean, 0.06 max |log-prob| apart on the 7B); auto: recompute when the policy
-    computes in bfloat16, rollout in float32 (the two paths agree to ~1e-5). Either way
-    train/rollout_logprob_mismatch logs the mean |rollout - update| log-prob before the first step."""
+    """pi_old of the PPO ratio. rollout: the log-probs the rollout sampled with; recompute: the update's own
+    forward over the iteration's steps, in the first epoch's micro-batches, before any optimizer step, so the first
+    ratio is exactly 1 (bfloat16 decoding with a KV cache and the teacher-forced forward round differently: 0.016
+    mean, 0.06 max |log-prob| apart on the 7B): one gradient-free pass over the later mini-batches, while the
+    first mini-batch's steps take their gradient pass's own log-probs, the same numbers (so an iteration of one
+    mini-batch and one epoch pays nothing for it); auto: recompute when the policy computes in bfloat16, rollout in
+    float32 (the two paths agree to ~1e-5). Either way train/rollout_logprob_mismatch logs the mean |rollout -
+    update| log-prob before the first step."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
