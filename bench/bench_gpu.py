@@ -242,8 +242,8 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
 
 
 def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, temperature: float) -> torch.Tensor:
-    """The trainer's pi_old (--old-log-probs recompute): a no-grad forward over the rows in the update's
-    micro-batches."""
+    """pi_old as the trainer recomputes it (--old-log-probs recompute) for every mini-batch but an iteration's
+    first, whose gradient pass gives its own: a no-grad forward over the rows in the update's micro-batches."""
     parts = []
     with torch.no_grad():
         for start in range(0, len(batch.instructions), micro_batch):

@@ -25,6 +25,11 @@ from vla_actor.quant import FP8_MIN_CAPABILITY
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+GIB = 2**30
+INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
+                "open the top drawer and put the bowl inside", "push the plate to the front of the stove",
+                "put the cream cheese in the bowl"] * 2
+
 
 @pytest.fixture
 def without_tf32(monkeypatch):
@@ -32,10 +37,6 @@ def without_tf32(monkeypatch):
     rounding."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-GIB = 2**30
-INSTRUCTIONS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
-                "open the top drawer and put the bowl inside", "push the plate to the front of the stove",
-                "put the cream cheese in the bowl"] * 2
 
 
 LEAK_TOLERANCE = 2**28
