@@ -98,7 +98,7 @@ class BenchConfig:
     """Skip the OFT chunk-mode measurement."""
     iteration_batch: int = 16
     """Rollout batch of the full-iteration memory run (optimizer state is resident then)."""
-    base_quant: tuple[Literal["int8", "nf4", "fp8"], ...] = ()
+    base_quant: tuple[Literal["int8", "nf4", "fp8", "fp8-dynamic"], ...] = ()
     """Quantized-base modes to compare with bf16 (measured first, in the same run); empty: the standard bench."""
     base_quant_vision: bool = False
     """With --base-quant: also quantize the ViTs' linear layers."""
@@ -116,7 +116,8 @@ class BenchConfig:
     """torch.compile backend of --compile-layers; aot_eager (no generated kernels) keeps the CPU smoke test quick."""
     fused_kernels: bool = False
     """After the eager measurements, swap in the fused kernels (VLAPolicy.fuse_kernels) and measure
-    again as --compile-layers does (results under "fused"; CUDA only, not together with --compile-layers)."""
+    again as --compile-layers does (results under "fused"; CUDA only, not together with --compile-layers). With
+    --base-quant: every mode, bf16 included, runs with the fused kernels throughout."""
 
 
 def device_of(config: BenchConfig) -> torch.device:
@@ -551,8 +552,10 @@ def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_t
     rng = np.random.default_rng(config.seed)
     set_memory_cap(device, config.mem_cap_gib)
     policy = build_policy(config, "openvla", workdir, base_quant=mode)
+    if config.fused_kernels:
+        policy.fuse_kernels()
     results: dict = {"weights_gib": torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0,
-                     "build_peak_gib": peak_gib(device)}
+                     "build_peak_gib": peak_gib(device), "fused_kernels": config.fused_kernels}
     probe = observations(policy, 16, rng)
     probe_path = workdir / "probe_tokens.safetensors"
     if mode == "none":
@@ -589,6 +592,14 @@ def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_t
     micro = None if update_curve is None else fastest(update_curve, "samples_per_s")
     results.update(update_curve=update_curve, update_micro_batch=micro,
                    update_samples_per_s=None if micro is None else update_curve[str(micro)]["samples_per_s"])
+    if micro is not None:  # the trainer's update: pi_old recomputed, with and without gradient checkpointing
+        results["update_curve_with_pi_old"] = try_measure(device, lambda: micro_batch_curve(
+            config, policy, optimizer, min(rollout_batch, 16), rng, (micro,), pi_old=True))
+        if config.no_checkpoint_micro_batches:
+            policy.gradient_checkpointing(False)
+            results["update_curve_no_checkpointing_with_pi_old"] = micro_batch_curve(
+                config, policy, optimizer, min(rollout_batch, 16), rng, config.no_checkpoint_micro_batches, True)
+            policy.gradient_checkpointing(True)
     iteration = None if micro is None else try_measure(
         device, lambda: iteration_peak(config, policy, optimizer, micro, rng))
     results.update(iteration or {"peak_gib_iteration": None})

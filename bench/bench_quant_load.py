@@ -97,7 +97,7 @@ def load(checkpoint: Path, mode: str, path: str, mmap_threshold: int | None, out
         policy = load_policy(checkpoint, dtype=torch.bfloat16)
         if mode != "none":
             for name in quantized_layer_names(policy.model, include_vision=False):
-                quantize_layer(policy.model.get_submodule(name), mode)
+                policy.model.set_submodule(name, quantize_layer(policy.model.get_submodule(name), mode))
     seconds = time.perf_counter() - started
     write_json(output, {"peak_gib": memory_status_gib("VmHWM") - before, "model_gib": tensor_gib(policy.model),
                         "resident_after_gib": memory_status_gib("VmRSS") - before, "seconds": seconds})

@@ -69,21 +69,24 @@ def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
 
 
 def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
-    """--base-quant: bf16 and int8 in one run (each in a process of its own) on the tiny look-alike, the keys the GPU
-    JSON will have."""
+    """--base-quant: bf16, int8 and fp8-dynamic (emulated on the CPU) in one run, each in a process of its own, on
+    the tiny look-alike, the keys the GPU JSON will have."""
     torch.set_num_threads(1)
     output = tmp_path / "gpu_7b_quant.json"
-    results = main(BenchConfig(model="tiny", base_quant=("int8",), rollout_batches=(2,), quant_rollout_batches=(2, 4),
-                               micro_batches=(2,), mini_batch=4, repeats=1, iteration_steps=1, iteration_batch=4,
-                               quant_output=output, output=tmp_path / "unused.json"))
+    results = main(BenchConfig(model="tiny", base_quant=("int8", "fp8-dynamic"), rollout_batches=(2,),
+                               quant_rollout_batches=(2, 4), micro_batches=(2,), no_checkpoint_micro_batches=(2,),
+                               mini_batch=4, repeats=1, iteration_steps=1, iteration_batch=4, quant_output=output,
+                               output=tmp_path / "unused.json"))
     assert json.loads(output.read_text()) == json.loads(json.dumps(results)) and not (tmp_path / "unused.json").exists()
-    assert results["mem_cap_gib"] == 16 and set(results["modes"]) == {"bf16", "int8"}
+    assert results["mem_cap_gib"] == 16 and set(results["modes"]) == {"bf16", "int8", "fp8-dynamic"}
     for mode in results["modes"].values():
         assert {"peak_gib_iteration", "rollout_actions_per_s", "update_samples_per_s", "largest_rollout_batch",
                 "largest_rollout_batch_actions_per_s", "weights_gib", "build_peak_gib"} <= set(mode)
         assert mode["largest_rollout_batch"] == 4 and mode["update_micro_batch"] == 2
+        assert set(mode["update_curve_with_pi_old"]) == set(mode["update_curve_no_checkpointing_with_pi_old"]) == {"2"}
     assert results["modes"]["bf16"]["logprob_diff_vs_bf16"]["max"] < 1e-5  # the probe was sampled by bf16 itself
     assert 0 < results["modes"]["int8"]["logprob_diff_vs_bf16"]["max"] < 0.5
+    assert 0 < results["modes"]["fp8-dynamic"]["logprob_diff_vs_bf16"]["max"] < 0.5
 
 
 def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):

@@ -23,8 +23,9 @@ from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.model import EMPTY_PARTS, ModelSpec, build_model, fill
 from vla_actor.openvla_7b import random_language_model
 from vla_actor.policy import file_tensors
-from vla_actor.quant import (check_base_quant, dequantize, is_quantized, quantize_layer, quantized_layer_names,
-                             quantized_weight_bytes)
+from vla_actor.fused_kernels import lora_linear
+from vla_actor.quant import (Float8Linear, check_base_quant, dequantize, is_quantized, quantize_layer,
+                             quantized_layer_names, quantized_weight_bytes)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 torch.set_num_threads(1)
@@ -37,6 +38,8 @@ LOG_PROB_TOLERANCE = {"int8": 0.2, "nf4": 2.5}
 """Largest |log-prob difference| to the unquantized tiny model over 21 greedy action tokens, measured on a 2-core
 Intel Xeon: int8 mean 0.037 max 0.095, nf4 mean 0.44 max 1.57 nats (random tiny weights are more sensitive than the
 7B's; the GPU bench measures the 7B). The exact check is the one against the dequantized weights."""
+FP8_DYNAMIC_LOG_PROB_TOLERANCE = 0.5
+"""The same for fp8-dynamic, whose activations are rounded to e4m3 too: measured mean 0.10, max 0.23 nats."""
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def test_quantized_base_computes_with_its_dequantized_weights_close_to_the_origi
     assert 0 < difference.max() < LOG_PROB_TOLERANCE[mode]
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8-dynamic"])
 def test_batched_equals_single_and_rollout_equals_teacher_forced_inside_the_quantized_model(checkpoint, mode):
     policy = with_trained_adapter(quantized(checkpoint, mode, include_vision=mode == "int8"))
     frames = images()
@@ -157,14 +160,14 @@ def stored_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8", "fp8-dynamic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(256, 4096), (64, 48)])  # NF4 scales in blocks of 256 as in the 7B; of 16
 def test_the_memory_model_knows_the_quantized_storage_to_the_byte(mode, dtype, shape):
     """fp8 weights cannot multiply on the CPU, but torchao stores them here as on the GPU."""
     layer = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
     meta = torch.empty(shape, device="meta")
-    quantize_layer(layer, mode)
+    layer = quantize_layer(layer, mode)
     assert quantized_weight_bytes(meta, mode, dtype.itemsize) == stored_bytes(layer.weight)
 
 
@@ -182,6 +185,10 @@ def test_one_line_errors(checkpoint):
         check_model(ModelConfig(checkpoint=str(checkpoint), device="cpu", base_quant_vision=True))
     with pytest.raises(ValueError, match=r"nf4 needs layers with a multiple of 64 weights; a \[179, 48\] layer"):
         load_policy(checkpoint, base_quant="nf4", base_quant_vision=True)  # the tiny ViT's MLP, before any read
+    with pytest.raises(ValueError, match=r"fp8-dynamic multiplies layers whose dimensions are multiples of 16; "
+                                         r"vision_backbone.fused_featurizer.blocks.0.mlp.fc1 is \[179, 48\]: use "
+                                         r"--base-quant fp8 or int8"):
+        load_policy(checkpoint, base_quant="fp8-dynamic", base_quant_vision=True)
 
 
 def test_missing_torchao_is_a_one_line_error(monkeypatch):
@@ -244,3 +251,72 @@ def test_random_language_model_is_llamas_initialisation_whatever_the_base_quant(
     for name, tensor in models["none"].state_dict().items():
         if name.rpartition(".")[0] not in quantized_names:
             assert torch.equal(models["int8"].state_dict()[name], tensor)
+
+
+def test_fp8_dynamic_multiplies_each_token_quantized_with_its_own_scale_by_hand():
+    """W = 2 I: each row's absmax 2 maps to 448, which e4m3 holds exactly, so W's codes are exact. Each input row is
+    scaled by its own absmax: 1, 0.5 and -0.25 times 448 are e4m3 values (exact), 0.3 x 448 = 134.4 is not: the
+    nearest e4m3 value is 128 (steps of 16 between 128 and 256), so 0.3 comes back as 128 / 448 = 2/7 and the
+    product as 4/7, which the bf16 output rounds to 0.5703125 (1 + 18/128, halved). An all-zero row stays zero. The
+    input's gradient is the gradient times the dequantized W: 2 g, exactly."""
+    layer = nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(2 * torch.eye(16))
+    quantized = quantize_layer(layer, "fp8-dynamic")
+    assert isinstance(quantized, Float8Linear) and is_quantized(quantized.weight)
+    assert torch.equal(dequantize(quantized.weight), 2 * torch.eye(16))
+    x = torch.zeros(3, 16)
+    x[0, :4] = torch.tensor([1.0, 0.5, -0.25, 0.3])
+    x[1, :2] = torch.tensor([-8.0, 4.0])  # another scale: -8 -> -448, 4 -> 224
+    x.requires_grad_(True)
+    y = quantized(x)
+    expected = torch.zeros(3, 16)
+    expected[0, :4] = torch.tensor([2.0, 1.0, -0.5, 0.5703125])
+    expected[1, :2] = torch.tensor([-16.0, 8.0])
+    assert torch.equal(y.detach(), expected)
+    gradient = torch.randn(3, 16)
+    y.backward(gradient)
+    assert torch.equal(x.grad, 2 * gradient)
+    assert not quantized.weight.requires_grad
+
+
+def test_lora_trains_on_the_fp8_dynamic_base_and_the_fused_add_is_peft_s_forward(checkpoint):
+    """The fp8-dynamic base on the tiny model (torch emulates the FP8 product on the CPU): LoRA's gradients reach
+    every adapter through the base's input gradients, the adapter-disabled reference is the same base, and
+    `lora_linear`'s folded scale-and-add gives PEFT's output and input gradient."""
+    base = quantized(checkpoint, "fp8-dynamic")
+    names = quantized_layer_names(base.model, include_vision=False)
+    assert all(isinstance(base.model.get_submodule(name), Float8Linear) for name in names)
+    tokens, base_log_probs = greedy_log_probs(base)
+    policy = with_trained_adapter(quantized(checkpoint, "fp8-dynamic"))
+    log_probs, _ = policy.log_probs(images(), INSTRUCTIONS, tokens, temperature=1.6)
+    log_probs.sum().backward()
+    grads = {n for n, p in policy.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert grads == trainable and len(trainable) == 28 and all(".lora_" in n for n in trainable)
+    with policy.adapter_disabled():
+        assert torch.equal(greedy_log_probs(policy, tokens)[1], base_log_probs)
+    layer = policy.model.get_submodule("language_model.model.layers.0.mlp.down_proj")
+    rows = torch.randn(5, layer.in_features)
+    fused_rows, peft_rows = rows.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+    fused, expected = lora_linear(layer, fused_rows), layer(peft_rows)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    fused.sum().backward()
+    expected.sum().backward()
+    assert torch.allclose(fused_rows.grad, peft_rows.grad, atol=1e-5)
+
+
+def test_fp8_dynamic_stays_close_to_the_unquantized_model_and_exports_its_dequantized_weights(checkpoint, tmp_path):
+    reference = load_policy(checkpoint)
+    tokens, expected = greedy_log_probs(reference)
+    policy = with_trained_adapter(quantized(checkpoint, "fp8-dynamic"))
+    with policy.adapter_disabled():
+        difference = (greedy_log_probs(policy, tokens)[1] - expected).abs()
+    print(f"fp8-dynamic: |log-prob - unquantized| mean {difference.mean():.2e} max {difference.max():.2e}")
+    assert 0 < difference.max() < FP8_DYNAMIC_LOG_PROB_TOLERANCE
+    exported = policy.merge_and_export(tmp_path / "merged")
+    reloaded = load_policy(exported)
+    layer = "language_model.model.layers.0.self_attn.q_proj"
+    base_weight = dequantize(policy.model.get_submodule(layer).base_layer.weight)
+    delta = policy.model.get_submodule(layer).get_delta_weight("default")
+    assert torch.allclose(reloaded.model.get_submodule(layer).weight, base_weight + delta, atol=1e-6)

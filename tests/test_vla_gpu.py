@@ -2,8 +2,8 @@
 (tiny checkpoint, fp32 and bf16), teacher forcing replays the kept vision graph, errors inside a capture reach the
 caller as themselves, the compiled blocks (VLAPolicy.compile_layers) and Liger's fused kernels
 (VLAPolicy.fuse_kernels) equal the plain layers; the 7B shape in bf16 with random weights: rollout, teacher forcing,
-a LoRA update within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8, vla_actor.quant) with
-its memory.
+a LoRA update within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8 / fp8-dynamic,
+vla_actor.quant) with its memory; fp8-dynamic's compiled row quantization equals its eager one.
 
 The 7B tests measure memory from what was allocated at their start, check that all of it is handed back once the
 policy is gone (a leak fails on its own, named so), and name the largest live CUDA tensors when a size is exceeded,
@@ -21,7 +21,7 @@ from trained_adapters import apply_trained_adapter
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.fused_kernels import fused_kernels_available
 from vla_actor.openvla_7b import random_7b_policy
-from vla_actor.quant import FP8_MIN_CAPABILITY
+from vla_actor.quant import FP8_MIN_CAPABILITY, Float8Product, compiled, quantize_layer, quantize_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -347,15 +347,42 @@ def test_compiled_blocks_equal_eager(tmp_path, without_tf32, graph_decode):
 
 
 def needs_mode(mode):
-    """Skips fp8 on a GPU without FP8 tensor cores (check_base_quant's error is tested on the CPU)."""
-    if mode == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
-        pytest.skip("fp8 needs compute capability 8.9+")
+    """Skips fp8 modes on a GPU without FP8 tensor cores (check_base_quant's error is tested on the CPU)."""
+    if mode.startswith("fp8") and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+        pytest.skip(f"{mode} needs compute capability 8.9+")
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_fp8_dynamic_compiled_quantization_equals_eager_and_its_product_the_emulated_one():
+    """inductor's fused row quantization gives the eager ops' codes and scales bit for bit (every row count the
+    layers see: a decode step's 1 and 16 rows, a prefill's thousands, both widths of the 7B), and the FP8 tensor-core
+    product, forward and input gradient, torch's CPU emulation of it to bf16 rounding."""
+    needs_mode("fp8-dynamic")
+    generator = torch.Generator("cuda").manual_seed(0)
+    for rows, width in ((1, 4096), (16, 4096), (4640, 4096), (16, 11008), (300, 11008)):
+        x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, generator=generator) * 3
+        x[0] = 0.0  # an all-zero row (AMAX_FLOOR)
+        codes, scales = compiled(quantize_rows)(x)
+        expected_codes, expected_scales = quantize_rows(x)
+        assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))
+        assert torch.equal(scales, expected_scales)
+    layer = quantize_layer(torch.nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16), "fp8-dynamic")
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    gradient = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16, generator=generator)
+    product = layer(x)
+    product.backward(gradient)
+    x_cpu = x.detach().cpu().requires_grad_(True)
+    expected = Float8Product.apply(x_cpu, layer.weight.qdata.cpu(), layer.weight.scale.cpu(), None)
+    expected.backward(gradient.cpu())
+    assert torch.allclose(product.detach().cpu().float(), expected.detach().float(), rtol=2**-7, atol=1e-2)
+    assert torch.allclose(x.grad.cpu().float(), x_cpu.grad.float(), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8-dynamic"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_quantized_tiny_graph_decode_matches_single_samples_and_teacher_forcing(tmp_path, mode, fused):
-    """Also with Liger's fused kernels on the quantized base, as `train` runs it on CUDA by default."""
+    """Also with Liger's fused kernels on the quantized base, as `train` runs it on CUDA by default; fp8-dynamic's
+    compiled quantization runs inside the kept decode graphs."""
+    needs_mode(mode)
     if fused and not fused_kernels_available():
         pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
     policy = load_policy(make_tiny_checkpoint(tmp_path / "openvla"), device="cuda", dtype=torch.float32,
@@ -372,14 +399,14 @@ def test_quantized_tiny_graph_decode_matches_single_samples_and_teacher_forcing(
 # Resident weights of the quantized 7B, hand-computed: the 32 Llama layers' linears hold 6.48e9 weights (4 x 4096^2 +
 # 3 x 4096 x 11008 per layer), the rest (ViTs, embeddings, LM head, projector) 1.06e9 stays bf16 (2.1 GB); int8 and
 # fp8 store 1 byte per weight (+ a per-row scale), nf4 half a byte (+ a 1/64 block scale, double-quantized).
-QUANT_7B_WEIGHTS_GIB = {"int8": 9.0, "fp8": 9.0, "nf4": 6.0}
+QUANT_7B_WEIGHTS_GIB = {"int8": 9.0, "fp8": 9.0, "fp8-dynamic": 9.0, "nf4": 6.0}
 BUILD_MARGIN_GIB = 1.0
 """Above the quantized weights while the 7B is built layer by layer: the largest tensor (the embedding or LM head,
 0.24 GiB) drawn and copied once, and one MLP weight (0.08 GiB in bf16) with its quantization's temporaries; the bf16
 LLM (12.1 GiB of quantized layers) is never resident."""
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp8", "fp8-dynamic"])
 def test_7b_quantized_base_rollout_teacher_forcing_and_lora_update(mode):
     needs_mode(mode)
     start = torch.cuda.memory_allocated()
@@ -403,6 +430,7 @@ def check_7b_quantized_base(mode, start):
     with torch.no_grad():
         old_log_probs, _ = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
     gap = (old_log_probs.cpu() - out.log_probs).abs()  # bf16 KV-cached decode vs one forward, as in bf16 above
+    print(f"{mode}: rollout vs teacher forcing |log-prob gap| mean {gap.mean():.4f} max {gap.max():.4f}")
     assert gap.mean() < 0.02 and gap.max() < 0.15
     assert_batch_position_does_not_matter(policy, images, instructions)
     log_probs, entropy = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)

@@ -63,11 +63,13 @@ class ModelConfig:
     """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B). Off, a 7B step
     keeps ~1.6 GiB of activations, so only micro-batches up to 4 fit 24 GB, and they update slower (15.9 against
     26.5 samples/s at 16 checkpointed on an H100, BENCHMARKS.md)."""
-    base_quant: Literal["none", "int8", "nf4", "fp8"] = "none"
+    base_quant: Literal["none", "int8", "nf4", "fp8", "fp8-dynamic"] = "none"
     """Store the frozen base's LLM linear weights quantized at load time (QLoRA; torchao, pip install torchao): int8
     (8-bit per-row, CPU and CUDA), nf4 (QLoRA's 4-bit NormalFloat, CPU and CUDA) or fp8 (e4m3, CUDA compute
     capability 8.9+). int8 fits the 7B's iteration in 12 GiB at 0.75x bf16's rollout rate, faster and closer to
-    bf16 than fp8 (BENCHMARKS.md); nf4 in 9.2 GiB at 0.40x. The LoRA adapters stay in the compute dtype;
+    bf16 than fp8 (BENCHMARKS.md); nf4 in 9.2 GiB at 0.40x. fp8-dynamic stores fp8's e4m3 weights and multiplies
+    them on FP8 tensor cores by each token's activations quantized to e4m3 as well (compute capability 8.9+): a
+    faster policy that differs more from bf16's (BENCHMARKS.md). The LoRA adapters stay in the compute dtype;
     rollout, update and the adapter-disabled KL reference all use the same quantized base; a merged export is
     dequantized into the released layout. LoRA only (not --finetune full)."""
     base_quant_vision: bool = False

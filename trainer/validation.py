@@ -112,7 +112,7 @@ def check_model(model: ModelConfig) -> None:
     check_base_quant(model.base_quant, auto if model.device == "auto" else torch.device(model.device))
     if model.base_quant_vision and model.base_quant == "none":
         raise ValueError("--base-quant-vision quantizes the ViTs of a quantized base: add --base-quant int8 / nf4 / "
-                         "fp8, or drop --base-quant-vision")
+                         "fp8 / fp8-dynamic, or drop --base-quant-vision")
 
 
 def check_adapter_base(model: ModelConfig, adapter: Path) -> None:

@@ -28,6 +28,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, LlamaModel, LlamaRMSNorm,
                                                       eager_attention_forward)
 
+from vla_actor.quant import Float8Linear
+
 INSTALL_HINT = "pip install liger-kernel (it needs triton, which CUDA builds of torch bring)"
 """How to get the fused kernels, for messages."""
 
@@ -46,11 +48,13 @@ def liger_ops() -> ModuleType:
 
 def _fusable_adapter(layer: nn.Module) -> str | None:
     """The adapter whose scale-and-add `lora_linear` can fold: the one active plain LoRA adapter (no variant, no
-    bias) of a PEFT Linear over an unquantized nn.Linear, not merged or disabled; None otherwise."""
+    bias) of a PEFT Linear over an unquantized nn.Linear or an fp8-dynamic one, not merged or disabled; None
+    otherwise."""
     if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged:
         return None
     base = layer.base_layer
-    if type(base) is not nn.Linear or type(base.weight.data) is not torch.Tensor:  # quantized or sharded weights
+    plain = type(base) is nn.Linear and type(base.weight.data) is torch.Tensor  # not quantized or sharded
+    if not (plain or type(base) is Float8Linear):
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in layer.lora_variant:  # DoRA and the other variants have their own forward
@@ -66,7 +70,7 @@ def lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     base, lora_a = layer.base_layer, layer.lora_A[adapter]
     rows = x.reshape(-1, x.shape[-1])
-    output = F.linear(rows, base.weight, base.bias)
+    output = base(rows) if type(base) is Float8Linear else F.linear(rows, base.weight, base.bias)
     if layer.cast_input_dtype_enabled:  # as PEFT does; VLAPolicy turns it off where autocast casts instead
         rows = rows.to(lora_a.weight.dtype)
     down = lora_a(layer.lora_dropout[adapter](rows)).to(output.dtype)

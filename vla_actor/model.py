@@ -238,7 +238,7 @@ def fill(model: OpenVLAModel, tensors: Iterable[tuple[str, torch.Tensor]], devic
                   else torch.empty_like(empty, device=device).copy_(values))
         setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False) if isinstance(empty, nn.Parameter) else tensor)
         if quantized:
-            quantize_layer(owner, base_quant)
+            model.set_submodule(owner_name, quantize_layer(owner, base_quant))
     unfilled = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if unfilled:
         raise ValueError(f"{len(unfilled)} tensors of the model were not filled (first: {unfilled[:4]})")

@@ -82,7 +82,7 @@ def random_7b_policy(device: str | torch.device = "cuda", dtype: torch.dtype = t
         check_quantizable(model, base_quant, include_vision=True)
         for name in quantized_layer_names(model, include_vision=True):
             if name.startswith("vision_backbone."):
-                quantize_layer(model.get_submodule(name), base_quant)
+                model.set_submodule(name, quantize_layer(model.get_submodule(name), base_quant))
     fill(model, random_language_model(model, device), device, base_quant)
     model.requires_grad_(False)
     model.eval()
