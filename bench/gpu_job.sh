@@ -28,8 +28,8 @@
 #   e2enow     bench_e2e of OpenVLA, one iteration at the full horizon, against BASELINE_TAR, this checkout with the
 #              micro-batch nockpt found (if it ran and found one) without gradient checkpointing
 #   fp8dyn     bench_gpu --base-quant fp8-dynamic against bf16, both with the fused kernels, everything under 24 GiB:
-#              rollout batches 16 / 32 / 64, the update at micro-batch 16 checkpointed and at 4 / 8 without, pi_old
-#              recomputed (gpu_7b_fp8_dynamic.json)
+#              rollout batches 16 / 32 (and 64, the largest), the update at micro-batch 16 checkpointed and at 4 / 8
+#              without, pi_old recomputed (gpu_7b_fp8_dynamic.json)
 #   e2efp8     bench_e2e of OpenVLA, one iteration at the full horizon, --base-quant fp8-dynamic against this checkout
 #              in bf16 (gpu_7b_e2e_fp8_dynamic.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
@@ -144,7 +144,7 @@ stage() {
         --extra-flags="$flags" --baseline-flags="--gradient-checkpointing --micro-batch-size 16" --work-dir /tmp/e2e \
         --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e_now.json}" ;;
     fp8dyn) $bench --base-quant fp8-dynamic --fused-kernels --quant-mem-cap-gib 24 --rollout-batches 16 32 \
-              --quant-rollout-batches 16 32 64 --micro-batches 16 --no-checkpoint-micro-batches 4 8 --mini-batch 96 \
+              --quant-rollout-batches 64 --micro-batches 16 --no-checkpoint-micro-batches 4 8 --mini-batch 96 \
               --output "$RESULTS/gpu_7b_fp8_dynamic_unused.json" --quant-output "$RESULTS/gpu_7b_fp8_dynamic.json" ;;
     e2efp8) python3 -m bench.bench_e2e --models openvla --iterations 1 --baseline-repo . \
               --extra-flags="--base-quant fp8-dynamic" --work-dir /tmp/e2e \

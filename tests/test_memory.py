@@ -155,7 +155,7 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
     def config(mode, *flags):
         return parse_command(["train", "--checkpoint", str(directory), "--base-quant", mode, *flags])
 
-    shapes = {mode: checkpoint_shape(config(mode)) for mode in ("none", "int8", "fp8", "nf4")}
+    shapes = {mode: checkpoint_shape(config(mode)) for mode in ("none", "int8", "fp8", "fp8-dynamic", "nf4")}
 
     # 32 decoder layers of q, k, v, o [4096 x 4096] and gate, up [11008 x 4096], down [4096 x 11008]
     layers, small, large = 32, 4096 * 4096, 11008 * 4096
@@ -166,6 +166,7 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
 
     expected = {"int8": layers * ((4 * small + 3 * large) + rows * 5),
                 "fp8": layers * ((4 * small + 3 * large) + rows * 4),
+                "fp8-dynamic": layers * ((4 * small + 3 * large) + rows * 4),
                 "nf4": layers * (4 * nf4(small) + 3 * nf4(large))}
     bf16 = predict(config("none"), shapes["none"], "NVIDIA H200")
     for mode, stored in expected.items():
@@ -177,7 +178,8 @@ def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(
         assert prediction.resident_gib == pytest.approx(bf16.resident_gib - saved)
         assert prediction.rollout_gib == pytest.approx(bf16.rollout_gib - saved + 2 * large * 2 / GIB)
         assert prediction.iteration_seconds is None and "bf16 bases" in prediction.summary()  # not timed yet
-    for name in ("gpu_7b_quant.json", "gpu_7b_quant_fp8.json", "gpu_7b_quant_8bit.json"):  # bf16 and quantized bases
+    for name in ("gpu_7b_quant.json", "gpu_7b_quant_fp8.json", "gpu_7b_quant_8bit.json",  # bf16 and quantized bases
+                 "gpu_7b_fp8_dynamic.json"):
         for mode, measured in json.loads((RESULTS / name).read_text())["modes"].items():
             shape = "none" if mode == "bf16" else mode
             for batch, point in measured["rollout_curve_mem_cap"].items():

@@ -12,7 +12,7 @@ fp8-dynamic stores the same e4m3 weights (torchao's Float8Tensor) and multiplies
 Float8DynamicActivationFloat8WeightConfig and vLLM's FP8 W8A8 do) and `torch._scaled_mm` takes both. torchao's
 version of that product has no backward (`_scaled_mm` has no derivative), and LoRA needs the gradient to each base
 layer's input; `Float8Linear` gives it, in the compute dtype against the dequantized weight (no weight gradient: the
-base is frozen). CUDA GPUs of compute capability 8.9+; on the CPU torch emulates the product (tests)."""
+base is frozen). CUDA GPUs of compute capability 8.9+; on the CPU the same product in float32 (tests)."""
 
 from __future__ import annotations
 
@@ -143,10 +143,15 @@ class Float8Product(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.codes, ctx.scales = codes, scales  # frozen parameters, not activations: nothing to save or recompute
-        quantize = compiled(quantize_rows) if rows.is_cuda else quantize_rows
-        row_codes, row_scales = quantize(rows)
-        product = torch._scaled_mm(row_codes, codes.t(), scale_a=row_scales, scale_b=scales.t(),
-                                   out_dtype=torch.bfloat16, use_fast_accum=True).to(rows.dtype)
+        if rows.is_cuda:
+            row_codes, row_scales = compiled(quantize_rows)(rows)
+            product = torch._scaled_mm(row_codes, codes.t(), scale_a=row_scales, scale_b=scales.t(),
+                                       out_dtype=torch.bfloat16, use_fast_accum=True)
+        else:  # what the tensor cores compute, in float32 (torch's CPU _scaled_mm takes row-wise scales from 2.14)
+            row_codes, row_scales = quantize_rows(rows)
+            product = (dequantize_rows(row_codes, row_scales, torch.float32)
+                       @ dequantize_rows(codes, scales, torch.float32).t()).to(torch.bfloat16)
+        product = product.to(rows.dtype)
         return product if bias is None else product + bias
 
     @staticmethod
@@ -167,6 +172,9 @@ class Float8Linear(nn.Linear):
         quantized.weight = nn.Parameter(Float8Tensor.from_hp(layer.weight.detach(), granularity=PerRow()),
                                         requires_grad=False)
         quantized.bias = layer.bias
+        # whatever still holds the original layer (an iteration over the model's modules while it loads) holds the
+        # quantized weight, not the compute-dtype one
+        layer.weight = quantized.weight
         return quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
