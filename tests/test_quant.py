@@ -191,6 +191,17 @@ def test_one_line_errors(checkpoint):
         load_policy(checkpoint, base_quant="fp8-dynamic", base_quant_vision=True)
 
 
+def test_fp8_dynamic_on_a_gpu_without_fp8_is_a_one_line_error(monkeypatch):
+    """What a 3090 (compute capability 8.6) is told; the CPU computes the same product in float32 (the tests)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    with pytest.raises(ValueError) as error:
+        check_base_quant("fp8-dynamic", torch.device("cuda", 0))
+    assert str(error.value) == ("--base-quant fp8-dynamic needs compute capability 8.9+ (FP8 tensor cores); NVIDIA "
+                                "GeForce RTX 3090 has 8.6: use --base-quant int8 or nf4 (or none)")
+    check_base_quant("fp8-dynamic", torch.device("cpu"))
+
+
 def test_missing_torchao_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without torchao finds
     with pytest.raises(ValueError) as error:
@@ -281,7 +292,7 @@ def test_fp8_dynamic_multiplies_each_token_quantized_with_its_own_scale_by_hand(
 
 
 def test_lora_trains_on_the_fp8_dynamic_base_and_the_fused_add_is_peft_s_forward(checkpoint):
-    """The fp8-dynamic base on the tiny model (torch emulates the FP8 product on the CPU): LoRA's gradients reach
+    """The fp8-dynamic base on the tiny model (its FP8 product computed in float32 on the CPU): LoRA's gradients reach
     every adapter through the base's input gradients, the adapter-disabled reference is the same base, and
     `lora_linear`'s folded scale-and-add gives PEFT's output and input gradient."""
     base = quantized(checkpoint, "fp8-dynamic")

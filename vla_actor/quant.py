@@ -56,8 +56,8 @@ def check_base_quant(mode: str, device: torch.device) -> None:
         raise ValueError(f"--base-quant {mode} needs the torchao package, which is not installed: pip install torchao "
                          f"(or use --base-quant none)")
     if mode == FP8_DYNAMIC:
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
-            capability = torch.cuda.get_device_capability(device)
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else FP8_MIN_CAPABILITY
+        if capability < FP8_MIN_CAPABILITY:
             raise ValueError(f"--base-quant fp8-dynamic needs compute capability 8.9+ (FP8 tensor cores); "
                              f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use "
                              f"--base-quant int8 or nf4 (or none)")
@@ -147,7 +147,7 @@ class Float8Product(torch.autograd.Function):
             row_codes, row_scales = compiled(quantize_rows)(rows)
             product = torch._scaled_mm(row_codes, codes.t(), scale_a=row_scales, scale_b=scales.t(),
                                        out_dtype=torch.bfloat16, use_fast_accum=True)
-        else:  # what the tensor cores compute, in float32 (torch's CPU _scaled_mm takes row-wise scales from 2.14)
+        else:  # what the tensor cores compute, in float32 (torch 2.11's CPU _scaled_mm takes no row-wise scales)
             row_codes, row_scales = quantize_rows(rows)
             product = (dequantize_rows(row_codes, row_scales, torch.float32)
                        @ dequantize_rows(codes, scales, torch.float32).t()).to(torch.bfloat16)
