@@ -32,6 +32,7 @@
 #              without, pi_old recomputed (gpu_7b_fp8_dynamic.json)
 #   e2efp8     bench_e2e of OpenVLA, one iteration at the full horizon, --base-quant fp8-dynamic against this checkout
 #              in bf16 (gpu_7b_e2e_fp8_dynamic.json)
+#   profilefp8 profile_gpu of the fused fp8-dynamic base: a rollout query at batch 16, pi_old, an update micro-batch
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
 #              into LEVERS_OUTPUT (gpu_7b_levers.json)
@@ -149,6 +150,8 @@ stage() {
     e2efp8) python3 -m bench.bench_e2e --models openvla --iterations 1 --baseline-repo . \
               --extra-flags="--base-quant fp8-dynamic" --work-dir /tmp/e2e \
               --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e_fp8_dynamic.json}" ;;
+    profilefp8) python3 -m bench.profile_gpu --variants fused --base-quant fp8-dynamic --rollout-batches 16 \
+                  --output "$RESULTS/profile_7b_fp8_dynamic.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
               --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \

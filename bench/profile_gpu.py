@@ -5,8 +5,8 @@ over a few rollout queries (`VLAPolicy.sample`) at batch 8, 16 and 32, a few no-
 without gradients, as `--old-log-probs recompute` runs them) and a few update micro-batches (`log_probs` with
 gradients, gradient checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is
 then compiled (`VLAPolicy.compile_layers`) and profiled again in the same run; `--variants eager fused` does the
-same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA). `--model tiny` runs every
-code path on the CPU (the CI smoke test; there is no GPU timeline then).
+same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA); `--base-quant` profiles a
+quantized base. `--model tiny` runs every code path on the CPU (the CI smoke test; there is no GPU timeline then).
 
     python -m bench.profile_gpu --variants eager compiled --output bench/results/profile_7b.json
     python -m bench.profile_gpu --model tiny --rollout-batches 2 --micro-batch 2 --output /tmp/profile.json
@@ -76,6 +76,8 @@ class ProfileConfig:
     """Rows of the top-kernel and top-operator lists."""
     trace_dir: Path | None = None
     """Keep each phase's Chrome trace (chrome://tracing, Perfetto) here; None: summarized, then deleted."""
+    base_quant: Literal["none", "int8", "nf4", "fp8", "fp8-dynamic"] = "none"
+    """The frozen base stored as `train --base-quant` stores it (vla_actor.quant)."""
 
 
 def phase_calls(config: ProfileConfig, bench: BenchConfig, policy: VLAPolicy,
@@ -203,10 +205,11 @@ def main(config: ProfileConfig) -> dict:
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
                      "rollout_batches": list(config.rollout_batches), "micro_batch": config.micro_batch,
-                     "calls": config.calls, "cuda_graphs": config.cuda_graphs, "variants": {}}
+                     "calls": config.calls, "cuda_graphs": config.cuda_graphs, "base_quant": config.base_quant,
+                     "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:
-        policy = build_policy(bench, "openvla", Path(workdir))
+        policy = build_policy(bench, "openvla", Path(workdir), base_quant=config.base_quant)
         policy.gradient_checkpointing(True)
         policy.cuda_graphs = config.cuda_graphs
         trace_dir = config.trace_dir or Path(workdir)

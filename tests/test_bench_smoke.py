@@ -46,15 +46,15 @@ def test_bench_gpu_compile_layers_runs_on_cpu(tmp_path):
 
 
 def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
-    """bench/profile_gpu.py on the tiny look-alike: every phase profiled, the summary and the tables written (no GPU
-    timeline on the CPU: the GPU figures are zero and the idle share is null)."""
+    """bench/profile_gpu.py on the tiny look-alike (an fp8-dynamic base): every phase profiled, the summary and the
+    tables written (no GPU timeline on the CPU: the GPU figures are zero and the idle share is null)."""
     from bench.profile_gpu import ProfileConfig
     from bench.profile_gpu import main as profile_main
 
     torch.set_num_threads(1)
     output = tmp_path / "profile.json"
     results = profile_main(ProfileConfig(model="tiny", rollout_batches=(2,), micro_batch=2, calls=1, warmup_calls=0,
-                                         timed_calls=1, top=5, output=output))
+                                         timed_calls=1, top=5, base_quant="fp8-dynamic", output=output))
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     phases = results["variants"]["eager"]
     assert set(phases) == {"rollout_batch2", "pi_old_forward", "update_micro_batch"}
