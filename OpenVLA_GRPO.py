@@ -217,8 +217,8 @@ class GRPOTrainer:
                     index = rows[part]
                     inputs = self.step_inputs(batch, index)
                     recomputed[index] = self.policy.log_probs(*inputs, graph_batch=size)[0].float().cpu()
-        later = torch.cat(first_epoch[1:]) if len(first_epoch) > 1 else torch.zeros(0, dtype=torch.long)
-        if len(later):
+        if len(first_epoch) > 1:
+            later = torch.cat(first_epoch[1:])
             gap = (recomputed[later] - batch.log_probs[later]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), gap.numel())
         return recomputed

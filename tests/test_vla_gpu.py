@@ -428,6 +428,9 @@ GAP_BOUND = {"int8": (0.02, 0.15), "nf4": (0.02, 0.15), "fp8": (0.02, 0.15), "fp
 gap is bf16's (0.013-0.016 mean, 0.042-0.051 max on an H100); fp8-dynamic also rounds every token's activations to
 e4m3, where the decode's bf16 differences flip some roundings (0.027 / 0.146 on an H100). The update's recomputed
 pi_old makes the PPO ratio exact either way."""
+BATCH_POSITION_ATOL = {"int8": 0.05, "nf4": 0.05, "fp8": 0.05, "fp8-dynamic": 0.25}
+"""A row's teacher-forced log-probs alone and in a batch of 8: bf16's 0.05 for the weight-only bases; fp8-dynamic's
+e4m3 roundings of other kernels' bf16 outputs measured up to 0.195 on an H100 (bf16 0.026)."""
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4", "fp8", "fp8-dynamic"])
@@ -456,7 +459,7 @@ def check_7b_quantized_base(mode, start):
     gap = (old_log_probs.cpu() - out.log_probs).abs()  # bf16 KV-cached decode vs one forward, as in bf16 above
     print(f"{mode}: rollout vs teacher forcing |log-prob gap| mean {gap.mean():.4f} max {gap.max():.4f}")
     assert gap.mean() < GAP_BOUND[mode][0] and gap.max() < GAP_BOUND[mode][1]
-    assert_batch_position_does_not_matter(policy, images, instructions, atol=GAP_BOUND[mode][1])
+    assert_batch_position_does_not_matter(policy, images, instructions, atol=BATCH_POSITION_ATOL[mode])
     log_probs, entropy = policy.log_probs(images, instructions, out.token_ids, temperature=1.6)
     assert torch.equal(log_probs.detach(), old_log_probs)  # the first PPO ratio is exactly 1
     with policy.adapter_disabled(), torch.no_grad():  # the KL reference: the same quantized base
