@@ -195,6 +195,8 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
                                          sum(r[key] for r in steady) for key in workers}
     if "train/rollout_logprob_mismatch" in steady[0]:
         summary["rollout_logprob_mismatch"] = float(np.mean([r["train/rollout_logprob_mismatch"] for r in steady]))
+    if "train/rollout_logprob_mismatch_max" in steady[0]:
+        summary["rollout_logprob_mismatch_max"] = max(r["train/rollout_logprob_mismatch_max"] for r in steady)
     return summary
 
 

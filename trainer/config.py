@@ -175,9 +175,11 @@ class GrpoConfig:
     ratio is exactly 1 (bfloat16 decoding with a KV cache and the teacher-forced forward round differently: 0.016
     mean, 0.06 max |log-prob| apart on the 7B): one gradient-free pass over the later mini-batches, while the
     first mini-batch's steps take their gradient pass's own log-probs, the same numbers (so an iteration of one
-    mini-batch and one epoch pays nothing for it); auto: recompute when the policy computes in bfloat16, rollout in
-    float32 (the two paths agree to ~1e-5). Either way train/rollout_logprob_mismatch logs the mean |rollout -
-    update| log-prob before the first step."""
+    mini-batch and one epoch pays nothing for it); auto: recompute where the rollout computes its log-probs
+    differently from the update, i.e. the token head in bfloat16 (and OFT on an fp8-dynamic base), rollout for OFT
+    in bfloat16 (its rollout is the update's own forward, batch shape aside) and in float32 (the paths agree to
+    ~1e-5). Either way train/rollout_logprob_mismatch (and _max) logs the mean (largest) |rollout - update|
+    log-prob before the first step."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
