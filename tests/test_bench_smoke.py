@@ -142,3 +142,33 @@ def test_profile_trace_summary_hand_computed():
     assert summary["host_syncs_by_caller"] == {"GraphDecoder.prefill > aten::copy_": 0.5, "- > -": 0.5}
     assert summary["named_phases"] == {"GraphDecoder.prefill": {"cpu_ms_per_call": 0.02, "gpu_ms_per_call": 0.0075}}
     assert summary["top_kernels_by_gpu_time"] == [{"name": "gemm", "count_per_call": 1.0, "ms_per_call": 0.01}]
+
+
+def test_ceilings_hand_computed():
+    """bench.ceiling on a hand-sized shape at 1 FLOP/s and 1 byte/s: a prompt of 4 patches + 2 text tokens is a
+    1,344-flop decoder pass (2 x 100 x 6 + causal attention 2 x 6^2 x 2), the towers 2 x 10 x 4 = 80, two decode
+    steps read 2 x 200 bytes for a batch of 2; a sample of 9 tokens is 2,124 flops, an update 3 passes + the towers,
+    4 + 2 towers with pi_old."""
+    from bench.ceiling import CeilingConfig, Shape, ceilings
+
+    shape = Shape(decoder_weights=100, hidden=2, layers=1, vision_weights=10, patches=4, text_tokens=2,
+                  action_tokens=3)
+    config = CeilingConfig(gemm_tflops=1e-12, bandwidth_tbs=1e-12, rollout_batch=2, env_steps=10,
+                           env_wait_seconds=5.0)
+    bounds = ceilings(shape, config)
+    assert bounds["tokens_per_sample"] == 9
+    assert bounds["rollout_actions_per_s"] == pytest.approx(1 / (1344 + 80 + 200))
+    assert bounds["update_samples_per_s"] == pytest.approx(1 / (3 * 2124 + 80))
+    assert bounds["update_samples_per_s_with_pi_old"] == pytest.approx(1 / (4 * 2124 + 160))
+    assert bounds["iteration_env_steps_per_s"] == pytest.approx(10 / (10 * (1624 + 8656) + 5))
+    assert bounds["iteration_env_steps_per_s_simulators_hidden"] == pytest.approx(10 / (10 * (1624 + 8656)))
+
+
+def test_the_7b_shape_of_the_ceilings_is_the_released_one():
+    """32 layers of 4 x 4096^2 + 3 x 4096 x 11008 decoder weights, 256 patches per image."""
+    from bench.ceiling import Shape
+
+    shape = Shape.openvla_7b()
+    assert shape.decoder_weights == 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    assert (shape.hidden, shape.layers, shape.patches, shape.action_tokens) == (4096, 32, 256, 7)
+    assert 20 < shape.text_tokens < 50
