@@ -21,7 +21,8 @@
 #              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json); an OpenVLA iteration at horizon 220 takes ~5
 #              minutes on an H100, the first ~1 more
 #   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
-#   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it
+#   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it,
+#              E2E_ITERATIONS (3) each
 #   nockpt     bench_gpu --fused-kernels: the update with pi_old recomputed, checkpointed at micro-batch 16 and
 #              without checkpointing at 2 / 4 / 6 / 8, and OFT 2 images + proprio at batches 16 / 32 / 64 (fused at the
 #              eager best); writes the unchecked micro-batch faster by 5 % than the checkpointed one, if any
@@ -33,8 +34,8 @@
 #   e2efp8     bench_e2e of OpenVLA, one iteration at the full horizon, --base-quant fp8-dynamic against this checkout
 #              in bf16 (gpu_7b_e2e_fp8_dynamic.json)
 #   profilefp8 profile_gpu of the fused fp8-dynamic base: a rollout query at batch 16, pi_old, an update micro-batch
-#   e2eoftpi   bench_e2e of OFT, two iterations, pi_old as auto takes it (the rollout's) against --old-log-probs
-#              recompute, the same checkout (gpu_7b_e2e_oft_rollout_pi_old.json)
+#   e2eoftpi   bench_e2e of OFT, E2E_ITERATIONS (3) each, pi_old as auto takes it (the rollout's) against
+#              --old-log-probs recompute, the same checkout (gpu_7b_e2e_oft_rollout_pi_old.json)
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -155,14 +156,15 @@ stage() {
               --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e_fp8_dynamic.json}" ;;
     profilefp8) python3 -m bench.profile_gpu --variants fused --base-quant fp8-dynamic --rollout-batches 16 \
                   --output "$RESULTS/profile_7b_fp8_dynamic.json" ;;
-    e2eoftpi) python3 -m bench.bench_e2e --models oft --iterations 2 --baseline-repo . \
+    e2eoftpi) python3 -m bench.bench_e2e --models oft --iterations "${E2E_ITERATIONS:-3}" --baseline-repo . \
                 --baseline-flags="--old-log-probs recompute" --work-dir /tmp/e2e \
                 --output "$RESULTS/gpu_7b_e2e_oft_rollout_pi_old.json" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
               --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
-    e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations 2 --baseline-repo . \
+    e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations "${E2E_ITERATIONS:-3}" \
+                  --baseline-repo . \
                   --extra-flags=--overlap-rollouts --baseline-flags=--no-overlap-rollouts --work-dir /tmp/e2e \
                   --output "$RESULTS/gpu_7b_e2e_overlap.json" ;;
     *) echo "unknown stage: $name"; return 2 ;;
