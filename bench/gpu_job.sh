@@ -35,7 +35,9 @@
 #              in bf16 (gpu_7b_e2e_fp8_dynamic.json)
 #   profilefp8 profile_gpu of the fused fp8-dynamic base: a rollout query at batch 16, pi_old, an update micro-batch
 #   e2eoftpi   bench_e2e of OFT, E2E_ITERATIONS (3) each, pi_old as auto takes it (the rollout's) against
-#              --old-log-probs recompute, the same checkout (gpu_7b_e2e_oft_rollout_pi_old.json)
+#              --old-log-probs recompute, the same checkout, both at mini-batches of 64 (an iteration's 440 steps
+#              in 6, as a 128-episode iteration's 3,520 in 13 of 256; with one mini-batch recompute costs nothing)
+#              (gpu_7b_e2e_oft_rollout_pi_old.json)
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -157,7 +159,7 @@ stage() {
     profilefp8) python3 -m bench.profile_gpu --variants fused --base-quant fp8-dynamic --rollout-batches 16 \
                   --output "$RESULTS/profile_7b_fp8_dynamic.json" ;;
     e2eoftpi) python3 -m bench.bench_e2e --models oft --iterations "${E2E_ITERATIONS:-3}" --baseline-repo . \
-                --baseline-flags="--old-log-probs recompute" --work-dir /tmp/e2e \
+                --extra-flags="--mini-batch-size 64" --baseline-flags="--old-log-probs recompute" --work-dir /tmp/e2e \
                 --output "$RESULTS/gpu_7b_e2e_oft_rollout_pi_old.json" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
