@@ -84,8 +84,8 @@ class GRPOTrainer:
                                                               self.params[0].element_size()), "run directory")
         seed_everything(config.seed + self.ctx.rank)  # each rank samples its own actions
         self.inputs = policy_inputs(self.policy)
-        self.recompute_old_log_probs = recomputes_old_log_probs(config.grpo.old_log_probs, self.policy,
-                                                                config.model.base_quant)
+        self.recompute_old_log_probs = config.grpo.recomputes_old_log_probs(
+            self.policy.dtype == torch.bfloat16, self.policy.is_oft, config.model.base_quant)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(warmup_factor, warmup=config.optim.warmup_iterations))
@@ -399,20 +399,6 @@ def unnorm_key(model: ModelConfig, suite: str) -> str:
     """The action statistics of `suite` (REF 1.3), unless --unnorm-key names others; the toy task decodes with
     libero_spatial's."""
     return model.unnorm_key or ("libero_spatial" if suite == TOY else suite)
-
-
-def recomputes_old_log_probs(choice: str, policy: VLAPolicy, base_quant: str) -> bool:
-    """Whether pi_old is the update's own forward (--old-log-probs; auto: where the rollout's log-probs come from
-    other arithmetic than the update's). The token head in bfloat16 decodes with a KV cache, one token at a time,
-    which rounds differently from the update's one teacher-forced forward (0.016 mean, 0.06 max on the 7B); OFT's
-    rollout runs the update's own function, one parallel forward (batch sizes aside: float rounding, measured in
-    the benchmark's train/rollout_logprob_mismatch), unless fp8-dynamic rounds each token to e4m3, where another
-    batch shape can flip a rounding; in float32 the paths agree to ~1e-5."""
-    if choice != "auto":
-        return choice == "recompute"
-    if policy.dtype != torch.bfloat16:
-        return False
-    return not policy.is_oft or base_quant == "fp8-dynamic"
 
 
 def policy_inputs(policy: VLAPolicy) -> PolicyInputs:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from OpenVLA_GRPO import parse_command
-from trainer.memory import (FIRST_RESET_SECONDS, GIB, KV_SLOT_MULTIPLE, ROLLOUT_ACTIVATIONS, SECONDS_PER_QUERY,
-                            SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV, UNCHECKPOINTED_ACTIVATIONS,
-                            UPDATE_ACTIVATIONS, ModelShape, check_fits, checkpoint_shape, iteration_seconds, model_shape,
-                            predict, rollout_bytes_per_sample, update_bytes_per_sample)
+from trainer.memory import (FIRST_RESET_SECONDS, GIB, KV_SLOT_MULTIPLE, PI_OLD_SHARE, ROLLOUT_ACTIVATIONS,
+                            SECONDS_PER_QUERY, SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV,
+                            UNCHECKPOINTED_ACTIVATIONS, UPDATE_ACTIVATIONS, ModelShape, check_fits, checkpoint_shape,
+                            iteration_seconds, model_shape, predict, rollout_bytes_per_sample, update_bytes_per_sample)
 from vla_actor import LoraSettings
 from vla_actor.openvla_7b import openvla_7b_config
 
@@ -128,23 +128,32 @@ def test_a_configuration_predicted_not_to_fit_is_refused_naming_the_flag(tmp_pat
     assert check_fits(quantized, checkpoint_shape(quantized), "NVIDIA GeForce RTX 4090", 24.0).peak_gib < 24
 
 
-def test_iteration_time_is_linear_in_episodes_plus_one_blocking_first_reset(tmp_path):
-    """Refilled rollouts block on their first reset only: 128 episodes on 16 envs (8 each) cost twice 64 of them
-    (4 each) minus one first reset, and an H200 (989 TFLOP/s) is 989 / 165 times a 4090's GPU seconds."""
+def test_iteration_time_is_queries_and_steps_plus_one_blocking_first_reset(tmp_path):
+    """Refilled rollouts block on their first reset only; the update pays a recomputed pi_old on every mini-batch
+    but the first (the token head in bf16): 128 episodes of 220 steps are 110 mini-batches of 256; an H200
+    (989 TFLOP/s) is 989 / 165 times a 4090's GPU seconds."""
     directory = tmp_path / "openvla-7b"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(openvla_7b_config()))
 
-    def seconds(groups, card="NVIDIA H200"):
+    def seconds(groups, *flags, card="NVIDIA H200"):
         config = parse_command(["train", "--checkpoint", str(directory), "--num-envs", "16",
-                                "--groups-per-iteration", str(groups), "--group-size", "8", "--ppo-epochs", "1"])
+                                "--groups-per-iteration", str(groups), "--group-size", "8", "--ppo-epochs", "1",
+                                "--mini-batch-size", "256", *flags])
         return iteration_seconds(config, checkpoint_shape(config), card)
 
-    assert seconds(16) == pytest.approx(2 * seconds(8) - FIRST_RESET_SECONDS)
-    simulators = 16 * 8 * 220 / (SIMULATOR_ACTIONS_PER_S_PER_ENV * 16) + FIRST_RESET_SECONDS
-    gpu_h200 = seconds(16) - simulators
-    assert gpu_h200 == pytest.approx(16 * 8 * 220 * (SECONDS_PER_QUERY["openvla"] + SECONDS_PER_SAMPLE["openvla"]))
-    assert seconds(16, "NVIDIA GeForce RTX 4090") == pytest.approx(gpu_h200 * 989 / 165 + simulators)
+    def simulators(groups):
+        return groups * 8 * 220 / (SIMULATOR_ACTIONS_PER_S_PER_ENV * 16) + FIRST_RESET_SECONDS
+
+    steps = 16 * 8 * 220
+    gpu_h200 = seconds(16) - simulators(16)
+    assert gpu_h200 == pytest.approx(steps * (SECONDS_PER_QUERY["openvla"]
+                                              + SECONDS_PER_SAMPLE["openvla"] * (1 + PI_OLD_SHARE * 109 / 110)))
+    assert seconds(16, card="NVIDIA GeForce RTX 4090") == pytest.approx(gpu_h200 * 989 / 165 + simulators(16))
+    rollout_pi_old = seconds(16, "--old-log-probs", "rollout") - simulators(16)
+    assert rollout_pi_old == pytest.approx(steps * (SECONDS_PER_QUERY["openvla"] + SECONDS_PER_SAMPLE["openvla"]))
+    # one mini-batch of 1,760 steps: its gradient pass gives pi_old, nothing is recomputed
+    assert seconds(1, "--mini-batch-size", "2048") - simulators(1) == pytest.approx(rollout_pi_old / 16)
 
 
 def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(tmp_path):

@@ -18,10 +18,11 @@ import torch
 import grpo
 from libero_env import EpisodeSpec
 from libero_env.toy import ToyVectorEnv
-from OpenVLA_GRPO import GRPOTrainer, parse_command, recomputes_old_log_probs, rollout_metrics
+from OpenVLA_GRPO import GRPOTrainer, parse_command, rollout_metrics
 from trainer import distributed
 from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
+from trainer.config import GrpoConfig
 from trainer.evaluation import EVALS_DIR, evaluate
 from trainer.metrics import UpdateStats, read_metrics
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes, refill_groups
@@ -575,19 +576,18 @@ def test_the_first_mini_batch_is_its_own_pi_old_and_no_step_is_forwarded_twice(c
     assert reduced["train/rollout_logprob_mismatch_max"] == float(gap.max())
 
 
-@pytest.mark.parametrize(("choice", "dtype", "is_oft", "base_quant", "recomputes"), [
-    ("auto", torch.bfloat16, False, "none", True),  # KV-cached decode vs one teacher-forced forward
-    ("auto", torch.bfloat16, True, "none", False),  # OFT's rollout is the update's forward
-    ("auto", torch.bfloat16, True, "int8", False),  # a weight-only base multiplies in bf16 as well
-    ("auto", torch.bfloat16, True, "fp8-dynamic", True),  # per-token e4m3 rounding flips with the batch shape
-    ("auto", torch.float32, False, "none", False),
-    ("recompute", torch.float32, True, "none", True),
-    ("rollout", torch.bfloat16, False, "none", False),
+@pytest.mark.parametrize(("choice", "bfloat16", "oft", "base_quant", "recomputes"), [
+    ("auto", True, False, "none", True),  # KV-cached decode vs one teacher-forced forward
+    ("auto", True, True, "none", False),  # OFT's rollout is the update's forward
+    ("auto", True, True, "int8", False),  # a weight-only base multiplies in bf16 as well
+    ("auto", True, True, "fp8-dynamic", True),  # per-token e4m3 rounding flips with the batch shape
+    ("auto", False, False, "none", False),
+    ("recompute", False, True, "none", True),
+    ("rollout", True, False, "none", False),
 ])
-def test_auto_recomputes_pi_old_where_the_rollout_computes_its_log_probs_differently(choice, dtype, is_oft,
+def test_auto_recomputes_pi_old_where_the_rollout_computes_its_log_probs_differently(choice, bfloat16, oft,
                                                                                     base_quant, recomputes):
-    policy = SimpleNamespace(dtype=dtype, is_oft=is_oft)
-    assert recomputes_old_log_probs(choice, policy, base_quant) == recomputes
+    assert GrpoConfig(old_log_probs=choice).recomputes_old_log_probs(bfloat16, oft, base_quant) == recomputes
 
 
 def test_constant_aggregation_is_a_fixed_normaliser():

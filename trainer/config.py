@@ -185,6 +185,18 @@ class GrpoConfig:
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
     plain GRPO (REF 9.8)."""
 
+    def recomputes_old_log_probs(self, bfloat16: bool, oft: bool, base_quant: str) -> bool:
+        """Whether pi_old is the update's own forward, with `old_log_probs` auto resolved for a policy computing in
+        bfloat16 or not, with an OFT head or the token head, on `base_quant`: recompute where the rollout computes
+        its log-probs other than the update does. The token head in bf16 decodes with a KV cache, a token at a time,
+        which rounds differently from the update's one teacher-forced forward (0.016 mean, 0.06 max on the 7B);
+        OFT's rollout runs the update's own function in one parallel forward (batch shapes aside: float rounding,
+        `train/rollout_logprob_mismatch` and `_max`), unless fp8-dynamic rounds each token to e4m3, where another
+        batch shape can flip a rounding; in float32 the paths agree to ~1e-5."""
+        if self.old_log_probs != "auto":
+            return self.old_log_probs == "recompute"
+        return bfloat16 and (not oft or base_quant == "fp8-dynamic")
+
 
 @dataclass
 class AdamWConfig:

@@ -70,8 +70,13 @@ SECONDS_PER_QUERY = {"openvla": 0.0142, "oft": 0.0193}
 """Rollout model seconds per policy query at batch 16 on the H100 (bench_e2e at the full horizon, fused kernels with
 RoPE and LoRA's scale-and-add, kept graphs: 50.0 s / 3,520 in gpu_7b_e2e_openvla220.json, 8.5 s / 440 in
 gpu_7b_e2e_oft_rope_lora.json)."""
-SECONDS_PER_SAMPLE = {"openvla": 0.0401, "oft": 0.0844}
-"""Update seconds per trained policy step, pi_old recomputed (the same runs: 141.2 s / 3,520, 37.1 s / 440)."""
+SECONDS_PER_SAMPLE = {"openvla": 0.0303, "oft": 0.0844}
+"""Update seconds per trained policy step, its gradient pass (the same runs: OFT 37.1 s / 440 in one mini-batch,
+whose pi_old that pass gives; OpenVLA 141.2 s / 3,520 less the recomputed pi_old of 12 of its 13 mini-batches)."""
+PI_OLD_SHARE = 0.353
+"""A step's recomputed pi_old (one forward without gradients) over its gradient pass: bench_gpu on the H100, bf16,
+micro-batch 16, 27.1 ms per sample without it and 36.7 with pi_old recomputed for every step
+(gpu_7b_fp8_dynamic.json)."""
 SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
 """Env actions per second per worker process in the steady state (bench_e2e OFT, 16 workers on 16 cores)."""
 DEQUANTIZED_COPIES = 2
@@ -226,7 +231,10 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
     queries = episodes * math.ceil(horizon / (OFT_CHUNK if shape.oft else 1))
     kind = "oft" if shape.oft else "openvla"
     scale = DENSE_BF16_TFLOPS[MEASURED_ON] / rate
-    gpu = queries * (SECONDS_PER_QUERY[kind] + SECONDS_PER_SAMPLE[kind] * config.optim.ppo_epochs) * scale
+    minibatches = max(1, queries // config.optim.mini_batch_size)
+    recomputed = (minibatches - 1) / minibatches  # the first mini-batch's gradient pass gives its own pi_old
+    pi_old = PI_OLD_SHARE * recomputed if config.grpo.recomputes_old_log_probs(True, shape.oft, "none") else 0.0
+    gpu = queries * (SECONDS_PER_QUERY[kind] + SECONDS_PER_SAMPLE[kind] * (config.optim.ppo_epochs + pi_old)) * scale
     simulators = episodes * horizon / (SIMULATOR_ACTIONS_PER_S_PER_ENV * config.env.num_envs) + FIRST_RESET_SECONDS
     return gpu + simulators
 
