@@ -86,6 +86,7 @@ class GRPOTrainer:
         self.inputs = policy_inputs(self.policy)
         self.recompute_old_log_probs = config.grpo.recomputes_old_log_probs(
             self.policy.dtype == torch.bfloat16, self.policy.is_oft, config.model.base_quant)
+        self.overlap = config.env.overlaps(self.policy.is_oft, self.policy.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(warmup_factor, warmup=config.optim.warmup_iterations))
@@ -125,7 +126,7 @@ class GRPOTrainer:
                     self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
                     cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
-                    overlap=cfg.env.overlap_rollouts, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
+                    overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
             rollout_seconds = time.perf_counter() - started
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
@@ -344,7 +345,7 @@ class GRPOTrainer:
         with fsdp.gathered(self.units):
             results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,
-                               progress=self.config.logging.progress, overlap=self.config.env.overlap_rollouts,
+                               progress=self.config.logging.progress, overlap=self.overlap,
                                fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
         if self.ctx.is_main:
             config = config_to_dict(_as_saved(self.config)) | {"protocol": "heldout", "temperature": None,
@@ -478,7 +479,8 @@ def run_evaluation(config: EvaluateConfig, plan: EvalPlan | None = None) -> Path
     try:
         results = evaluate(env, policy, [EpisodeSpec(t, i, scene=config.seed) for t in task_ids for i in inits],
                            inputs, ctx, results_dir / "videos", "eval", config.num_videos, progress=config.progress,
-                           temperature=config.temperature, overlap=config.env.overlap_rollouts,
+                           temperature=config.temperature,
+                           overlap=config.env.overlaps(policy.is_oft, policy.device.type == "cuda"),
                            fixed_batch=policy.fixed_batch)
         instructions = {t: env.instruction(t) for t in task_ids}
         if ctx.is_main:

@@ -167,7 +167,7 @@ stage() {
               --output "$RESULTS/${LEVERS_OUTPUT:-gpu_7b_levers.json}" ;;
     e2eoverlap) python3 -m bench.bench_e2e --models ${OVERLAP_MODELS:-oft} --iterations "${E2E_ITERATIONS:-3}" \
                   --baseline-repo . \
-                  --extra-flags=--overlap-rollouts --baseline-flags=--no-overlap-rollouts --work-dir /tmp/e2e \
+                  --extra-flags="--overlap-rollouts on" --baseline-flags="--overlap-rollouts off" --work-dir /tmp/e2e \
                   --output "$RESULTS/gpu_7b_e2e_overlap.json" ;;
     *) echo "unknown stage: $name"; return 2 ;;
   esac

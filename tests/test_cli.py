@@ -81,6 +81,21 @@ def test_config_files_nested_or_flat_and_flags_override(tmp_path):
     assert config.protocol == "heldout" and config.env.num_envs == 5
 
 
+def test_overlapped_rollouts_auto_on_for_oft_on_cuda_and_a_flag_saved_by_older_runs(tmp_path):
+    """auto: on for an OFT head on CUDA with 2+ envs (the 7B measurement), off for the token head and on the CPU;
+    on / off win; a config.json saved when the field was a bool still loads (True -> on, False -> off)."""
+    config = parse_command(["train", "--num-envs", "16"])
+    assert config.env.overlap_rollouts == "auto"
+    assert config.env.overlaps(oft=True, cuda=True)
+    assert not config.env.overlaps(oft=False, cuda=True) and not config.env.overlaps(oft=True, cuda=False)
+    assert not parse_command(["train", "--num-envs", "1"]).env.overlaps(oft=True, cuda=True)
+    assert parse_command(["train", "--overlap-rollouts", "on"]).env.overlaps(oft=False, cuda=False)
+    assert not parse_command(["train", "--overlap-rollouts", "off"]).env.overlaps(oft=True, cuda=True)
+    for saved, expected in ((True, "on"), (False, "off")):
+        (tmp_path / "old.json").write_text(json.dumps({"env": {"overlap_rollouts": saved}}))
+        assert parse_command(["train", "--config", str(tmp_path / "old.json")]).env.overlap_rollouts == expected
+
+
 @pytest.mark.parametrize("text, message", [
     ("lr_rate: 0.1\n", "unknown key 'lr_rate'"),
     ("env:\n  num_envs: four\n", "num_envs: expected int, got 'four'"),

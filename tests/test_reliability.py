@@ -82,7 +82,7 @@ def test_failed_resume_with_a_new_lora_rank_leaves_the_run_resumable(run, tmp_pa
                               f"with the saved values ({run / 'config.json'}). A resumed run may change only "
                               f"--iterations, --timesteps, --max-seconds")
     assert "start a new run (another --run-name) to change the others" in message
-    main(["train", "--resume", str(run), "--iterations", "2", "--overlap-rollouts"])  # a speed setting may change
+    main(["train", "--resume", str(run), "--iterations", "2", "--overlap-rollouts", "on"])  # a speed setting
     assert [row["iteration"] for row in read_metrics(run)] == [1, 2]
 
 

@@ -125,15 +125,23 @@ class EnvConfig:
     """Tasks to use (--task-id 3 or --task-ids 0 1 2); empty: every task of the suite."""
     num_envs: int = 8
     """Episodes stepped together by the vector env (per rank under torchrun)."""
-    overlap_rollouts: bool = False
+    overlap_rollouts: Literal["auto", "on", "off"] = "auto"
     """Play the envs as two fixed halves, one half's simulators stepping while the policy computes the other half's
     actions (trainer.rollout.play_episodes), in rollouts and evals. Helps where the policy and the simulators take
-    similar time per round (OpenVLA-OFT's action chunks); costs where one dominates (half batches per query). Off
-    until measured on a GPU."""
+    similar time per round: the OFT 7B's chunks of 8 on an H100, +8 % env steps/s in whole iterations (BENCHMARKS.md);
+    costs where one dominates (half batches per query). auto: on for an OFT head on CUDA with 2+ envs; off for
+    OpenVLA's token head, whose model time is ~3x the simulators', and on the CPU, where both share the cores."""
     max_steps: int | None = None
     """Override the policy-step horizon; None keeps the suite's (REF 5.4: libero_spatial 220, ..., toy 4)."""
     num_heldout: int = 10
     """Init states per task held out of training for the periodic eval (libero_env.init_state_split, seed 0)."""
+
+    def overlaps(self, oft: bool, cuda: bool) -> bool:
+        """Whether rollouts and evals play two overlapped halves (`overlap_rollouts`, auto resolved for the policy's
+        head and device)."""
+        if self.overlap_rollouts != "auto":
+            return self.overlap_rollouts == "on"
+        return oft and cuda and self.num_envs >= 2
 
 
 @dataclass
@@ -503,6 +511,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 errors.append(str(error))
         raise ValueError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # a run saved when the field was a flag
+            return "on" if value else "off"
         if value not in args:
             raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
