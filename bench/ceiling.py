@@ -110,14 +110,16 @@ def ceilings(shape: Shape, config: CeilingConfig) -> dict[str, float]:
     prompt = shape.patches + shape.text_tokens
     vision = 2 * shape.vision_weights * shape.patches
     decode_read = (shape.action_tokens - 1) * 2 * shape.decoder_weights / bandwidth  # bf16 weights, per batch
-    rollout_seconds = (forward_flops(shape, prompt) + vision) / gemm + decode_read / config.rollout_batch
+    rollout_flops = forward_flops(shape, prompt) + vision
+    rollout_seconds = rollout_flops / gemm + decode_read / config.rollout_batch
     sample = forward_flops(shape, prompt + shape.action_tokens)
     update_seconds = (3 * sample + vision) / gemm
-    update_pi_old_seconds = (4 * sample + 2 * vision) / gemm
+    update_pi_old_flops = 4 * sample + 2 * vision
+    update_pi_old_seconds = update_pi_old_flops / gemm
     iteration = config.env_steps * (rollout_seconds + update_pi_old_seconds) + config.env_wait_seconds
     return {"tokens_per_sample": prompt + shape.action_tokens,
-            "rollout_tflop_per_action": (forward_flops(shape, prompt) + vision) / 1e12,
-            "update_tflop_per_sample_with_pi_old": (4 * sample + 2 * vision) / 1e12,
+            "rollout_tflop_per_action": rollout_flops / 1e12,
+            "update_tflop_per_sample_with_pi_old": update_pi_old_flops / 1e12,
             "rollout_actions_per_s": 1 / rollout_seconds, "update_samples_per_s": 1 / update_seconds,
             "update_samples_per_s_with_pi_old": 1 / update_pi_old_seconds,
             "iteration_env_steps_per_s": config.env_steps / iteration,
