@@ -43,6 +43,7 @@ from trainer.envs import TOY, make_env, suite_shape
 from trainer.errors import UserError, one_line_errors, traceback_requested
 from trainer.evaluation import compare_evals, evaluate, run_eval_dir, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
+from trainer.pi_old import PiOldScorer
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups
@@ -54,7 +55,8 @@ from vla_actor.checkpoint import dtype_name
 
 UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
                          "approx_kl_k3", "kl_to_base", "grad_norm", "rollout_logprob_mismatch"),
-                "min": ("ratio_min",), "max": ("ratio_max", "grad_norm_max", "rollout_logprob_mismatch_max")}
+                "min": ("ratio_min",), "max": ("ratio_max", "grad_norm_max", "rollout_logprob_mismatch_max",
+                        "pi_old_rescore_gap_max")}
 
 
 class GRPOTrainer:
@@ -94,6 +96,13 @@ class GRPOTrainer:
         self.iteration = self.env_steps = self.skipped_steps = self.skipped_in_a_row = 0
         self.env = make_env(config.env, wrist=self.inputs.wrist)
         self.env_tasks: list[int | None] = [None] * self.env.num_envs  # each env's last task (rollout.play_episodes)
+        # every teacher-forced forward pads its prompts to the tasks' longest: one shape for pi_old (trainer.pi_old)
+        self.prompt_length = max(map(len, self.policy.prompt_ids([self.env.instruction(t) for t in self.task_ids])))
+        self.pi_old = (PiOldScorer(self.policy, self.inputs, config.grpo.temperature, config.optim.micro_batch_size,
+                                   self.prompt_length, config.grpo.dynamic_sampling)
+                       if config.grpo.scores_pi_old_while_simulating(self.recompute_old_log_probs,
+                                                                     self.policy.device.type == "cuda", self.overlap)
+                       else None)
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
             state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)
@@ -126,7 +135,8 @@ class GRPOTrainer:
                     self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
                     cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
-                    overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
+                    overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks,
+                    pi_old=self.pi_old)
             rollout_seconds = time.perf_counter() - started
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
@@ -173,7 +183,8 @@ class GRPOTrainer:
             return {"train/steps": 0, "train/optimizer_steps": 0, "train/skipped_steps": 0,
                     "train/skipped_steps_total": self.skipped_steps}
         num_minibatches = max(1, total_steps // (cfg.optim.mini_batch_size * ctx.world_size))
-        epochs = [torch.randperm(batch.num_steps).tensor_split(num_minibatches) for _ in range(cfg.optim.ppo_epochs)]
+        epochs = [shuffled_minibatches(batch.num_steps, num_minibatches, cfg.optim.micro_batch_size)
+                  for _ in range(cfg.optim.ppo_epochs)]
         stats, loss, optimizer_steps, skipped = UpdateStats(), 0.0, 0, 0
         old_log_probs = self.old_log_probs(batch, epochs[0], stats)
         bar = tqdm(total=cfg.optim.ppo_epochs * num_minibatches, desc="update", unit="step", leave=False,
@@ -204,22 +215,22 @@ class GRPOTrainer:
 
     def old_log_probs(self, batch: Rollouts, first_epoch: list[torch.Tensor], stats: UpdateStats) -> torch.Tensor:
         """pi_old of the ratio (--old-log-probs): the rollout's log-probs, or the update's own forward over every
-        step in the first epoch's micro-batches before any optimizer step (then the first ratio is exactly 1 and
-        train/rollout_logprob_mismatch is measured over all steps). Here the steps of the later mini-batches: the
-        first mini-batch's gradient pass runs before any step too, and fills in its own (NaN until then), so its
-        forward is not run twice (the no-grad and the gradient forward are equal bit for bit, test_vla_gpu.py)."""
+        step before any optimizer step (then the first ratio is exactly 1 and train/rollout_logprob_mismatch is
+        measured over all steps): what the rollout computed (--pi-old-while-simulating), and here the steps of the
+        later mini-batches it left, in micro-batches of any steps (one shape, so the same numbers). The first
+        mini-batch's gradient pass runs before any step too and fills in its own (NaN until then), so its forward
+        is not run twice (the no-grad and the gradient forward are equal bit for bit, test_vla_gpu.py)."""
         if not self.recompute_old_log_probs:
             return batch.log_probs
-        recomputed = torch.full_like(batch.log_probs, float("nan"))
+        recomputed = batch.old_log_probs.clone()
+        later = torch.cat(first_epoch[1:]) if len(first_epoch) > 1 else torch.zeros(0, dtype=torch.long)
+        missing = later[recomputed[later].isnan().any(dim=1)]
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
-            for rows in first_epoch[1:]:
-                for part in torch.arange(len(rows)).split(size):
-                    index = rows[part]
-                    inputs = self.step_inputs(batch, index)
-                    recomputed[index] = self.policy.log_probs(*inputs, graph_batch=size)[0].float().cpu()
-        if len(first_epoch) > 1:
-            later = torch.cat(first_epoch[1:])
+            for index in missing.split(size) if len(missing) else ():
+                recomputed[index] = self.policy.log_probs(*self.step_inputs(batch, index), pad_to=size,
+                                                          prompt_length=self.prompt_length)[0].float().cpu()
+        if len(later):
             gap = (recomputed[later] - batch.log_probs[later]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), gap.numel())
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
@@ -304,8 +315,9 @@ class GRPOTrainer:
         """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights) against
         pi_old `old_log_probs` (None: the rollout's log-probs; `before_any_step`: see accumulate_gradients)."""
         cfg = self.config.grpo
-        inputs, graph_batch = self.step_inputs(batch, rows), self.config.optim.micro_batch_size
-        logp, entropy = self.policy.log_probs(*inputs, graph_batch=graph_batch)
+        inputs = self.step_inputs(batch, rows)
+        shape = {"pad_to": self.config.optim.micro_batch_size, "prompt_length": self.prompt_length}
+        logp, entropy = self.policy.log_probs(*inputs, **shape)
         device = logp.device
         weights = weights.to(device)
         if before_any_step:
@@ -314,6 +326,9 @@ class GRPOTrainer:
             stats.mean("rollout_logprob_mismatch", gap.mean(), float(logp.numel()))
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
             if self.recompute_old_log_probs:
+                scored = ~old_log_probs[rows].isnan().any(dim=1)  # pi_old the rollout computed
+                if scored.any():
+                    stats.maximum("pi_old_rescore_gap_max", (own[scored] - old_log_probs[rows][scored]).abs().max())
                 old_log_probs[rows] = own
         loss, loss_stats = grpo.policy_loss(
             logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
@@ -323,7 +338,7 @@ class GRPOTrainer:
         tokens = float(logp.numel())  # stored steps have no padding
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.adapter_disabled():
-                base_logp, _ = self.policy.log_probs(*inputs, graph_batch=graph_batch)
+                base_logp, _ = self.policy.log_probs(*inputs, **shape)
             kl = grpo.kl_k3(logp, base_logp)
             loss = loss + cfg.kl_coef * grpo.aggregate(kl, weights)
             stats.mean("kl_to_base", grpo.masked_mean(kl.detach()), tokens)
@@ -391,6 +406,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def shuffled_minibatches(num_steps: int, parts: int, micro_batch: int) -> list[torch.Tensor]:
+    """The steps in random order, cut into `parts` mini-batches of about equal size whose cuts fall on multiples
+    of the micro-batch where there are at least `micro_batch` steps per part, so that at most the epoch's last
+    micro-batch is smaller than the others (and padded to their shape, VLAPolicy.log_probs)."""
+    order = torch.randperm(num_steps)
+    if num_steps < parts * micro_batch:
+        return list(order.tensor_split(parts))
+    cuts = [round(i * num_steps / (parts * micro_batch)) * micro_batch for i in range(1, parts)]
+    return list(order.tensor_split(cuts))
+
+
 def warmup_factor(iteration: int, warmup: int) -> float:
     """Learning-rate multiplier: linear warm-up over `warmup` iterations, then 1."""
     return min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
@@ -433,17 +459,18 @@ def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds
                  ctx: distributed.DistContext, num_envs: int) -> dict[str, float]:
     """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; where
     a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators (of which the first
-    blocking reset of each round: scene builds), the rest on the host (batching observations, storing steps); and
+    blocking reset of each round: scene builds), pi_old's forwards while the simulators run, the rest on the host
+    (batching observations, storing steps); and
     where a simulator worker's time went (mean over all ranks' envs; libero_env._worker.WORKER_TIMES), to set
     against the wait."""
     seconds = time.perf_counter() - started
     workers = num_envs * ctx.world_size
-    model, env, reset = (counts[k] / ctx.world_size
-                         for k in ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds"))
+    parts = ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds", "rollout_pi_old_seconds")
+    model, env, reset, pi_old = (counts[k] / ctx.world_size for k in parts)
     metrics = {"perf/iteration_seconds": seconds, "perf/rollout_seconds": rollout_seconds,
                "perf/rollout_model_seconds": model, "perf/rollout_env_wait_seconds": env,
-               "perf/rollout_first_reset_seconds": reset,
-               "perf/rollout_host_seconds": rollout_seconds - model - env,
+               "perf/rollout_first_reset_seconds": reset, "perf/rollout_pi_old_seconds": pi_old,
+               "perf/rollout_host_seconds": rollout_seconds - model - env - pi_old,
                "perf/actions_per_second": counts["episode_length_sum"] / rollout_seconds,
                "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds),
                **{f"perf/{key}": value / workers for key, value in counts.items() if key.startswith("env_worker_")}}

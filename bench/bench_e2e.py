@@ -184,8 +184,9 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
     breakdown = ("perf/rollout_model_seconds", "perf/rollout_env_wait_seconds", "perf/rollout_host_seconds",
                  "perf/rollout_first_reset_seconds")
     if all(key in steady[0] for key in breakdown):
+        parts = (*breakdown, "perf/rollout_pi_old_seconds") if "perf/rollout_pi_old_seconds" in steady[0] else breakdown
         summary["rollout_breakdown_seconds"] = {key.split("/")[1].removeprefix("rollout_").removesuffix("_seconds"):
-                                                sum(r[key] for r in steady) for key in breakdown}
+                                                sum(r[key] for r in steady) for key in parts}
         model_rate = env_steps / summary["rollout_breakdown_seconds"]["model"]  # the simulators' wait left out
         summary.update(rollout_model_actions_per_s=model_rate,
                        rollout_model_share_of_microbench=model_rate / microbench_rate)
@@ -197,6 +198,9 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
         summary["rollout_logprob_mismatch"] = float(np.mean([r["train/rollout_logprob_mismatch"] for r in steady]))
     if "train/rollout_logprob_mismatch_max" in steady[0]:
         summary["rollout_logprob_mismatch_max"] = max(r["train/rollout_logprob_mismatch_max"] for r in steady)
+    gaps = [r["train/pi_old_rescore_gap_max"] for r in steady if "train/pi_old_rescore_gap_max" in r]
+    if gaps:  # pi_old computed during the rollout against the update's own forward: 0 when exact
+        summary["pi_old_rescore_gap_max"] = max(gaps)
     return summary
 
 
@@ -234,8 +238,8 @@ def main(config: E2EConfig) -> dict:
                                    flags)
                 results.update({f"{prefix}{key}{suffix}": value
                                 for key, value in summarize(rows, rates[name]).items()})
-    config.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(config.output, results)
+                config.output.parent.mkdir(parents=True, exist_ok=True)
+                write_json(config.output, results)  # after each run: a job cut short keeps what it measured
     for key in sorted(k for k in results if k.removeprefix("oft_").startswith(("env_steps_per_s", "update_samples"))):
         print(f"{key}: {results[key]:.2f}")
     return results

@@ -233,7 +233,7 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     for start in range(0, rows, micro_batch):
         index = slice(start, start + micro_batch)
         log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                        temperature=temperature, graph_batch=micro_batch)
+                                        temperature=temperature, pad_to=micro_batch)
         loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device), advantages[index].to(device),
                                    weights[index].to(device), mask[index].to(device))
         loss.backward()
@@ -250,7 +250,7 @@ def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, tempera
         for start in range(0, len(batch.instructions), micro_batch):
             index = slice(start, start + micro_batch)
             log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                            temperature=temperature, graph_batch=micro_batch)
+                                            temperature=temperature, pad_to=micro_batch)
             parts.append(log_probs.float().cpu())
     return torch.cat(parts)
 

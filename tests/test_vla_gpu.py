@@ -195,7 +195,7 @@ def pi_old_and_gradients(policy, images, instructions, tokens, **kwargs):
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, dtype, atol):
     """With frozen towers and projector, teacher-forced forwards replay the vision graph the rollout kept, with and
-    without gradients, a smaller micro-batch padded to `graph_batch`: no new capture, the log-probs and (float32) the
+    without gradients, a smaller micro-batch padded to `pad_to`: no new capture, the log-probs and (float32) the
     adapters' gradients equal the eager towers', and with gradients the log-probs equal the no-grad ones exactly (the
     first PPO ratio stays 1)."""
     policy, images, instructions, tokens = checkpointed_tiny_policy(tmp_path, dtype)
@@ -204,7 +204,7 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, d
         policy.cuda_graphs = graph
         for rows in (8, 5):
             results[graph, rows] = pi_old_and_gradients(policy, images[:rows], instructions[:rows], tokens[:rows],
-                                                        graph_batch=8)
+                                                        pad_to=8)
     assert policy.graph_captures == {"vision": 1, "decode": 1}
     for rows in (8, 5):
         (graph_old, graph_grads), (eager_old, eager_grads) = results[True, rows], results[False, rows]
@@ -212,6 +212,32 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, d
         if dtype == torch.float32:
             for graph_grad, eager_grad in zip(graph_grads, eager_grads):
                 assert torch.allclose(graph_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_steps_log_probs_do_not_depend_on_the_steps_beside_it(tmp_path, without_tf32, dtype):
+    """trainer.pi_old's premise: at one shape (`pad_to` rows, prompts padded to `prompt_length`) a step's
+    teacher-forced log-probs are the same bits whatever other steps share its batch and wherever it sits in it,
+    without gradients (the rollout's pi_old) and with them (the update's gradient pass); a batch of 3 padded to 4
+    gives its rows' bits too. A no-grad forward between two rollout queries keeps the decode graph."""
+    policy, images, instructions, tokens = checkpointed_tiny_policy(tmp_path, dtype)
+    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": max(map(len, policy.prompt_ids(instructions)))}
+
+    def forward(rows: list[int]) -> torch.Tensor:
+        log_probs, _ = policy.log_probs(images[rows], [instructions[i] for i in rows], tokens[rows], **shape)
+        return log_probs.detach()
+
+    with torch.no_grad():
+        first = forward([0, 1, 2, 3])
+        policy.sample(images[:8], instructions[:8], temperature=1.6)
+        second = forward([3, 6, 1, 7])
+        policy.sample(images[:8], instructions[:8], temperature=1.6)
+        padded = forward([5, 3, 0])
+    with_gradients = forward([2, 4, 0, 6])
+    assert torch.equal(first[3], second[0]) and torch.equal(first[1], second[2])
+    assert torch.equal(first[3], padded[1]) and torch.equal(first[0], padded[2])
+    assert torch.equal(first[2], with_gradients[0]) and torch.equal(first[0], with_gradients[2])
+    assert policy.graph_captures["decode"] == 1
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])

@@ -188,6 +188,15 @@ class GrpoConfig:
     in bfloat16 (its rollout is the update's own forward, batch shape aside) and in float32 (the paths agree to
     ~1e-5). Either way train/rollout_logprob_mismatch (and _max) logs the mean (largest) |rollout - update|
     log-prob before the first step."""
+    pi_old_while_simulating: Literal["auto", "on", "off"] = "auto"
+    """Where a recomputed pi_old (old_log_probs) is computed: on: during the rollout, a micro-batch of stored steps
+    at a time while the simulators execute the round's actions (the GPU would wait for them), the rest in the
+    update; off: all in the update. The same numbers either way: every teacher-forced forward of an iteration runs
+    at the micro-batch shape (a smaller batch padded with copies of a step, prompts to the tasks' longest), where a
+    step's log-probs do not depend on the steps beside it (train/pi_old_rescore_gap_max checks it each iteration,
+    0 when equal). Scored are steps of groups the update keeps: all without dynamic sampling, with it a group once
+    it holds a success and a failure. auto: on with CUDA, unless the rollouts overlap two halves (the GPU waits
+    little there); off on the CPU, where the forward takes the simulators' cores."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
@@ -204,6 +213,13 @@ class GrpoConfig:
         if self.old_log_probs != "auto":
             return self.old_log_probs == "recompute"
         return bfloat16 and (not oft or base_quant == "fp8-dynamic")
+
+    def scores_pi_old_while_simulating(self, recomputes: bool, cuda: bool, overlap: bool) -> bool:
+        """Whether the rollout computes pi_old (`pi_old_while_simulating`, auto resolved), given whether pi_old is
+        recomputed at all, the device and whether rollouts overlap two halves."""
+        if not recomputes or self.pi_old_while_simulating == "off":
+            return False
+        return self.pi_old_while_simulating == "on" or (cuda and not overlap)
 
 
 @dataclass

@@ -234,12 +234,13 @@ class VLAPolicy:
         return [row if row[-1] == SPACE_PIECE_ID else [*row, SPACE_PIECE_ID] for row in ids]
 
     def _inputs(self, prefix: torch.Tensor, prompts: list[list[int]], suffix: torch.Tensor | None,
-                zeroed_suffix: int = 0) -> _Inputs:
-        """Embed [BOS] prefix [prompt] [suffix] per sample, right-padded; the first `zeroed_suffix` suffix
-        tokens get zero embeddings (OFT's empty action embeddings)."""
+                zeroed_suffix: int = 0, prompt_length: int = 0) -> _Inputs:
+        """Embed [BOS] prefix [prompt] [suffix] per sample, right-padded to the longest prompt or `prompt_length`
+        (tokens of BOS + prompt) if that is more; the first `zeroed_suffix` suffix tokens get zero embeddings
+        (OFT's empty action embeddings)."""
         batch, suffix_len = len(prompts), 0 if suffix is None else suffix.shape[1]
         lengths = torch.tensor([len(p) for p in prompts])
-        text_len = int(lengths.max()) + suffix_len
+        text_len = max(int(lengths.max()), prompt_length) + suffix_len
         ids = torch.full((batch, text_len), PAD_ID, dtype=torch.long)
         suffix = None if suffix is None else suffix.cpu()
         for i, prompt in enumerate(prompts):
@@ -350,22 +351,19 @@ class VLAPolicy:
         parts = (self.model.vision_backbone, self.model.projector)
         return any(p.requires_grad for part in parts for p in part.parameters())
 
-    def _prefix(self, images, wrist, proprio, batch: int, graph_batch: int | None = None) -> torch.Tensor:
+    def _prefix(self, images, wrist, proprio, batch: int) -> torch.Tensor:
         """The prefix embeddings, the vision towers and projector replayed from a kept CUDA graph where
         `cuda_graphs` allows and no gradient has to flow through them (its output is overwritten by the next call;
-        the prefix is copied into each call's embeddings before then). `graph_batch`: a smaller batch is padded
-        with zero images to it, so that it replays the graph of that batch rather than capturing its own."""
+        the prefix is copied into each call's embeddings before then)."""
         pixels, proprio = self._pixel_values(images, wrist, batch), self._proprio(proprio, batch)
         if not self._replays_graphs or (torch.is_grad_enabled() and self._vision_trains):
             return self.model.prefix_embeddings(pixels, proprio)  # FSDP runs its root's hooks here (trainer/fsdp.py)
         if self._vision_graph is None:
             self._vision_graph = KeptGraph(self.model.patch_embeddings, self.device, "VisionGraph")
-        if graph_batch is not None and graph_batch > batch:
-            pixels = torch.cat([pixels, pixels.new_zeros(graph_batch - batch, *pixels.shape[1:])])
         # the graph must read the weights themselves, not autocast's cached copies, which the block frees (_mode)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
                                              enabled=self.dtype != torch.float32, cache_enabled=False):
-            patches = self._vision_graph(pixels)[:batch]
+            patches = self._vision_graph(pixels)
         return self.model.append_proprio(patches, proprio)
 
     def _release_decoder(self) -> None:
@@ -440,34 +438,45 @@ class VLAPolicy:
                 log_probs = self._action_log_softmax(hidden[:, 0], temperature)
         return torch.stack(columns, dim=1), torch.stack(chosen, dim=1)
 
-    def _oft_log_probs(self, prefix, prompts, temperature) -> torch.Tensor:
+    def _oft_log_probs(self, prefix, prompts, temperature, prompt_length: int = 0) -> torch.Tensor:
         """One bidirectional forward over prompt + 56 zero-embedded placeholders + STOP -> [B, 56, 256]."""
         batch, count = len(prompts), self.tokens_per_query
         suffix = torch.tensor([OFT_PLACEHOLDER_ID] * count + [STOP_ID]).expand(batch, count + 1)
-        inputs = self._inputs(prefix, prompts, suffix, zeroed_suffix=count)
+        inputs = self._inputs(prefix, prompts, suffix, zeroed_suffix=count, prompt_length=prompt_length)
         return self._readout(inputs, self._hidden(inputs), count, temperature)
 
     def log_probs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], token_ids: torch.Tensor,
-                  wrist=None, proprio=None, temperature: float = 1.0,
-                  graph_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  wrist=None, proprio=None, temperature: float = 1.0, pad_to: int | None = None,
+                  prompt_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs float32 [B, T] of `token_ids` and the entropy [B, T] of the 256-way
         distributions, with the same slicing and temperature as `sample`. Differentiable w.r.t. the adapters;
-        runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled. `graph_batch`: the
-        batch of the vision graph to replay (see `cuda_graphs`); the update passes its micro-batch size, so a
-        mini-batch's last, smaller micro-batch replays the graph of the others, padded."""
+        runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled. `pad_to` rows and
+        `prompt_length` prompt tokens (BOS and 29871 included): a smaller batch runs padded with copies of its last
+        sample, shorter prompts padded on the right, so that every forward of the update runs at one shape, where a
+        sample's numbers do not depend on the other samples (GEMMs and attention work row by row), and pi_old
+        computed in one forward equals the update's in another (trainer.pi_old); the vision graph the rollout
+        kept (`cuda_graphs`) is replayed at that batch. A forward without gradients keeps the rollout's decode
+        graph and KV cache (it may run between rollout queries); one with gradients frees them for its
+        activations."""
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
-        self._release_decoder()
+        if pad_to is not None and batch < pad_to:
+            images, wrist, proprio, token_ids = (None if rows is None else _pad_rows(rows, pad_to - batch)
+                                                 for rows in (images, wrist, proprio, token_ids))
+            instructions = [*instructions, *[instructions[-1]] * (pad_to - batch)]
+        if torch.is_grad_enabled():
+            self._release_decoder()
         with self._mode(torch.is_grad_enabled()):
-            prefix = self._prefix(images, wrist, proprio, batch, graph_batch)
+            prefix = self._prefix(images, wrist, proprio, len(instructions))
             prompts = self.prompt_ids(instructions)
             if self.is_oft:
-                log_probs = self._oft_log_probs(prefix, prompts, temperature)
+                log_probs = self._oft_log_probs(prefix, prompts, temperature, prompt_length)
             else:
-                inputs = self._inputs(prefix, prompts, token_ids)
+                inputs = self._inputs(prefix, prompts, token_ids, prompt_length=prompt_length)
                 log_probs = self._readout(inputs, self._hidden(inputs), self.tokens_per_query, temperature)
-        columns = (token_ids - ACTION_TOKEN_BEGIN).unsqueeze(-1)
+        log_probs = log_probs[:batch]
+        columns = (token_ids[:batch] - ACTION_TOKEN_BEGIN).unsqueeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return log_probs.gather(-1, columns).squeeze(-1), entropy
 
@@ -832,3 +841,11 @@ def _load_tokenizer(directory: Path, llama_config: PretrainedConfig) -> PreTrain
         raise ValueError(f"tokenizer in {directory} has (bos id, pad id, piece 29871) = {found}; expected "
                          f"({BOS_ID}, {PAD_ID}, '▁') as in the Llama-2 tokenizer with <PAD> added")
     return tokenizer
+
+
+def _pad_rows(rows: np.ndarray | torch.Tensor, extra: int) -> np.ndarray | torch.Tensor:
+    """`rows` followed by `extra` copies of its last row."""
+    if isinstance(rows, torch.Tensor):
+        return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])])
+    rows = np.asarray(rows)
+    return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
