@@ -40,7 +40,7 @@
 #              (gpu_7b_e2e_oft_rollout_pi_old.json)
 #   e2epiold   bench_e2e of E2E_MODELS (openvla oft), E2E_ITERATIONS (2) each, this checkout against itself with
 #              --pi-old-while-simulating off (OFT keeps its rollout's pi_old: the same code both sides), into
-#              E2E_OUTPUT (gpu_7b_e2e.json), written after each run
+#              E2E_OUTPUT (gpu_7b_e2e.json), written after each run; E2E_MAX_STEPS: a shorter horizon
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -166,7 +166,7 @@ stage() {
                 --output "$RESULTS/gpu_7b_e2e_oft_rollout_pi_old.json" ;;
     e2epiold) python3 -m bench.bench_e2e --models ${E2E_MODELS:-openvla oft} --iterations "${E2E_ITERATIONS:-2}" \
                 --baseline-repo . --baseline-flags="--pi-old-while-simulating off" --work-dir /tmp/e2e \
-                --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
+                ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
