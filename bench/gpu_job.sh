@@ -8,7 +8,7 @@
 #   bash bench/gpu_job.sh report OUT_DIR [WAIT_SECONDS]      # waits for the job, prints the logs, copies results
 #
 # A stage named bg:NAME runs in the background beside the stages after it (e.g. bg:seed1 vlagpu). Stages:
-#   vlagpu     tests/test_vla_gpu.py
+#   vlagpu     tests/test_vla_gpu.py (VLAGPU_K: a pytest -k selection, when the lease is short)
 #   seed<N>    seed N of the small-VLA experiment (scripts/libero_seeds.py's recipe), packed with scripts.transfer
 #   micro      bench_gpu: checkpointed update micro-batches 16 / 32 / 48
 #   compile    bench_gpu --compile-layers: compiled blocks against eager in one process
@@ -101,7 +101,7 @@ stage() {
   local name=$1
   local bench="python3 -m bench.bench_gpu --skip-oft"
   case $name in
-    vlagpu) python3 -m pytest -q -p no:cacheprovider -rA tests/test_vla_gpu.py ;;
+    vlagpu) python3 -m pytest -q -p no:cacheprovider -rA tests/test_vla_gpu.py ${VLAGPU_K:+-k "$VLAGPU_K"} ;;
     seed*)
       local seed=${name#seed} work=$JOB_DIR/ll_$name
       local lora="--lora-rank 32 --lora-alpha 32 --lora-vision --lora-projector --no-dynamic-sampling"
