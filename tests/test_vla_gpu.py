@@ -139,8 +139,9 @@ def assert_same_samples(graph, eager, atol):
 def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(tmp_path, dtype, atol):
     """The vision and decode graphs kept between calls of one shape equal eager runs for other images, shorter
     prompts, after an in-place update of the adapters (the optimizer's; on the ViTs too) and inside
-    adapter_disabled(); a shape is captured once, another batch and a disabled adapter lead to new captures, and a
-    teacher-forced forward frees the decode graph only (its no-grad forward replays the kept vision graph)."""
+    adapter_disabled(); a shape is captured once, another batch and a disabled adapter lead to new captures; a
+    teacher-forced forward without gradients keeps both graphs (pi_old runs between rollout queries), one with
+    gradients frees the decode graph only (it needs the memory; the towers train here, so it runs them eagerly)."""
     policy = tiny_policy_with_lora(tmp_path, dtype, everywhere=True)
     assert policy.fixed_batch  # rollouts keep the batch of a round the same for the kept graphs
     images, instructions = observations(8)
@@ -162,8 +163,12 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     assert_same_samples(*sample_graph_and_eager(policy, images[:4], instructions[:4]), atol)
     assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
     assert policy.graph_captures == {"vision": 4, "decode": 4}
+    tokens = policy.sample(images, instructions, greedy=True).token_ids
     with torch.no_grad():
-        policy.log_probs(images, instructions, policy.sample(images, instructions, greedy=True).token_ids)
+        policy.log_probs(images, instructions, tokens)
+    assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
+    assert policy.graph_captures == {"vision": 4, "decode": 4}
+    policy.log_probs(images, instructions, tokens)
     assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
     assert policy.graph_captures == {"vision": 4, "decode": 5}
 
