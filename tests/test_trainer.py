@@ -695,6 +695,7 @@ def test_pi_old_scorer_scores_whole_micro_batches_of_kept_groups(dynamic_samplin
     assert all(torch.equal(old[i], torch.full((7,), 31744.0 + i)) for i in scored)
     assert policy.forwards == [(2, 2, 9, False)] * (len(scored) // 2)
     assert scorer.seconds > 0
+    assert not scorer._ready and not scorer._groups  # the steps' images are let go before the update
 
 
 def test_constant_aggregation_is_a_fixed_normaliser():

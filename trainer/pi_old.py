@@ -104,10 +104,12 @@ class PiOldScorer:
         self.seconds += time.perf_counter() - started
 
     def finish(self, num_steps: int, tokens: int) -> torch.Tensor:
-        """float32 [num_steps, tokens]: the scored steps' pi_old, NaN for the others."""
+        """float32 [num_steps, tokens]: the scored steps' pi_old, NaN for the others. Lets go of the steps (whose
+        images would otherwise keep the rounds' arrays alive through the update)."""
         old = torch.full((num_steps, tokens), float("nan"))
         for index, row in self._scored.items():
             old[index] = row
+        self._groups, self._ready, self._scored = {}, [], {}
         return old
 
     def _kept(self, group: _Group) -> bool:
