@@ -326,9 +326,10 @@ class GRPOTrainer:
             stats.mean("rollout_logprob_mismatch", gap.mean(), float(logp.numel()))
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
             if self.recompute_old_log_probs:
-                scored = ~old_log_probs[rows].isnan().any(dim=1)  # pi_old the rollout computed
+                rollout_pi_old = old_log_probs[rows]
+                scored = ~rollout_pi_old.isnan().any(dim=1)  # pi_old the rollout computed
                 if scored.any():
-                    stats.maximum("pi_old_rescore_gap_max", (own[scored] - old_log_probs[rows][scored]).abs().max())
+                    stats.maximum("pi_old_rescore_gap_max", (own[scored] - rollout_pi_old[scored]).abs().max())
                 old_log_probs[rows] = own
         loss, loss_stats = grpo.policy_loss(
             logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
@@ -460,9 +461,8 @@ def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds
     """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; where
     a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators (of which the first
     blocking reset of each round: scene builds), pi_old's forwards while the simulators run, the rest on the host
-    (batching observations, storing steps); and
-    where a simulator worker's time went (mean over all ranks' envs; libero_env._worker.WORKER_TIMES), to set
-    against the wait."""
+    (batching observations, storing steps); and where a simulator worker's time went (mean over all ranks' envs;
+    libero_env._worker.WORKER_TIMES), to set against the wait."""
     seconds = time.perf_counter() - started
     workers = num_envs * ctx.world_size
     parts = ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds", "rollout_pi_old_seconds")
