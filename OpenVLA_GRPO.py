@@ -98,10 +98,12 @@ class GRPOTrainer:
         self.env_tasks: list[int | None] = [None] * self.env.num_envs  # each env's last task (rollout.play_episodes)
         # every teacher-forced forward pads its prompts to the tasks' longest: one shape for pi_old (trainer.pi_old)
         self.prompt_length = max(map(len, self.policy.prompt_ids([self.env.instruction(t) for t in self.task_ids])))
+        one_vision_shape = not self.policy.fixed_batch or config.optim.micro_batch_size == self.env.num_envs
         self.pi_old = (PiOldScorer(self.policy, self.inputs, config.grpo.temperature, config.optim.micro_batch_size,
                                    self.prompt_length, config.grpo.dynamic_sampling)
                        if config.grpo.scores_pi_old_while_simulating(self.recompute_old_log_probs,
-                                                                     self.policy.device.type == "cuda", self.overlap)
+                                                                     self.policy.device.type == "cuda", self.overlap,
+                                                                     one_vision_shape)
                        else None)
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
             state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,

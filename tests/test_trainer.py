@@ -624,18 +624,20 @@ def test_auto_recomputes_pi_old_where_the_rollout_computes_its_log_probs_differe
     assert GrpoConfig(old_log_probs=choice).recomputes_old_log_probs(bfloat16, oft, base_quant) == recomputes
 
 
-@pytest.mark.parametrize(("choice", "recomputes", "cuda", "overlap", "scores"), [
-    ("auto", True, True, False, True),  # the token head on a GPU: the GPU waits for the simulators every round
-    ("auto", True, True, True, False),  # two halves in flight keep the GPU busy
-    ("auto", True, False, False, False),  # on the CPU the forward would take the simulators' cores
-    ("auto", False, True, False, False),  # pi_old is the rollout's own
-    ("on", True, False, True, True),
-    ("on", False, True, False, False),
-    ("off", True, True, False, False),
+@pytest.mark.parametrize(("choice", "recomputes", "cuda", "overlap", "one_vision_shape", "scores"), [
+    ("auto", True, True, False, True, True),  # the token head on a GPU: the GPU waits for the simulators every round
+    ("auto", True, True, True, True, False),  # two halves in flight keep the GPU busy
+    ("auto", True, True, False, False, False),  # the kept vision graph would be captured again twice a round
+    ("auto", True, False, False, True, False),  # on the CPU the forward would take the simulators' cores
+    ("auto", False, True, False, True, False),  # pi_old is the rollout's own
+    ("on", True, False, True, False, True),
+    ("on", False, True, False, True, False),
+    ("off", True, True, False, True, False),
 ])
-def test_pi_old_is_computed_while_simulating_where_the_gpu_waits(choice, recomputes, cuda, overlap, scores):
+def test_pi_old_is_computed_while_simulating_where_the_gpu_waits(choice, recomputes, cuda, overlap, one_vision_shape,
+                                                                 scores):
     config = GrpoConfig(pi_old_while_simulating=choice)
-    assert config.scores_pi_old_while_simulating(recomputes, cuda, overlap) == scores
+    assert config.scores_pi_old_while_simulating(recomputes, cuda, overlap, one_vision_shape) == scores
 
 
 def test_mini_batches_are_cut_on_micro_batch_multiples():

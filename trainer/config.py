@@ -195,8 +195,10 @@ class GrpoConfig:
     at the micro-batch shape (a smaller batch padded with copies of a step, prompts to the tasks' longest), where a
     step's log-probs do not depend on the steps beside it (train/pi_old_rescore_gap_max checks it each iteration,
     0 when equal). Scored are steps of groups the update keeps: all without dynamic sampling, with it a group once
-    it holds a success and a failure. auto: on with CUDA, unless the rollouts overlap two halves (the GPU waits
-    little there); off on the CPU, where the forward takes the simulators' cores."""
+    it holds a success and a failure. auto: on with CUDA where the micro-batch equals the rollout's batch
+    (--micro-batch-size = --num-envs) or CUDA graphs are off, unless the rollouts overlap two halves (the GPU waits
+    little there); off on the CPU, where the forward takes the simulators' cores. The kept vision graph holds one
+    batch size, so with CUDA graphs and another micro-batch, on captures it again twice a round."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
@@ -214,12 +216,14 @@ class GrpoConfig:
             return self.old_log_probs == "recompute"
         return bfloat16 and (not oft or base_quant == "fp8-dynamic")
 
-    def scores_pi_old_while_simulating(self, recomputes: bool, cuda: bool, overlap: bool) -> bool:
+    def scores_pi_old_while_simulating(self, recomputes: bool, cuda: bool, overlap: bool,
+                                       one_vision_shape: bool) -> bool:
         """Whether the rollout computes pi_old (`pi_old_while_simulating`, auto resolved), given whether pi_old is
-        recomputed at all, the device and whether rollouts overlap two halves."""
+        recomputed at all, the device, whether rollouts overlap two halves and whether the rollout's queries and
+        the micro-batches share the kept vision graph's shape (same batch, or no CUDA graphs)."""
         if not recomputes or self.pi_old_while_simulating == "off":
             return False
-        return self.pi_old_while_simulating == "on" or (cuda and not overlap)
+        return self.pi_old_while_simulating == "on" or (cuda and not overlap and one_vision_shape)
 
 
 @dataclass

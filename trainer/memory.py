@@ -236,7 +236,9 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
     scale = DENSE_BF16_TFLOPS[MEASURED_ON] / rate
     minibatches = max(1, queries // config.optim.mini_batch_size)
     recomputes = config.grpo.recomputes_old_log_probs(True, shape.oft, "none")
-    scored = config.grpo.scores_pi_old_while_simulating(recomputes, True, config.env.overlaps(shape.oft, True))
+    one_vision_shape = not config.model.cuda_graphs or config.optim.micro_batch_size == config.env.num_envs
+    scored = config.grpo.scores_pi_old_while_simulating(recomputes, True, config.env.overlaps(shape.oft, True),
+                                                        one_vision_shape)
     # without scoring, the first mini-batch's gradient pass gives its own pi_old
     share = (1.0 if scored else (minibatches - 1) / minibatches) if recomputes else 0.0
     pi_old = queries * SECONDS_PER_SAMPLE[kind] * PI_OLD_SHARE * share * scale
