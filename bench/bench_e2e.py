@@ -190,6 +190,10 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
         model_rate = env_steps / summary["rollout_breakdown_seconds"]["model"]  # the simulators' wait left out
         summary.update(rollout_model_actions_per_s=model_rate,
                        rollout_model_share_of_microbench=model_rate / microbench_rate)
+        # a pi_old computed during the rollout is update work done there: counted back, the update rate compares
+        # with a run that computes it in the update
+        pi_old_seconds = summary["rollout_breakdown_seconds"].get("pi_old", 0.0)
+        summary["update_samples_per_s_counting_pi_old"] = trained / (update_seconds + pi_old_seconds)
     workers = sorted(key for key in steady[0] if key.startswith("perf/env_worker_"))
     if workers:  # mean per simulator: set against env_wait above
         summary["env_worker_seconds"] = {key.removeprefix("perf/env_worker_").removesuffix("_seconds"):

@@ -116,6 +116,8 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
             model_rate / results[f"oft_microbench_actions_per_s{suffix}"])
     assert results["oft_rollout_breakdown_seconds"]["pi_old"] > 0 == results["oft_rollout_breakdown_seconds_baseline"][
         "pi_old"]
+    assert results["oft_update_samples_per_s_counting_pi_old"] < results["oft_update_samples_per_s"]
+    assert results["oft_update_samples_per_s_counting_pi_old_baseline"] == results["oft_update_samples_per_s_baseline"]
     assert results["oft_pi_old_rescore_gap_max"] == 0.0 and "oft_pi_old_rescore_gap_max_baseline" not in results
     assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4
     assert results["oft_rollout_logprob_mismatch"] <= results["oft_rollout_logprob_mismatch_max"] < 1e-3
