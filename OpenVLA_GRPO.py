@@ -88,6 +88,8 @@ class GRPOTrainer:
         self.inputs = policy_inputs(self.policy)
         self.recompute_old_log_probs = config.grpo.recomputes_old_log_probs(
             self.policy.dtype == torch.bfloat16, self.policy.is_oft, config.model.base_quant)
+        # the first mini-batch's gradient pass gives pi_old of its steps, unless training mode drops anything out
+        self.pi_old_from_gradient_pass = self.recompute_old_log_probs and not self.policy.drops_out_in_training
         self.overlap = config.env.overlaps(self.policy.is_oft, self.policy.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -221,11 +223,13 @@ class GRPOTrainer:
         measured over all steps): what the rollout computed (--pi-old-while-simulating), and here the steps of the
         later mini-batches it left, in micro-batches of any steps (one shape, so the same numbers). The first
         mini-batch's gradient pass runs before any step too and fills in its own (NaN until then), so its forward
-        is not run twice (the no-grad and the gradient forward are equal bit for bit, test_vla_gpu.py)."""
+        is not run twice (the no-grad and the gradient forward are equal bit for bit, test_vla_gpu.py), unless
+        training mode drops out (--lora-dropout): then this pass covers the first mini-batch too."""
         if not self.recompute_old_log_probs:
             return batch.log_probs
         recomputed = batch.old_log_probs.clone()
-        later = torch.cat(first_epoch[1:]) if len(first_epoch) > 1 else torch.zeros(0, dtype=torch.long)
+        covered = first_epoch[1:] if self.pi_old_from_gradient_pass else first_epoch
+        later = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
         missing = later[recomputed[later].isnan().any(dim=1)]
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
@@ -287,7 +291,7 @@ class GRPOTrainer:
         loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes.
         `old_log_probs`: pi_old of every step (None: the rollout's). `before_any_step`: these forwards precede every
         optimizer step, so they measure how far the rollout's log-probs are from the update's, and with pi_old
-        recomputed they are pi_old of their steps (filled into `old_log_probs`)."""
+        recomputed they are pi_old of their steps (filled into `old_log_probs`), unless training mode drops out."""
         traj_ids = torch.from_numpy(batch.step_episode[rows.numpy()])
         tokens, aggregation = batch.token_ids.shape[1], self.config.grpo.aggregation
         # Dr. GRPO's constant is the configured mini-batch's token slots, whatever this mini-batch holds.
@@ -322,7 +326,7 @@ class GRPOTrainer:
         logp, entropy = self.policy.log_probs(*inputs, **shape)
         device = logp.device
         weights = weights.to(device)
-        if before_any_step:
+        if before_any_step and (self.pi_old_from_gradient_pass or not self.recompute_old_log_probs):
             own = logp.detach().float().cpu()
             gap = (own - batch.log_probs[rows]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), float(logp.numel()))

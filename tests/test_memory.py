@@ -162,6 +162,8 @@ def test_iteration_time_is_queries_and_steps_plus_one_blocking_first_reset(tmp_p
     assert seconds(16) == pytest.approx(while_simulating + FIRST_RESET_SECONDS)
     assert seconds(16, card="NVIDIA GeForce RTX 3090") == pytest.approx(while_simulating * 989 / 71
                                                                        + FIRST_RESET_SECONDS)
+    # with LoRA dropout the first mini-batch's gradient pass cannot give pi_old: every step is recomputed
+    assert seconds(16, *off, "--lora-dropout", "0.1") - simulators(16) == pytest.approx(while_simulating)
     # micro-batches of 8 beside queries of 16 would capture the kept vision graph again twice a round: auto is off
     assert seconds(16, "--micro-batch-size", "8") == pytest.approx(seconds(16, *off))
     assert seconds(16, "--micro-batch-size", "8", "--no-cuda-graphs") == pytest.approx(seconds(16))

@@ -610,6 +610,35 @@ def test_the_first_mini_batch_is_its_own_pi_old_and_no_step_is_forwarded_twice(c
     assert reduced["train/rollout_logprob_mismatch_max"] == float(gap.max())
 
 
+def test_with_lora_dropout_pi_old_is_a_forward_without_dropout_for_every_step(checkpoint, tmp_path):
+    """--lora-dropout: the gradient pass drops out, so the no-grad pass before the first step covers the first
+    mini-batch too, and the first mini-batch's gradient pass leaves pi_old as that pass gave it (the forward the
+    later mini-batches' ratios start from too)."""
+    trainer = toy_trainer(checkpoint, tmp_path, "--old-log-probs", "recompute", "--mini-batch-size", "8",
+                          "--micro-batch-size", "4", "--eval-every", "0", "--lora-dropout", "0.5")
+    assert trainer.policy.drops_out_in_training and not trainer.pi_old_from_gradient_pass
+    batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                              dynamic_sampling=True, max_refill_rounds=8)
+    trainer.close()
+    advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+    first_epoch = torch.randperm(batch.num_steps).tensor_split(3)
+    stats = UpdateStats()
+    old = trainer.old_log_probs(batch, first_epoch, stats)
+    assert not old.isnan().any()
+    before = old.clone()
+    trainer.accumulate_gradients(batch, advantages, first_epoch[0], stats, old, before_any_step=True)
+    assert torch.equal(old, before)
+    with torch.no_grad():
+        for rows in first_epoch:
+            for index in rows.split(4):
+                expected, _ = trainer.policy.log_probs(*trainer.step_inputs(batch, index), pad_to=4,
+                                                       prompt_length=trainer.prompt_length)
+                assert torch.equal(old[index], expected.float())
+    reduced = stats.reduce(trainer.ctx, {"mean": ("rollout_logprob_mismatch",), "min": (), "max": ()})
+    assert reduced["train/rollout_logprob_mismatch"] == pytest.approx(float((old - batch.log_probs).abs().mean()),
+                                                                      rel=1e-5)
+
+
 @pytest.mark.parametrize(("choice", "bfloat16", "oft", "base_quant", "recomputes"), [
     ("auto", True, False, "none", True),  # KV-cached decode vs one teacher-forced forward
     ("auto", True, True, "none", False),  # OFT's rollout is the update's forward

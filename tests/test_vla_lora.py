@@ -110,6 +110,18 @@ def test_adapter_disabled_is_the_base_model(checkpoint):
         assert torch.equal(query(base, tokens)[1], base_log_probs)
 
 
+def test_only_lora_dropout_makes_the_gradient_forward_drop_out(checkpoint):
+    """drops_out_in_training: the tiny look-alike has no dropout of its own (as OpenVLA), LoRA dropout adds it, and
+    then a forward with gradients differs from one without (the trainer's pi_old must not come from it)."""
+    assert not load_policy(checkpoint).drops_out_in_training
+    assert not with_trained_adapter(checkpoint).drops_out_in_training
+    policy = with_trained_adapter(checkpoint, LoraSettings(rank=4, alpha=8, dropout=0.5))
+    assert policy.drops_out_in_training
+    tokens, without_gradients = query(policy)
+    with_gradients, _ = policy.log_probs(images(), INSTRUCTIONS, tokens)
+    assert not torch.equal(with_gradients.detach(), without_gradients)
+
+
 def test_save_and_load_adapter(checkpoint, tmp_path):
     policy = with_trained_adapter(checkpoint)
     tokens, expected = query(policy)

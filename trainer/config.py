@@ -104,7 +104,9 @@ class LoraConfig:
     lora_alpha: int = 16
     """LoRA alpha (REF 9.8: 16, so the scale alpha/r is 1)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input; 0 keeps rollout and update log-probs identical (ratio 1 on the first step)."""
+    """Dropout on the LoRA input, in the update's forwards only; 0 keeps rollout and update log-probs identical
+    (ratio 1 on the first step). Above 0 a recomputed pi_old is a forward without dropout for every step (the
+    first mini-batch's gradient pass, which drops out, no longer gives it)."""
     lora_target: tuple[str, ...] = ("all-linear",)
     """LLM layers to adapt: all-linear (every Linear of the Llama decoder, REF 5.4) or names among q_proj k_proj
     v_proj o_proj gate_proj up_proj down_proj."""

@@ -239,8 +239,9 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
     one_vision_shape = not config.model.cuda_graphs or config.optim.micro_batch_size == config.env.num_envs
     scored = config.grpo.scores_pi_old_while_simulating(recomputes, True, config.env.overlaps(shape.oft, True),
                                                         one_vision_shape)
-    # without scoring, the first mini-batch's gradient pass gives its own pi_old
-    share = (1.0 if scored else (minibatches - 1) / minibatches) if recomputes else 0.0
+    # without scoring, the first mini-batch's gradient pass gives its own pi_old, unless it drops out
+    dropout = config.finetune == "lora" and config.lora.lora_dropout > 0
+    share = (1.0 if scored or dropout else (minibatches - 1) / minibatches) if recomputes else 0.0
     pi_old = queries * SECONDS_PER_SAMPLE[kind] * PI_OLD_SHARE * share * scale
     gpu = queries * (SECONDS_PER_QUERY[kind] + SECONDS_PER_SAMPLE[kind] * config.optim.ppo_epochs) * scale
     simulators = episodes * horizon / (SIMULATOR_ACTIONS_PER_S_PER_ENV * config.env.num_envs)

@@ -346,6 +346,17 @@ class VLAPolicy:
                 graphed.release()
 
     @property
+    def drops_out_in_training(self) -> bool:
+        """Whether a forward with gradients (training mode) drops anything out (LoRA or other dropout, drop path,
+        attention dropout), so that its log-probs differ from a forward without gradients."""
+        rates = [getattr(self.model.language_model.config, "attention_dropout", 0.0) or 0.0]
+        for module in self.model.modules():
+            if isinstance(module, nn.Dropout):
+                rates.append(module.p)
+            rates.append(getattr(module, "drop_prob", 0.0) or 0.0)  # timm's DropPath
+        return max(rates) > 0
+
+    @property
     def _vision_trains(self) -> bool:
         """Whether the vision towers or the projector hold trainable parameters (LoRA there, full fine-tuning)."""
         parts = (self.model.vision_backbone, self.model.projector)
