@@ -331,7 +331,7 @@ class GRPOTrainer:
             gap = (own - batch.log_probs[rows]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), float(logp.numel()))
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
-            if self.recompute_old_log_probs:
+            if self.pi_old_from_gradient_pass:
                 rollout_pi_old = old_log_probs[rows]
                 scored = ~rollout_pi_old.isnan().any(dim=1)  # pi_old the rollout computed
                 if scored.any():
