@@ -43,7 +43,6 @@ from trainer.envs import TOY, make_env, suite_shape
 from trainer.errors import UserError, one_line_errors, traceback_requested
 from trainer.evaluation import compare_evals, evaluate, run_eval_dir, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
-from trainer.pi_old import PiOldScorer
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups
@@ -55,8 +54,7 @@ from vla_actor.checkpoint import dtype_name
 
 UPDATE_STATS = {"mean": ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_k1",
                          "approx_kl_k3", "kl_to_base", "grad_norm", "rollout_logprob_mismatch"),
-                "min": ("ratio_min",), "max": ("ratio_max", "grad_norm_max", "rollout_logprob_mismatch_max",
-                        "pi_old_rescore_gap_max")}
+                "min": ("ratio_min",), "max": ("ratio_max", "grad_norm_max", "rollout_logprob_mismatch_max")}
 
 
 class GRPOTrainer:
@@ -98,15 +96,9 @@ class GRPOTrainer:
         self.iteration = self.env_steps = self.skipped_steps = self.skipped_in_a_row = 0
         self.env = make_env(config.env, wrist=self.inputs.wrist)
         self.env_tasks: list[int | None] = [None] * self.env.num_envs  # each env's last task (rollout.play_episodes)
-        # every teacher-forced forward pads its prompts to the tasks' longest: one shape for pi_old (trainer.pi_old)
+        # every teacher-forced forward pads its prompts to the tasks' longest: one shape, so a step's log-probs do
+        # not depend on the steps beside it and pi_old's forward equals the gradient pass's (VLAPolicy.log_probs)
         self.prompt_length = max(map(len, self.policy.prompt_ids([self.env.instruction(t) for t in self.task_ids])))
-        one_vision_shape = not self.policy.fixed_batch or config.optim.micro_batch_size == self.env.num_envs
-        self.pi_old = (PiOldScorer(self.policy, self.inputs, config.grpo.temperature, config.optim.micro_batch_size,
-                                   self.prompt_length, config.grpo.dynamic_sampling)
-                       if config.grpo.scores_pi_old_while_simulating(self.recompute_old_log_probs,
-                                                                     self.policy.device.type == "cuda", self.overlap,
-                                                                     one_vision_shape)
-                       else None)
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
             state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)
@@ -139,8 +131,7 @@ class GRPOTrainer:
                     self.env, self.policy, self.sampler, self.inputs, cfg.grpo.group_size,
                     cfg.grpo.groups_per_iteration, cfg.grpo.temperature, cfg.grpo.dynamic_sampling,
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
-                    overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks,
-                    pi_old=self.pi_old)
+                    overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
             rollout_seconds = time.perf_counter() - started
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
@@ -220,20 +211,19 @@ class GRPOTrainer:
     def old_log_probs(self, batch: Rollouts, first_epoch: list[torch.Tensor], stats: UpdateStats) -> torch.Tensor:
         """pi_old of the ratio (--old-log-probs): the rollout's log-probs, or the update's own forward over every
         step before any optimizer step (then the first ratio is exactly 1 and train/rollout_logprob_mismatch is
-        measured over all steps): what the rollout computed (--pi-old-while-simulating), and here the steps of the
-        later mini-batches it left, in micro-batches of any steps (one shape, so the same numbers). The first
-        mini-batch's gradient pass runs before any step too and fills in its own (NaN until then), so its forward
-        is not run twice (the no-grad and the gradient forward are equal bit for bit, test_vla_gpu.py), unless
-        training mode drops out (--lora-dropout): then this pass covers the first mini-batch too."""
+        measured over all steps): here the steps of the later mini-batches, in micro-batches of any steps (one
+        shape, so the same numbers). The first mini-batch's gradient pass runs before any step too and fills in its
+        own (NaN until then), so its forward is not run twice (the no-grad and the gradient forward are equal bit
+        for bit, test_vla_gpu.py), unless training mode drops out (--lora-dropout): then this pass covers the first
+        mini-batch too."""
         if not self.recompute_old_log_probs:
             return batch.log_probs
-        recomputed = batch.old_log_probs.clone()
+        recomputed = torch.full_like(batch.log_probs, float("nan"))
         covered = first_epoch[1:] if self.pi_old_from_gradient_pass else first_epoch
         later = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
-        missing = later[recomputed[later].isnan().any(dim=1)]
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
-            for index in missing.split(size) if len(missing) else ():
+            for index in later.split(size) if len(later) else ():
                 recomputed[index] = self.policy.log_probs(*self.step_inputs(batch, index), pad_to=size,
                                                           prompt_length=self.prompt_length)[0].float().cpu()
         if len(later):
@@ -332,10 +322,6 @@ class GRPOTrainer:
             stats.mean("rollout_logprob_mismatch", gap.mean(), float(logp.numel()))
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
             if self.pi_old_from_gradient_pass:
-                rollout_pi_old = old_log_probs[rows]
-                scored = ~rollout_pi_old.isnan().any(dim=1)  # pi_old the rollout computed
-                if scored.any():
-                    stats.maximum("pi_old_rescore_gap_max", (own[scored] - rollout_pi_old[scored]).abs().max())
                 old_log_probs[rows] = own
         loss, loss_stats = grpo.policy_loss(
             logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
@@ -466,17 +452,17 @@ def perf_metrics(counts: dict[str, float], trained_steps: float, rollout_seconds
                  ctx: distributed.DistContext, num_envs: int) -> dict[str, float]:
     """Throughput over all ranks: env actions per second of rollout, policy steps per second of update; where
     a rank's rollout time went (mean over ranks): sampling actions, waiting for the simulators (of which the first
-    blocking reset of each round: scene builds), pi_old's forwards while the simulators run, the rest on the host
-    (batching observations, storing steps); and where a simulator worker's time went (mean over all ranks' envs;
-    libero_env._worker.WORKER_TIMES), to set against the wait."""
+    blocking reset of each round: scene builds), the rest on the host (batching observations, storing steps); and
+    where a simulator worker's time went (mean over all ranks' envs; libero_env._worker.WORKER_TIMES), to set
+    against the wait."""
     seconds = time.perf_counter() - started
     workers = num_envs * ctx.world_size
-    parts = ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds", "rollout_pi_old_seconds")
-    model, env, reset, pi_old = (counts[k] / ctx.world_size for k in parts)
+    model, env, reset = (counts[k] / ctx.world_size
+                         for k in ("rollout_model_seconds", "rollout_env_seconds", "rollout_reset_seconds"))
     metrics = {"perf/iteration_seconds": seconds, "perf/rollout_seconds": rollout_seconds,
                "perf/rollout_model_seconds": model, "perf/rollout_env_wait_seconds": env,
-               "perf/rollout_first_reset_seconds": reset, "perf/rollout_pi_old_seconds": pi_old,
-               "perf/rollout_host_seconds": rollout_seconds - model - env - pi_old,
+               "perf/rollout_first_reset_seconds": reset,
+               "perf/rollout_host_seconds": rollout_seconds - model - env,
                "perf/actions_per_second": counts["episode_length_sum"] / rollout_seconds,
                "perf/samples_per_second": trained_steps / max(1e-9, seconds - rollout_seconds),
                **{f"perf/{key}": value / workers for key, value in counts.items() if key.startswith("env_worker_")}}

@@ -184,16 +184,11 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
     breakdown = ("perf/rollout_model_seconds", "perf/rollout_env_wait_seconds", "perf/rollout_host_seconds",
                  "perf/rollout_first_reset_seconds")
     if all(key in steady[0] for key in breakdown):
-        parts = (*breakdown, "perf/rollout_pi_old_seconds") if "perf/rollout_pi_old_seconds" in steady[0] else breakdown
         summary["rollout_breakdown_seconds"] = {key.split("/")[1].removeprefix("rollout_").removesuffix("_seconds"):
-                                                sum(r[key] for r in steady) for key in parts}
+                                                sum(r[key] for r in steady) for key in breakdown}
         model_rate = env_steps / summary["rollout_breakdown_seconds"]["model"]  # the simulators' wait left out
         summary.update(rollout_model_actions_per_s=model_rate,
                        rollout_model_share_of_microbench=model_rate / microbench_rate)
-        # a pi_old computed during the rollout is update work done there: counted back, the update rate compares
-        # with a run that computes it in the update
-        pi_old_seconds = summary["rollout_breakdown_seconds"].get("pi_old", 0.0)
-        summary["update_samples_per_s_counting_pi_old"] = trained / (update_seconds + pi_old_seconds)
     workers = sorted(key for key in steady[0] if key.startswith("perf/env_worker_"))
     if workers:  # mean per simulator: set against env_wait above
         summary["env_worker_seconds"] = {key.removeprefix("perf/env_worker_").removesuffix("_seconds"):
@@ -202,9 +197,6 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
         summary["rollout_logprob_mismatch"] = float(np.mean([r["train/rollout_logprob_mismatch"] for r in steady]))
     if "train/rollout_logprob_mismatch_max" in steady[0]:
         summary["rollout_logprob_mismatch_max"] = max(r["train/rollout_logprob_mismatch_max"] for r in steady)
-    gaps = [r["train/pi_old_rescore_gap_max"] for r in steady if "train/pi_old_rescore_gap_max" in r]
-    if gaps:  # pi_old computed during the rollout against the update's own forward: 0 when exact
-        summary["pi_old_rescore_gap_max"] = max(gaps)
     return summary
 
 

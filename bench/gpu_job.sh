@@ -38,9 +38,6 @@
 #              --old-log-probs recompute, the same checkout, both at mini-batches of 64 (an iteration's 440 steps
 #              in 6, as a 128-episode iteration's 3,520 in 13 of 256; with one mini-batch recompute costs nothing)
 #              (gpu_7b_e2e_oft_rollout_pi_old.json)
-#   e2epiold   bench_e2e of E2E_MODELS (openvla oft), E2E_ITERATIONS (2) each, this checkout against itself with
-#              --pi-old-while-simulating off (OFT keeps its rollout's pi_old: the same code both sides), into
-#              E2E_OUTPUT (gpu_7b_e2e.json), written after each run; E2E_MAX_STEPS: a shorter horizon
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -164,9 +161,6 @@ stage() {
     e2eoftpi) python3 -m bench.bench_e2e --models oft --iterations "${E2E_ITERATIONS:-3}" --baseline-repo . \
                 --extra-flags="--mini-batch-size 64" --baseline-flags="--old-log-probs recompute" --work-dir /tmp/e2e \
                 --output "$RESULTS/gpu_7b_e2e_oft_rollout_pi_old.json" ;;
-    e2epiold) python3 -m bench.bench_e2e --models ${E2E_MODELS:-openvla oft} --iterations "${E2E_ITERATIONS:-2}" \
-                --baseline-repo . --baseline-flags="--pi-old-while-simulating off" --work-dir /tmp/e2e \
-                ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \

@@ -20,5 +20,4 @@ def load_rollouts(path: Path) -> Rollouts:
     saved = torch.load(path, weights_only=True)
     return Rollouts(agentview=saved["agentview"].numpy(), wrist=None, proprio=None,
                     instructions=saved["instructions"], token_ids=saved["token_ids"], log_probs=saved["log_probs"],
-                    old_log_probs=torch.full(saved["log_probs"].shape, float("nan")),
                     **{k: saved[k].numpy() for k in PER_EPISODE})

@@ -90,9 +90,8 @@ def test_bench_gpu_base_quant_runs_on_cpu(tmp_path):
 
 
 def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
-    """bench_e2e on a tiny OFT look-alike and the toy suite, with this checkout as its own baseline (pi_old
-    computed while the simulators step against the rollout's log-probs); a flags value carrying several flags is
-    split as a shell would; the rollout's pi_old equals the update's forward (gap 0)."""
+    """bench_e2e on a tiny OFT look-alike and the toy suite, with this checkout as its own baseline; a flags value
+    carrying several flags is split as a shell would."""
     from bench.bench_e2e import E2EConfig
     from bench.bench_e2e import main as e2e_main
 
@@ -101,24 +100,16 @@ def test_bench_e2e_runs_the_real_trainer_against_a_baseline_on_cpu(tmp_path):
                                  groups_per_iteration=2, iterations=2, microbench_batch=2,
                                  baseline_repo=Path(__file__).resolve().parents[1],
                                  baseline_flags=("--old-log-probs rollout",),
-                                 extra_flags=("--old-log-probs", "recompute",
-                                              "--pi-old-while-simulating on --micro-batch-size 2"),
-                                 work_dir=tmp_path, output=output))
+                                 extra_flags=("--old-log-probs", "recompute"), work_dir=tmp_path, output=output))
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     assert results["baseline_flags"] == ["--old-log-probs", "rollout"]
     for suffix in ("", "_baseline"):
         assert results[f"oft_env_steps_per_s{suffix}"] > 0 and results[f"oft_iterations_measured{suffix}"] == 1
-        assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset",
-                                                                          "pi_old"}
+        assert set(results[f"oft_rollout_breakdown_seconds{suffix}"]) == {"model", "env_wait", "host", "first_reset"}
         model_rate = results[f"oft_rollout_model_actions_per_s{suffix}"]
         assert model_rate >= results[f"oft_rollout_actions_per_s{suffix}"]  # the simulators' wait left out
         assert results[f"oft_rollout_model_share_of_microbench{suffix}"] == pytest.approx(
             model_rate / results[f"oft_microbench_actions_per_s{suffix}"])
-    assert results["oft_rollout_breakdown_seconds"]["pi_old"] > 0 == results["oft_rollout_breakdown_seconds_baseline"][
-        "pi_old"]
-    assert results["oft_update_samples_per_s_counting_pi_old"] < results["oft_update_samples_per_s"]
-    assert results["oft_update_samples_per_s_counting_pi_old_baseline"] == results["oft_update_samples_per_s_baseline"]
-    assert results["oft_pi_old_rescore_gap_max"] == 0.0 and "oft_pi_old_rescore_gap_max_baseline" not in results
     assert results["max_steps"] == 4 and results["oft_rollout_logprob_mismatch"] < 1e-4
     assert results["oft_rollout_logprob_mismatch"] <= results["oft_rollout_logprob_mismatch_max"] < 1e-3
     assert results["microbench_fused_kernels"] is False  # the CPU has no Liger kernels

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from libero_env import init_state_split
 from OpenVLA_GRPO import parse_command
 from trainer.checkpoint import CHECKPOINTS
-from trainer.config import EvaluateConfig, ModelConfig, PlotConfig, TrainConfig
+from trainer.config import EvaluateConfig, ModelConfig, PlotConfig, TrainConfig, config_to_dict
 from trainer.envs import suite_shape
 from trainer.policy_builder import build_policy
 from trainer.validation import check_train
@@ -94,6 +94,19 @@ def test_overlapped_rollouts_auto_on_for_oft_on_cuda_and_a_flag_saved_by_older_r
     for saved, expected in ((True, "on"), (False, "off")):
         (tmp_path / "old.json").write_text(json.dumps({"env": {"overlap_rollouts": saved}}))
         assert parse_command(["train", "--config", str(tmp_path / "old.json")]).env.overlap_rollouts == expected
+
+
+def test_a_run_saved_with_a_retired_speed_setting_resumes(tmp_path):
+    """A run directory written when --pi-old-while-simulating existed (it set where pi_old was computed, not its
+    numbers) resumes with its other settings; the same key in a --config file is still an unknown key."""
+    saved = config_to_dict(parse_command(["train", "--lr", "0.003"]))
+    saved["grpo"]["pi_old_while_simulating"] = "auto"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert parse_command(["train", "--resume", str(tmp_path / "run")]).optim.lr == 0.003
+    (tmp_path / "flags.json").write_text(json.dumps({"pi_old_while_simulating": "on"}))
+    with pytest.raises(ValueError, match="unknown key 'pi_old_while_simulating'"):
+        parse_command(["train", "--config", str(tmp_path / "flags.json")])
 
 
 @pytest.mark.parametrize("text, message", [

@@ -130,11 +130,9 @@ def test_a_configuration_predicted_not_to_fit_is_refused_naming_the_flag(tmp_pat
 
 def test_iteration_time_is_queries_and_steps_plus_one_blocking_first_reset(tmp_path):
     """Refilled rollouts block on their first reset only; the update pays a recomputed pi_old on every mini-batch
-    but the first (the token head in bf16, --pi-old-while-simulating off): 128 episodes of 220 steps are 110
-    mini-batches of 256; an H200 (989 TFLOP/s) is 989 / 165 times a 4090's GPU seconds. Computed during the rollout
-    (the default), pi_old covers every step and runs while the simulators step: on the H200 its 301 s
-    (28,160 x 0.0303 x 0.353) hide the simulators' 81.6 s (28,160 / 345) whole; a 3090's too. Not by default where
-    the micro-batch differs from the rollout's batch of 16 and CUDA graphs are on."""
+    but the first (the token head in bf16): 128 episodes of 220 steps are 110 mini-batches of 256; an H200
+    (989 TFLOP/s) is 989 / 165 times a 4090's GPU seconds. With LoRA dropout the first mini-batch's gradient pass
+    cannot give pi_old, so every step is recomputed."""
     directory = tmp_path / "openvla-7b"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(openvla_7b_config()))
@@ -149,24 +147,16 @@ def test_iteration_time_is_queries_and_steps_plus_one_blocking_first_reset(tmp_p
         return groups * 8 * 220 / (SIMULATOR_ACTIONS_PER_S_PER_ENV * 16) + FIRST_RESET_SECONDS
 
     steps = 16 * 8 * 220
-    off = ("--pi-old-while-simulating", "off")
-    gpu_h200 = seconds(16, *off) - simulators(16)
+    gpu_h200 = seconds(16) - simulators(16)
     assert gpu_h200 == pytest.approx(steps * (SECONDS_PER_QUERY["openvla"]
                                               + SECONDS_PER_SAMPLE["openvla"] * (1 + PI_OLD_SHARE * 109 / 110)))
-    assert seconds(16, *off, card="NVIDIA GeForce RTX 4090") == pytest.approx(gpu_h200 * 989 / 165 + simulators(16))
+    assert seconds(16, card="NVIDIA GeForce RTX 4090") == pytest.approx(gpu_h200 * 989 / 165 + simulators(16))
     rollout_pi_old = seconds(16, "--old-log-probs", "rollout") - simulators(16)
     assert rollout_pi_old == pytest.approx(steps * (SECONDS_PER_QUERY["openvla"] + SECONDS_PER_SAMPLE["openvla"]))
     # one mini-batch of 1,760 steps: its gradient pass gives pi_old, nothing is recomputed
-    assert seconds(1, "--mini-batch-size", "2048", *off) - simulators(1) == pytest.approx(rollout_pi_old / 16)
-    while_simulating = steps * (SECONDS_PER_QUERY["openvla"] + SECONDS_PER_SAMPLE["openvla"] * (1 + PI_OLD_SHARE))
-    assert seconds(16) == pytest.approx(while_simulating + FIRST_RESET_SECONDS)
-    assert seconds(16, card="NVIDIA GeForce RTX 3090") == pytest.approx(while_simulating * 989 / 71
-                                                                       + FIRST_RESET_SECONDS)
-    # with LoRA dropout the first mini-batch's gradient pass cannot give pi_old: every step is recomputed
-    assert seconds(16, *off, "--lora-dropout", "0.1") - simulators(16) == pytest.approx(while_simulating)
-    # micro-batches of 8 beside queries of 16 would capture the kept vision graph again twice a round: auto is off
-    assert seconds(16, "--micro-batch-size", "8") == pytest.approx(seconds(16, *off))
-    assert seconds(16, "--micro-batch-size", "8", "--no-cuda-graphs") == pytest.approx(seconds(16))
+    assert seconds(1, "--mini-batch-size", "2048") - simulators(1) == pytest.approx(rollout_pi_old / 16)
+    every_step = steps * (SECONDS_PER_QUERY["openvla"] + SECONDS_PER_SAMPLE["openvla"] * (1 + PI_OLD_SHARE))
+    assert seconds(16, "--lora-dropout", "0.1") - simulators(16) == pytest.approx(every_step)
 
 
 def test_a_quantized_base_is_counted_in_its_storage_and_makes_the_7b_fit_16_gib(tmp_path):

@@ -25,7 +25,6 @@ from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, r
 from trainer.config import GrpoConfig
 from trainer.evaluation import EVALS_DIR, evaluate
 from trainer.metrics import UpdateStats, read_metrics
-from trainer.pi_old import PiOldScorer
 from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes, refill_groups
 from trainer.sampler import GroupSampler
 
@@ -294,7 +293,6 @@ def test_rollouts_select_and_concat_keep_steps_with_their_episodes():
             agentview=np.full((steps, 224, 224, 3), tag, np.uint8), wrist=None, proprio=None,
             instructions=[f"{tag}-{e}" for e in episodes], token_ids=torch.full((steps, 7), 31744 + tag),
             log_probs=torch.arange(steps, dtype=torch.float32)[:, None].expand(steps, 7) + 10 * tag,
-            old_log_probs=torch.arange(steps, dtype=torch.float32)[:, None].expand(steps, 7) - 10 * tag,
             step_episode=np.array(episodes), group_ids=np.array(group_ids), task_ids=np.zeros(len(group_ids), int),
             success=np.array([True, False][: len(group_ids)]), lengths=np.array([2, 1][: len(group_ids)]),
             lost=np.zeros(len(group_ids), bool))
@@ -305,7 +303,6 @@ def test_rollouts_select_and_concat_keep_steps_with_their_episodes():
     kept = batch.select(np.array([False, True, True, False]))
     assert kept.step_episode.tolist() == [0, 1] and kept.instructions == ["1-1", "2-0"]
     assert kept.token_ids[:, 0].tolist() == [31745, 31746] and kept.log_probs[:, 0].tolist() == [12.0, 20.0]
-    assert kept.old_log_probs[:, 0].tolist() == [-8.0, -20.0]
     assert kept.group_ids.tolist() == [0, 1] and kept.agentview[:, 0, 0, 0].tolist() == [1, 2]
 
 
@@ -543,34 +540,6 @@ def test_old_log_probs_and_the_rollout_mismatch_are_measured_before_the_first_st
     assert trainer.recompute_old_log_probs == (old_log_probs == "recompute")
 
 
-@pytest.mark.parametrize("dynamic_sampling", ["--dynamic-sampling", "--no-dynamic-sampling"])
-def test_pi_old_computed_while_simulating_trains_the_same_bits(checkpoint, tmp_path, dynamic_sampling):
-    """--pi-old-while-simulating on: the rollout computes pi_old of the kept groups' steps in whole micro-batches
-    while the simulators step; every forward runs at the micro-batch shape, so the runs' metrics and adapters equal
-    those of `off` bit for bit, and where the first mini-batch held scored steps their recheck gap is 0."""
-    runs = {}
-    for choice in ("on", "off"):
-        trainer = toy_trainer(checkpoint, tmp_path / choice, "--old-log-probs", "recompute",
-                              "--pi-old-while-simulating", choice, "--iterations", "3", "--eval-every", "0",
-                              "--mini-batch-size", "8", "--micro-batch-size", "4", dynamic_sampling)
-        trainer.train()
-        trainer.close()
-        runs[choice] = read_metrics(trainer.run_dir), [p.detach().clone() for p in trainer.params]
-    (on_rows, on_weights), (off_rows, off_weights) = runs["on"], runs["off"]
-    assert sum(row["perf/rollout_pi_old_seconds"] > 0 for row in on_rows) >= 2
-    assert all(row["perf/rollout_pi_old_seconds"] == 0 and "train/pi_old_rescore_gap_max" not in row
-               for row in off_rows)
-    gaps = [row["train/pi_old_rescore_gap_max"] for row in on_rows if "train/pi_old_rescore_gap_max" in row]
-    assert gaps and all(gap == 0.0 for gap in gaps)
-
-    def trained(row: dict) -> dict:
-        return {k: v for k, v in stable(row).items() if k != "train/pi_old_rescore_gap_max"}
-
-    assert [trained(row) for row in on_rows] == [trained(row) for row in off_rows]
-    assert all(torch.equal(on, off) for on, off in zip(on_weights, off_weights))
-    assert not all(torch.equal(on, torch.zeros_like(on)) for on in on_weights)
-
-
 def test_the_first_mini_batch_is_its_own_pi_old_and_no_step_is_forwarded_twice(checkpoint, tmp_path, monkeypatch):
     """recompute with several mini-batches: the no-grad pass before the first step covers only the later
     mini-batches' steps (leaving the first's NaN), in micro-batches across mini-batches, and the first mini-batch's
@@ -653,22 +622,6 @@ def test_auto_recomputes_pi_old_where_the_rollout_computes_its_log_probs_differe
     assert GrpoConfig(old_log_probs=choice).recomputes_old_log_probs(bfloat16, oft, base_quant) == recomputes
 
 
-@pytest.mark.parametrize(("choice", "recomputes", "cuda", "overlap", "one_vision_shape", "scores"), [
-    ("auto", True, True, False, True, True),  # the token head on a GPU: the GPU waits for the simulators every round
-    ("auto", True, True, True, True, False),  # two halves in flight keep the GPU busy
-    ("auto", True, True, False, False, False),  # the kept vision graph would be captured again twice a round
-    ("auto", True, False, False, True, False),  # on the CPU the forward would take the simulators' cores
-    ("auto", False, True, False, True, False),  # pi_old is the rollout's own
-    ("on", True, False, True, False, True),
-    ("on", False, True, False, True, False),
-    ("off", True, True, False, True, False),
-])
-def test_pi_old_is_computed_while_simulating_where_the_gpu_waits(choice, recomputes, cuda, overlap, one_vision_shape,
-                                                                 scores):
-    config = GrpoConfig(pi_old_while_simulating=choice)
-    assert config.scores_pi_old_while_simulating(recomputes, cuda, overlap, one_vision_shape) == scores
-
-
 def test_mini_batches_are_cut_on_micro_batch_multiples():
     """3,520 steps in 13 mini-batches of micro-batches of 16: cut i at round(i x 3520 / (13 x 16)) = round(i x
     16.92) micro-batches: 17, 34, 51, 68, 85, 102, 118 (118.46), 135, ..., 203, so 17 micro-batches (272 steps) each
@@ -681,52 +634,6 @@ def test_mini_batches_are_cut_on_micro_batch_multiples():
     assert sorted(torch.cat(parts).tolist()) == list(range(3520))
     assert [len(p) for p in shuffled_minibatches(10, 2, 16)] == [5, 5]
     assert [len(p) for p in shuffled_minibatches(70, 2, 16)] == [32, 38]  # the epoch's last micro-batch holds 6
-
-
-class ScoringPolicy:
-    """Teacher-forced log-probs = the token ids as floats; records each forward's batch and padding."""
-
-    def __init__(self):
-        self.forwards = []
-
-    def log_probs(self, images, instructions, token_ids, wrist, proprio, temperature, pad_to, prompt_length):
-        self.forwards.append((len(instructions), pad_to, prompt_length, torch.is_grad_enabled()))
-        return token_ids.float(), torch.zeros_like(token_ids, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("dynamic_sampling", [True, False])
-def test_pi_old_scorer_scores_whole_micro_batches_of_kept_groups(dynamic_sampling):
-    """Groups 0 and 1 (episodes 0-1 and 2-3), micro-batches of 2. With dynamic sampling a group's steps wait until it
-    has a success and a failure: group 0 gets there, group 1 fails twice; without it every step is ready at once. A
-    lost episode drops its group's steps. Only whole micro-batches are scored, without gradients, at their shape."""
-    policy = ScoringPolicy()
-    scorer = PiOldScorer(policy, PolicyInputs(wrist=False, proprio=False), 1.6, micro_batch=2, prompt_length=9,
-                         dynamic_sampling=dynamic_sampling)
-    scorer.start(np.array([0, 0, 1, 1, 2, 2]))
-    images = np.zeros((6, 224, 224, 3), np.uint8)
-
-    def add(first: int, episodes: list[int]):
-        tokens = torch.arange(first, first + len(episodes))[:, None].expand(-1, 7) + 31744
-        scorer.add(first, np.array(episodes), images[: len(episodes)], None, None, ["x"] * len(episodes), tokens)
-
-    add(0, [0, 1, 2, 3, 4])
-    scorer.score_ready()
-    scorer.episode_ended(4, success=False, lost=True)  # group 2 lost: its step 4 is never scored
-    scorer.episode_ended(0, success=True, lost=False)
-    scorer.episode_ended(2, success=False, lost=False)
-    scorer.score_ready()
-    scorer.episode_ended(1, success=False, lost=False)  # group 0 now holds a success and a failure
-    scorer.episode_ended(3, success=False, lost=False)
-    add(5, [5])
-    scorer.score_ready()
-    scorer.score_ready()
-    old = scorer.finish(6, 7)
-    scored = [i for i in range(6) if not old[i].isnan().any()]
-    assert scored == ([0, 1] if dynamic_sampling else [0, 1, 2, 3])
-    assert all(torch.equal(old[i], torch.full((7,), 31744.0 + i)) for i in scored)
-    assert policy.forwards == [(2, 2, 9, False)] * (len(scored) // 2)
-    assert scorer.seconds > 0
-    assert not scorer._ready and not scorer._groups  # the steps' images are let go before the update
 
 
 def test_constant_aggregation_is_a_fixed_normaliser():

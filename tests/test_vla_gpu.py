@@ -140,7 +140,7 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     """The vision and decode graphs kept between calls of one shape equal eager runs for other images, shorter
     prompts, after an in-place update of the adapters (the optimizer's; on the ViTs too) and inside
     adapter_disabled(); a shape is captured once, another batch and a disabled adapter lead to new captures; a
-    teacher-forced forward without gradients keeps both graphs (pi_old runs between rollout queries), one with
+    teacher-forced forward without gradients keeps both graphs (it needs little memory), one with
     gradients frees the decode graph only (it needs the memory; the towers train here, so it runs them eagerly)."""
     policy = tiny_policy_with_lora(tmp_path, dtype, everywhere=True)
     assert policy.fixed_batch  # rollouts keep the batch of a round the same for the kept graphs
@@ -221,10 +221,11 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_steps_log_probs_do_not_depend_on_the_steps_beside_it(tmp_path, without_tf32, dtype):
-    """trainer.pi_old's premise: at one shape (`pad_to` rows, prompts padded to `prompt_length`) a step's
+    """The recomputed pi_old's premise: at one shape (`pad_to` rows, prompts padded to `prompt_length`) a step's
     teacher-forced log-probs are the same bits whatever other steps share its batch and wherever it sits in it,
-    without gradients (the rollout's pi_old) and with them (the update's gradient pass); a batch of 3 padded to 4
-    gives its rows' bits too. A no-grad forward between two rollout queries keeps the decode graph."""
+    without gradients (pi_old's pass, in micro-batches across mini-batches) and with them (the first mini-batch's
+    gradient pass); a batch of 3 padded to 4 gives its rows' bits too. A no-grad forward between two rollout
+    queries keeps the decode graph."""
     policy, images, instructions, tokens = checkpointed_tiny_policy(tmp_path, dtype)
     shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": max(map(len, policy.prompt_ids(instructions)))}
 

@@ -190,17 +190,6 @@ class GrpoConfig:
     in bfloat16 (its rollout is the update's own forward, batch shape aside) and in float32 (the paths agree to
     ~1e-5). Either way train/rollout_logprob_mismatch (and _max) logs the mean (largest) |rollout - update|
     log-prob before the first step."""
-    pi_old_while_simulating: Literal["auto", "on", "off"] = "auto"
-    """Where a recomputed pi_old (old_log_probs) is computed: on: during the rollout, a micro-batch of stored steps
-    at a time while the simulators execute the round's actions (the GPU would wait for them), the rest in the
-    update; off: all in the update. The same numbers either way: every teacher-forced forward of an iteration runs
-    at the micro-batch shape (a smaller batch padded with copies of a step, prompts to the tasks' longest), where a
-    step's log-probs do not depend on the steps beside it (train/pi_old_rescore_gap_max checks it each iteration,
-    0 when equal). Scored are steps of groups the update keeps: all without dynamic sampling, with it a group once
-    it holds a success and a failure. auto: on with CUDA where the micro-batch equals the rollout's batch
-    (--micro-batch-size = --num-envs) or CUDA graphs are off, unless the rollouts overlap two halves (the GPU waits
-    little there); off on the CPU, where the forward takes the simulators' cores. The kept vision graph holds one
-    batch size, so with CUDA graphs and another micro-batch, on captures it again twice a round."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the 256
     action bins (verl's entropy_coeff). It slows the collapse of action tokens no reward depends on yet; 0 is
@@ -217,15 +206,6 @@ class GrpoConfig:
         if self.old_log_probs != "auto":
             return self.old_log_probs == "recompute"
         return bfloat16 and (not oft or base_quant == "fp8-dynamic")
-
-    def scores_pi_old_while_simulating(self, recomputes: bool, cuda: bool, overlap: bool,
-                                       one_vision_shape: bool) -> bool:
-        """Whether the rollout computes pi_old (`pi_old_while_simulating`, auto resolved), given whether pi_old is
-        recomputed at all, the device, whether rollouts overlap two halves and whether the rollout's queries and
-        the micro-batches share the kept vision graph's shape (same batch, or no CUDA graphs)."""
-        if not recomputes or self.pi_old_while_simulating == "off":
-            return False
-        return self.pi_old_while_simulating == "on" or (cuda and not overlap and one_vision_shape)
 
 
 @dataclass
@@ -553,6 +533,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+RETIRED_SPEED_SETTINGS = {"grpo": ("pi_old_while_simulating",)}
+"""Fields of earlier versions that set only where work ran, never the results: a run saved with them resumes
+without them (--pi-old-while-simulating computed pi_old during the rollout, the same numbers)."""
+
+
+def without_retired_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run config without RETIRED_SPEED_SETTINGS."""
+    kept = dict(saved)
+    for section, names in RETIRED_SPEED_SETTINGS.items():
+        if isinstance(kept.get(section), Mapping):
+            kept[section] = {k: v for k, v in kept[section].items() if k not in names}
+    return kept
+
+
 def defaults_from_files(base: DataclassT, args: Sequence[str]) -> DataclassT:
     """`base` updated with the run config named by --resume (if the dataclass has that field) and then the file
     named by --config, both read from `args` before the full parse so that flags override them."""
@@ -565,7 +559,7 @@ def defaults_from_files(base: DataclassT, args: Sequence[str]) -> DataclassT:
         if not saved.is_file():
             raise FileNotFoundError(f"--resume {known.resume}: no config.json there; pass a run directory that "
                                     f"this trainer created (it holds config.json and checkpoints/)")
-        base = apply_overrides(base, load_config_file(saved), str(saved))
+        base = apply_overrides(base, without_retired_settings(load_config_file(saved)), str(saved))
     if known.config is not None:
         base = apply_overrides(base, load_config_file(known.config), str(known.config))
     return base

@@ -223,9 +223,7 @@ def peaks(shape: ModelShape, num_envs: int, micro_batch: int, gradient_checkpoin
 def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> float | None:
     """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card,
     a policy not in bf16 or a quantized base (the measurements are of the unquantized bf16 7B). The GPU and the
-    simulators take turns, except that a recomputed pi_old computed during the rollout (--pi-old-while-simulating)
-    runs while the simulators step: it covers every step then (the first mini-batch is not known yet), and hides
-    up to the simulators' time."""
+    simulators take turns."""
     rate = card_tflops(card)
     if rate is None or shape.dtype_bytes != 2 or shape.quantized_parameters:
         return None
@@ -236,17 +234,13 @@ def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> floa
     scale = DENSE_BF16_TFLOPS[MEASURED_ON] / rate
     minibatches = max(1, queries // config.optim.mini_batch_size)
     recomputes = config.grpo.recomputes_old_log_probs(True, shape.oft, "none")
-    one_vision_shape = not config.model.cuda_graphs or config.optim.micro_batch_size == config.env.num_envs
-    scored = config.grpo.scores_pi_old_while_simulating(recomputes, True, config.env.overlaps(shape.oft, True),
-                                                        one_vision_shape)
-    # without scoring, the first mini-batch's gradient pass gives its own pi_old, unless it drops out
+    # the first mini-batch's gradient pass gives its own pi_old, unless it drops out
     dropout = config.finetune == "lora" and config.lora.lora_dropout > 0
-    share = (1.0 if scored or dropout else (minibatches - 1) / minibatches) if recomputes else 0.0
+    share = (1.0 if dropout else (minibatches - 1) / minibatches) if recomputes else 0.0
     pi_old = queries * SECONDS_PER_SAMPLE[kind] * PI_OLD_SHARE * share * scale
     gpu = queries * (SECONDS_PER_QUERY[kind] + SECONDS_PER_SAMPLE[kind] * config.optim.ppo_epochs) * scale
     simulators = episodes * horizon / (SIMULATOR_ACTIONS_PER_S_PER_ENV * config.env.num_envs)
-    hidden = min(pi_old, simulators) if scored else 0.0
-    return gpu + pi_old + simulators + FIRST_RESET_SECONDS - hidden
+    return gpu + pi_old + simulators + FIRST_RESET_SECONDS
 
 
 def check_fits(config: TrainConfig, shape: ModelShape | None, card: str,

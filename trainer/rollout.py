@@ -45,20 +45,6 @@ class Policy(Protocol):
                proprio: np.ndarray | None = None, temperature: float = 1.0, greedy: bool = False) -> SampleOutput: ...
 
 
-class StepScorer(Protocol):
-    """What play_episodes uses of trainer.pi_old.PiOldScorer: pi_old of the stored steps, computed while the
-    simulators run."""
-
-    seconds: float
-
-    def start(self, group_ids: np.ndarray) -> None: ...
-    def add(self, first_index: int, episodes: np.ndarray, agentview: np.ndarray, wrist: np.ndarray | None,
-            proprio: np.ndarray | None, instructions: list[str], token_ids: torch.Tensor) -> None: ...
-    def episode_ended(self, episode: int, success: bool, lost: bool) -> None: ...
-    def score_ready(self) -> None: ...
-    def finish(self, num_steps: int, tokens: int) -> torch.Tensor: ...
-
-
 @dataclass(frozen=True)
 class PolicyInputs:
     """Which observation parts the policy consumes (OpenVLA: the agentview only; OFT: + wrist and proprio)."""
@@ -83,9 +69,6 @@ class Rollouts:
     """long [S, T] sampled action tokens (T = 7, or 56 for an OFT chunk), CPU."""
     log_probs: torch.Tensor
     """float32 [S, T] their log-probs under the rollout policy at the rollout temperature, CPU."""
-    old_log_probs: torch.Tensor
-    """float32 [S, T] pi_old of the steps a StepScorer computed during the rollout, NaN for the others (all
-    without one), CPU."""
     step_episode: np.ndarray
     """int [S]: the episode (row of the per-episode arrays) each step belongs to."""
     group_ids: np.ndarray
@@ -106,8 +89,6 @@ class Rollouts:
     """Wall time spent in env.reset and env.step (waiting for the simulators), reset_seconds included."""
     reset_seconds: float = 0.0
     """Of env_seconds, the first blocking reset of the envs (scene builds when a worker's task changes)."""
-    pi_old_seconds: float = 0.0
-    """Wall time of the StepScorer's forwards."""
 
     @property
     def num_steps(self) -> int:
@@ -128,13 +109,11 @@ class Rollouts:
             instructions=[s for s, k in zip(self.instructions, steps) if k],
             token_ids=self.token_ids[torch.from_numpy(steps)],
             log_probs=self.log_probs[torch.from_numpy(steps)],
-            old_log_probs=self.old_log_probs[torch.from_numpy(steps)],
             step_episode=renumber[self.step_episode[steps]],
             group_ids=self.group_ids[keep], task_ids=self.task_ids[keep], success=self.success[keep],
             lengths=self.lengths[keep], lost=self.lost[keep],
             videos={int(renumber[e]): v for e, v in self.videos.items() if keep[e]},
             model_seconds=self.model_seconds, env_seconds=self.env_seconds, reset_seconds=self.reset_seconds,
-            pi_old_seconds=self.pi_old_seconds,
         )
 
     @staticmethod
@@ -148,7 +127,6 @@ class Rollouts:
             instructions=[s for p in parts for s in p.instructions],
             token_ids=torch.cat([p.token_ids for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]),
-            old_log_probs=torch.cat([p.old_log_probs for p in parts]),
             step_episode=np.concatenate([p.step_episode + o for p, o in zip(parts, offsets)]),
             group_ids=np.concatenate([p.group_ids for p in parts]),
             task_ids=np.concatenate([p.task_ids for p in parts]),
@@ -157,7 +135,7 @@ class Rollouts:
             lost=np.concatenate([p.lost for p in parts]),
             videos={e + int(o): v for p, o in zip(parts, offsets) for e, v in p.videos.items()},
             model_seconds=sum(p.model_seconds for p in parts), env_seconds=sum(p.env_seconds for p in parts),
-            reset_seconds=sum(p.reset_seconds for p in parts), pi_old_seconds=sum(p.pi_old_seconds for p in parts),
+            reset_seconds=sum(p.reset_seconds for p in parts),
         )
 
 
@@ -175,7 +153,7 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
                   progress: bool = False, overlap: bool = False, fixed_batch: bool = False,
-                  env_tasks: list[int | None] | None = None, pi_old: StepScorer | None = None) -> Rollouts:
+                  env_tasks: list[int | None] | None = None) -> Rollouts:
     """Plays `specs` on env.num_envs envs and returns their outcomes, plus every policy step when `keep_steps`.
     An env starts its next episode (next_episode) as soon as its last one ends, and resets while the others step
     (reset(wait=False)), so no env waits for the longest episode of a batch or for another env's scene build.
@@ -187,14 +165,8 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     replays instead of capturing anew (VLAPolicy.fixed_batch). `env_tasks` is each env's task of the episode it
     played last, kept by the caller across calls and updated here, so that an env's first episode of this call is
     of the task whose scene it still holds where one is left (a scene build is seconds of blocking first reset);
-    None: no env holds a task. `pi_old` (with `keep_steps`) computes pi_old of the stored steps while the simulators
-    execute each round's actions (Rollouts.old_log_probs)."""
+    None: no env holds a task."""
     n, total = env.num_envs, len(specs)
-    if not keep_steps:
-        pi_old = None
-    if pi_old is not None:
-        pi_old.start(group_ids)
-    stored = 0
     if env_tasks is None:
         env_tasks = [None] * n
     elif len(env_tasks) != n:
@@ -240,8 +212,6 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
                     episode = int(playing[i])
                     success[episode], lost[episode], lengths[episode] = (result.success[i], result.lost[i],
                                                                          result.steps[i])
-                    if pi_old is not None:
-                        pi_old.episode_ended(episode, bool(result.success[i]), bool(result.lost[i]))
                     if specs[episode].record_video:
                         videos[episode] = env.frames(int(i))
                     playing[i], running[i] = -1, False
@@ -277,37 +247,26 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
                     steps["token_ids"].append(out.token_ids.cpu()[used])
                     steps["log_probs"].append(out.log_probs.float().cpu()[used])
                     steps["step_episode"].append(playing[alive])
-                    if pi_old is not None:  # the stored arrays themselves, not copies
-                        pi_old.add(stored, playing[alive], steps["agentview"][-1],
-                                   steps["wrist"][-1] if inputs.wrist else None,
-                                   steps["proprio"][-1] if inputs.proprio else None,
-                                   steps["instructions"][-len(alive):], steps["token_ids"][-1])
-                    stored += len(alive)
             else:  # every env of the half is resetting: receive_step only waits for one
                 actions = np.zeros((len(envs), ACTION_DIM), dtype=np.float32)
             started = time.perf_counter()
             env.send_step(actions, envs.tolist())
             env_seconds += time.perf_counter() - started
             in_flight[half] = alive
-            if pi_old is not None and half == len(halves) - 1:  # the simulators run, the GPU would wait
-                pi_old.score_ready()
         if not in_flight:
             break
     bar.close()
-    token_ids = torch.cat(steps["token_ids"]) if keep_steps else torch.zeros(0, 0, dtype=torch.long)
     return Rollouts(
         agentview=_stack(steps["agentview"], np.uint8, IMAGES),
         wrist=_stack(steps["wrist"], np.uint8, IMAGES) if inputs.wrist else None,
         proprio=_stack(steps["proprio"], np.float32, (0, PROPRIO_DIM)) if inputs.proprio else None,
         instructions=steps["instructions"],
-        token_ids=token_ids, log_probs=torch.cat(steps["log_probs"]) if keep_steps else torch.zeros(0, 0),
-        old_log_probs=(pi_old.finish(*token_ids.shape) if pi_old is not None
-                       else torch.full(token_ids.shape, float("nan"))),
+        token_ids=torch.cat(steps["token_ids"]) if keep_steps else torch.zeros(0, 0, dtype=torch.long),
+        log_probs=torch.cat(steps["log_probs"]) if keep_steps else torch.zeros(0, 0),
         step_episode=_stack(steps["step_episode"], np.int64, (0,)),
         group_ids=np.asarray(group_ids, dtype=np.int64), task_ids=np.array([s.task_id for s in specs]),
         success=success, lengths=lengths, lost=lost, videos=videos, model_seconds=model_seconds,
         env_seconds=env_seconds, reset_seconds=reset_seconds,
-        pi_old_seconds=0.0 if pi_old is None else pi_old.seconds,
     )
 
 
@@ -330,12 +289,11 @@ def count_groups(where: np.ndarray, group_ids: np.ndarray) -> int:
 def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs: PolicyInputs, group_size: int,
                    groups_per_iteration: int, temperature: float, dynamic_sampling: bool, max_refill_rounds: int,
                    progress: bool = False, overlap: bool = False, fixed_batch: bool = False,
-                   env_tasks: list[int | None] | None = None,
-                   pi_old: StepScorer | None = None) -> tuple[Rollouts, dict[str, float]]:
+                   env_tasks: list[int | None] | None = None) -> tuple[Rollouts, dict[str, float]]:
     """G rollouts for each of `groups_per_iteration` groups. With dynamic sampling, groups whose rewards are all
     equal are dropped and new groups are played until enough are informative or `max_refill_rounds` is spent.
     A group with a lost episode is always dropped as a unit. Returns the kept groups and counts for logging.
-    `env_tasks`, `pi_old`: as play_episodes', carried through the refill rounds."""
+    `env_tasks`: as play_episodes', carried through the refill rounds."""
     rounds: list[Rollouts] = []
     wanted, next_group, lost_resets = groups_per_iteration, 0, env.lost_resets
     worker_seconds = dict(env.worker_seconds)
@@ -345,7 +303,7 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         next_group += wanted
         rounds.append(play_episodes(env, policy, specs, group_ids, inputs, temperature, greedy=False,
                                     keep_steps=True, progress=progress, overlap=overlap, fixed_batch=fixed_batch,
-                                    env_tasks=env_tasks, pi_old=pi_old))
+                                    env_tasks=env_tasks))
         group_ids, task_ids, success, lost = (np.concatenate([getattr(r, k) for r in rounds])
                                               for k in ("group_ids", "task_ids", "success", "lost"))
         usable = ~np.isin(group_ids, group_ids[lost])
@@ -369,7 +327,6 @@ def collect_groups(env: VectorEnv, policy: Policy, sampler: GroupSampler, inputs
         "rollout_model_seconds": sum(r.model_seconds for r in rounds),
         "rollout_env_seconds": sum(r.env_seconds for r in rounds),
         "rollout_reset_seconds": sum(r.reset_seconds for r in rounds),
-        "rollout_pi_old_seconds": sum(r.pi_old_seconds for r in rounds),
         **{f"env_worker_{part}_seconds": env.worker_seconds[part] - before
            for part, before in worker_seconds.items()},
         # every configured task has its keys (zeros if not drawn), so ranks sum the same keys

@@ -27,7 +27,7 @@ MAY_CHANGE_ON_RESUME = ("iterations", "timesteps", "max_seconds", "eval_every", 
                         "eval_episodes_per_task", "num_videos", "save_every", "keep_last", "output_dir", "run_name",
                         "use_wandb", "wandb_mode", "wandb_project", "progress", "device", "attn_implementation",
                         "gradient_checkpointing", "cuda_graphs", "compile_layers", "fused_kernels", "num_envs",
-                        "overlap_rollouts", "pi_old_while_simulating", "config", "resume", "dry_run")
+                        "overlap_rollouts", "config", "resume", "dry_run")
 """Fields (flags) a resumed run may change: budgets, cadences, outputs and speed settings. Every other field
 (model, adapter, LoRA, suite and task ids, algorithm, optimizer, seed) is what the saved optimizer state and random
 generators belong to, and must match the run's config.json."""

@@ -465,10 +465,9 @@ class VLAPolicy:
         `prompt_length` prompt tokens (BOS and 29871 included): a smaller batch runs padded with copies of its last
         sample, shorter prompts padded on the right, so that every forward of the update runs at one shape, where a
         sample's numbers do not depend on the other samples (GEMMs and attention work row by row), and pi_old
-        computed in one forward equals the update's in another (trainer.pi_old); the vision graph the rollout
-        kept (`cuda_graphs`) is replayed at that batch. A forward without gradients keeps the rollout's decode
-        graph and KV cache (it may run between rollout queries); one with gradients frees them for its
-        activations."""
+        computed in one forward equals the update's in another (the trainer's recomputed pi_old); the vision graph
+        the rollout kept (`cuda_graphs`) is replayed at that batch. A forward without gradients keeps the rollout's
+        decode graph and KV cache (it needs little memory); one with gradients frees them for its activations."""
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
