@@ -19,7 +19,7 @@ train: $(STAMP)
 	$(PY) OpenVLA_GRPO.py demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 bench-cpu: $(STAMP)
 	$(PY) -m bench.bench_libero_env

@@ -41,7 +41,7 @@ def test_both_shipped_ends_load_as_one_small_oft_policy_and_its_adapter():
     assert all(torch.equal(frozen[name], value) for name, value in before.items())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=140)
 @pytest.mark.libero
 @pytest.mark.parametrize("end", ["sft", "grpo"])
 def test_shipped_ends_solve_heldout_episodes_at_their_recorded_rates(end, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from bench.bench_toy_learning import toy_learning_seeds
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=500)
 LEARNED = 0.45
 """18 of 40 held-out instances: P(>= 18 | chance 25 %) = 0.5 %."""
 
