@@ -38,6 +38,9 @@
 #              --old-log-probs recompute, the same checkout, both at mini-batches of 64 (an iteration's 440 steps
 #              in 6, as a 128-episode iteration's 3,520 in 13 of 256; with one mini-batch recompute costs nothing)
 #              (gpu_7b_e2e_oft_rollout_pi_old.json)
+#   e2ewide    bench_e2e of OpenVLA, E2E_ITERATIONS (2) each, 4 groups of 8 (32 episodes an iteration): 32 envs in two
+#              overlapped halves of 16 (each half's simulators run while the other half's query is on the GPU)
+#              against 16 envs without overlap, the same checkout (gpu_7b_e2e_openvla_32_envs.json); E2E_MAX_STEPS
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
@@ -161,6 +164,10 @@ stage() {
     e2eoftpi) python3 -m bench.bench_e2e --models oft --iterations "${E2E_ITERATIONS:-3}" --baseline-repo . \
                 --extra-flags="--mini-batch-size 64" --baseline-flags="--old-log-probs recompute" --work-dir /tmp/e2e \
                 --output "$RESULTS/gpu_7b_e2e_oft_rollout_pi_old.json" ;;
+    e2ewide) python3 -m bench.bench_e2e --models openvla --iterations "${E2E_ITERATIONS:-2}" --groups-per-iteration 4 \
+               --baseline-repo . --extra-flags="--num-envs 32 --overlap-rollouts on" \
+               --baseline-flags="--num-envs 16 --overlap-rollouts off" --work-dir /tmp/e2e \
+               ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} --output "$RESULTS/gpu_7b_e2e_openvla_32_envs.json" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
