@@ -211,20 +211,23 @@ def test_overlapped_rollouts_play_the_same_greedy_episodes(tiny_policy, num_envs
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_fixed_batch_queries_every_env_and_plays_the_same_greedy_episodes(tiny_policy, overlap):
+@pytest.mark.parametrize("num_envs", [4, 5])
+def test_a_fixed_batch_queries_every_env_and_plays_the_same_greedy_episodes(tiny_policy, overlap, num_envs):
+    """With a fixed batch every query has one size: all envs, or with overlap the larger half, the smaller half of
+    5 envs (2) padded to 3 with a copy of its last row, whose action is dropped."""
     assert not tiny_policy.fixed_batch  # no CUDA graphs on the CPU: rollouts query the running envs only
     specs = [EpisodeSpec(task, init, record_video=init == 1) for task in range(4) for init in range(2)]  # refills
     inputs = PolicyInputs(wrist=False, proprio=False)
     played, batches = {}, {}
     for fixed_batch in (False, True):
-        log = CallLog(ToyVectorEnv(4, horizon=4), tiny_policy)
+        log = CallLog(ToyVectorEnv(num_envs, horizon=4), tiny_policy)
         played[fixed_batch] = play_episodes(log, log, specs, np.arange(8), inputs, temperature=1.0, greedy=True,
                                             keep_steps=True, overlap=overlap, fixed_batch=fixed_batch)
         batches[fixed_batch] = {size for call, size in log.calls if call == "sample"}
         log.env.close()
     assert episode_steps(played[True]) == episode_steps(played[False])
     assert played[True].videos.keys() == played[False].videos.keys() == {1, 3, 5, 7}
-    full = 2 if overlap else 4
+    full = (num_envs + 1) // 2 if overlap else num_envs
     assert batches[True] == {full} and min(batches[False]) < full  # resets and the tail shrank the plain batches
 
 

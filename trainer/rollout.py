@@ -161,11 +161,12 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     samples the other half's (sample A, send A, sample B, send B, receive A, sample A, send A, receive B, ...), so
     the policy and the simulators work at the same time, at half the batch per query. With `fixed_batch` every
     query holds all the envs of its half, idle or resetting ones too (with their last observation; their actions
-    are dropped), so its shape stays the same while envs reset: what a policy that keeps CUDA graphs per batch size
-    replays instead of capturing anew (VLAPolicy.fixed_batch). `env_tasks` is each env's task of the episode it
-    played last, kept by the caller across calls and updated here, so that an env's first episode of this call is
-    of the task whose scene it still holds where one is left (a scene build is seconds of blocking first reset);
-    None: no env holds a task."""
+    are dropped), so its shape stays the same while envs reset: what a policy that keeps a CUDA graph of one batch
+    size replays instead of capturing anew (VLAPolicy.fixed_batch); with an odd number of envs the second, smaller
+    half's queries repeat its last env's row to the first half's size. `env_tasks` is each env's task of the
+    episode it played last, kept by the caller across calls and updated here, so that an env's first episode of
+    this call is of the task whose scene it still holds where one is left (a scene build is seconds of blocking
+    first reset); None: no env holds a task."""
     n, total = env.num_envs, len(specs)
     if env_tasks is None:
         env_tasks = [None] * n
@@ -184,6 +185,7 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     playing = np.full(n, -1)  # each env's episode (resetting or running), -1 when idle
     running = np.zeros(n, dtype=bool)
     halves = np.array_split(np.arange(n), 2) if overlap and n > 1 else [np.arange(n)]
+    query_size = len(halves[0])  # every query's rows with fixed_batch: the first half is the larger one
 
     def start_episodes(envs: np.ndarray) -> list[int]:
         idle = [int(i) for i in envs if playing[i] < 0][:sum(map(len, pending.values()))]
@@ -228,7 +230,9 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
             obs, alive = observations[half], envs[running[envs]]
             if alive.size:
                 queried = envs if fixed_batch else alive
-                used = torch.from_numpy(running[queried])  # the queried rows whose actions are played
+                padding = query_size - len(queried) if fixed_batch else 0  # rows repeating the last env
+                used = torch.from_numpy(np.concatenate([running[queried], np.zeros(padding, dtype=bool)]))
+                queried = np.concatenate([queried, np.repeat(queried[-1:], padding)])  # `used`: rows played
                 started = time.perf_counter()
                 out = policy.sample(obs.agentview[queried], [obs.instructions[i] for i in queried],
                                     wrist=obs.wrist[queried] if inputs.wrist else None,
