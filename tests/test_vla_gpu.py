@@ -1,9 +1,10 @@
 """On a GPU: the CUDA graphs of sampling (vision towers and decode steps, kept from call to call) equal eager runs
-(tiny checkpoint, fp32 and bf16), teacher forcing replays the kept vision graph, errors inside a capture reach the
-caller as themselves, the compiled blocks (VLAPolicy.compile_layers) and Liger's fused kernels
-(VLAPolicy.fuse_kernels) equal the plain layers; the 7B shape in bf16 with random weights: rollout, teacher forcing,
-a LoRA update within 24 GB; the same inside a quantized base (--base-quant int8 / nf4 / fp8 / fp8-dynamic,
-vla_actor.quant) with its memory; fp8-dynamic's compiled row quantization equals its eager one.
+(tiny checkpoint, fp32 and bf16) and replay one shape for overlapped halves of an odd number of envs, teacher
+forcing replays the kept vision graph, errors inside a capture reach the caller as themselves, the compiled blocks
+(VLAPolicy.compile_layers) and Liger's fused kernels (VLAPolicy.fuse_kernels) equal the plain layers; the 7B shape
+in bf16 with random weights: rollout, teacher forcing, a LoRA update within 24 GB; the same inside a quantized base
+(--base-quant int8 / nf4 / fp8 / fp8-dynamic, vla_actor.quant) with its memory; fp8-dynamic's compiled row
+quantization equals its eager one.
 
 The 7B tests measure memory from what was allocated at their start, check that all of it is handed back once the
 policy is gone (a leak fails on its own, named so), and name the largest live CUDA tensors when a size is exceeded,
@@ -18,6 +19,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from compiled_checks import assert_compiled_equals_eager
+from libero_env import EpisodeSpec
+from libero_env.toy import ToyVectorEnv
+from trainer.rollout import PolicyInputs, play_episodes
 from trained_adapters import apply_trained_adapter
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
 from vla_actor.fused_kernels import fused_kernels_available
@@ -171,6 +175,22 @@ def test_kept_cuda_graphs_see_new_inputs_adapter_updates_and_a_disabled_adapter(
     policy.log_probs(images, instructions, tokens)
     assert_same_samples(*sample_graph_and_eager(policy, images, instructions), atol)
     assert policy.graph_captures == {"vision": 4, "decode": 5}
+
+
+def test_overlapped_halves_of_an_odd_number_of_envs_replay_one_graph(tmp_path):
+    """A rollout on 5 envs in two overlapped halves (3 and 2) queries at one size, the second half padded with a
+    copy of its last row, so the kept vision and decode graphs are captured once and replayed for both halves
+    (one task: one prompt length)."""
+    policy = tiny_policy_with_lora(tmp_path, torch.float32)
+    env = ToyVectorEnv(5, horizon=4)
+    try:
+        played = play_episodes(env, policy, [EpisodeSpec(0, init) for init in range(8)], np.arange(8),
+                               PolicyInputs(wrist=False, proprio=False), temperature=1.0, greedy=False,
+                               keep_steps=True, overlap=True, fixed_batch=policy.fixed_batch)
+    finally:
+        env.close()
+    assert policy.fixed_batch and played.num_episodes == 8 and played.num_steps > 8
+    assert policy.graph_captures == {"vision": 1, "decode": 1}
 
 
 def checkpointed_tiny_policy(directory, dtype):
