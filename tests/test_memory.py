@@ -79,6 +79,21 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
         assert abs(predicted / measured - 1) < 0.10, (part, num_envs, micro_batch, predicted, measured)
 
 
+def test_overlapped_halves_are_counted_as_one_half_per_query(tmp_path):
+    """With --overlap-rollouts a query holds the envs of one half (the larger of an odd number), so 32 envs in halves
+    need the rollout memory of 16 envs and 15 that of 8; OFT on CUDA overlaps by default, the token head does not."""
+    openvla, oft = shape_7b(tmp_path, "openvla", 1, False), shape_7b(tmp_path, "oft", 2, True)
+
+    def rollout_gib(shape, num_envs, *flags):
+        return predict(train_config(num_envs, 16, *flags), shape, "NVIDIA H200").rollout_gib
+
+    assert rollout_gib(openvla, 32, "--overlap-rollouts", "on") == rollout_gib(openvla, 16)
+    assert rollout_gib(openvla, 15, "--overlap-rollouts", "on") == rollout_gib(openvla, 8)
+    assert rollout_gib(openvla, 16) > rollout_gib(openvla, 8)
+    assert rollout_gib(oft, 15) == rollout_gib(oft, 8, "--overlap-rollouts", "off")
+    assert rollout_gib(oft, 16, "--overlap-rollouts", "off") > rollout_gib(oft, 16)
+
+
 def test_compiled_blocks_are_counted_and_their_batch_that_did_not_fit_is_refused(tmp_path):
     """--compile-layers holds more activations (fitted to gpu_7b_compiled.json's batch 16 and micro-batch 16); the
     same run's compiled batch 32 did not fit 24 GiB, which the prediction must say too."""

@@ -3,8 +3,9 @@ loads: `train --dry-run` prints the prediction, and `train` refuses a configurat
 
 Memory is counted by part. Resident all run: the frozen weights in the compute dtype (with --base-quant, the
 quantized layers in their torchao storage, to the byte), the LoRA weights and their two AdamW moments in float32.
-Rollout: per sample of the batch (one per env) the KV cache of its prompt (OpenVLA; OFT decodes in one forward)
-plus the activations of the no-grad forward, proportional to tokens x MLP width.
+Rollout: per sample of a query's batch (one per env; with --overlap-rollouts one per env of the larger half) the KV
+cache of its prompt (OpenVLA; OFT decodes in one forward) plus the activations of the no-grad forward, proportional to
+tokens x MLP width.
 Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
 the one layer recomputed in the backward pass (without gradient checkpointing: every layer's activations, at their
 own fitted factor). The activation factors and the fixed workspace terms are fitted to the 7B curves of
@@ -202,19 +203,23 @@ def card_tflops(card: str) -> float | None:
 
 def predict(config: TrainConfig, shape: ModelShape, card: str) -> Prediction:
     """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`."""
-    resident, rollout, update = peaks(shape, config.env.num_envs, config.optim.micro_batch_size,
+    queried = config.env.num_envs  # a query's batch; overlapped halves query one half, the larger, at a time
+    if config.env.overlaps(shape.oft, cuda=True):
+        queried = (queried + 1) // 2
+    resident, rollout, update = peaks(shape, queried, config.optim.micro_batch_size,
                                       config.model.gradient_checkpointing, config.model.compile_layers)
     return Prediction(resident / GIB, rollout / GIB, update / GIB, iteration_seconds(config, shape, card), card)
 
 
-def peaks(shape: ModelShape, num_envs: int, micro_batch: int, gradient_checkpointing: bool,
+def peaks(shape: ModelShape, rollout_batch: int, micro_batch: int, gradient_checkpointing: bool,
           compiled: bool = False) -> tuple[float, ...]:
-    """Bytes resident all run, at the rollout peak and at the update peak (`compiled`: --compile-layers)."""
+    """Bytes resident all run, at the rollout peak (queries of `rollout_batch`) and at the update peak (`compiled`:
+    --compile-layers)."""
     frozen = (shape.frozen_parameters - shape.quantized_parameters) * shape.dtype_bytes + shape.quantized_bytes
     resident = frozen + shape.lora_parameters * 12  # fp32 LoRA weights + 2 moments
     dequantized = DEQUANTIZED_COPIES * shape.largest_quantized * shape.dtype_bytes
     rollout = (resident + ROLLOUT_WORKSPACE_GIB * GIB + dequantized
-               + num_envs * rollout_bytes_per_sample(shape, compiled))
+               + rollout_batch * rollout_bytes_per_sample(shape, compiled))
     update = (resident + shape.lora_parameters * 4 + UPDATE_WORKSPACE_GIB * GIB + dequantized
               + micro_batch * update_bytes_per_sample(shape, gradient_checkpointing, compiled))
     return resident, rollout, update
