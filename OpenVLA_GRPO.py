@@ -220,14 +220,14 @@ class GRPOTrainer:
             return batch.log_probs
         recomputed = torch.full_like(batch.log_probs, float("nan"))
         covered = first_epoch[1:] if self.pi_old_from_gradient_pass else first_epoch
-        later = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
+        rows = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
-            for index in later.split(size) if len(later) else ():
+            for index in rows.split(size) if len(rows) else ():
                 recomputed[index] = self.policy.log_probs(*self.step_inputs(batch, index), pad_to=size,
                                                           prompt_length=self.prompt_length)[0].float().cpu()
-        if len(later):
-            gap = (recomputed[later] - batch.log_probs[later]).abs()
+        if len(rows):
+            gap = (recomputed[rows] - batch.log_probs[rows]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), gap.numel())
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
         return recomputed

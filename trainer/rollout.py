@@ -230,9 +230,10 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
             obs, alive = observations[half], envs[running[envs]]
             if alive.size:
                 queried = envs if fixed_batch else alive
-                padding = query_size - len(queried) if fixed_batch else 0  # rows repeating the last env
+                padding = query_size - len(queried) if fixed_batch else 0  # copies of the smaller half's last row
+                # the queried rows whose actions are played
                 used = torch.from_numpy(np.concatenate([running[queried], np.zeros(padding, dtype=bool)]))
-                queried = np.concatenate([queried, np.repeat(queried[-1:], padding)])  # `used`: rows played
+                queried = np.concatenate([queried, np.repeat(queried[-1:], padding)])
                 started = time.perf_counter()
                 out = policy.sample(obs.agentview[queried], [obs.instructions[i] for i in queried],
                                     wrist=obs.wrist[queried] if inputs.wrist else None,
