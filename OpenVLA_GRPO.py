@@ -223,10 +223,11 @@ class GRPOTrainer:
         rows = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
-            for index in rows.split(size) if len(rows) else ():
-                recomputed[index] = self.policy.log_probs(*self.step_inputs(batch, index), pad_to=size,
-                                                          prompt_length=self.prompt_length)[0].float().cpu()
+            parts = [self.policy.log_probs(*self.step_inputs(batch, index), pad_to=size,
+                                           prompt_length=self.prompt_length)[0].float()
+                     for index in (rows.split(size) if len(rows) else ())]
         if len(rows):
+            recomputed[rows] = torch.cat(parts).cpu()  # one copy back: each waits for the GPU to finish
             gap = (recomputed[rows] - batch.log_probs[rows]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), gap.numel())
             stats.maximum("rollout_logprob_mismatch_max", gap.max())

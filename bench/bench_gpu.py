@@ -76,8 +76,9 @@ class BenchConfig:
     """Micro-batch sizes also tried for the update without gradient checkpointing (every layer keeps its
     activations, so the backward pass runs no second forward; results under update_curve_no_checkpointing). With
     --fused-kernels or --compile-layers they are measured under the lever instead, with the trainer's recomputed
-    pi_old, beside the checkpointed --micro-batches (update_curve_no_checkpointing_with_pi_old,
-    update_curve_with_pi_old)."""
+    pi_old, beside the checkpointed --micro-batches (update_curve_with_pi_old), the Llama stack replayed from the
+    kept training graphs (VLAPolicy.graph_update, update_curve_no_checkpointing_with_pi_old) and eagerly
+    (update_curve_no_checkpointing_eager_with_pi_old)."""
     mini_batch: int = 64
     """Samples (env steps) per optimizer step in our update."""
     seed_samples: int = 16
@@ -233,13 +234,20 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     for start in range(0, rows, micro_batch):
         index = slice(start, start + micro_batch)
         log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                        temperature=temperature, pad_to=micro_batch)
+                                        temperature=temperature, pad_to=micro_batch,
+                                        prompt_length=prompt_length(policy))
         loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device), advantages[index].to(device),
                                    weights[index].to(device), mask[index].to(device))
         loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
     optimizer.step()
     return {"grad_norm": float(grad_norm)}
+
+
+def prompt_length(policy: VLAPolicy) -> int:
+    """The longest prompt of INSTRUCTIONS, which every teacher-forced forward pads to, as the trainer does its
+    suite's: one shape for the update's forwards."""
+    return max(map(len, policy.prompt_ids(INSTRUCTIONS)))
 
 
 def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, temperature: float) -> torch.Tensor:
@@ -250,9 +258,10 @@ def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, tempera
         for start in range(0, len(batch.instructions), micro_batch):
             index = slice(start, start + micro_batch)
             log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                            temperature=temperature, pad_to=micro_batch)
-            parts.append(log_probs.float().cpu())
-    return torch.cat(parts)
+                                            temperature=temperature, pad_to=micro_batch,
+                                            prompt_length=prompt_length(policy))
+            parts.append(log_probs.float())
+    return torch.cat(parts).cpu()  # one copy back: each would wait for the GPU to finish
 
 
 def samples_per_second(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, step_rows: int,
@@ -443,6 +452,10 @@ def lever_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.O
         policy.gradient_checkpointing(False)
         results["update_curve_no_checkpointing_with_pi_old"] = micro_batch_curve(
             config, policy, optimizer, 16, rng, config.no_checkpoint_micro_batches, pi_old=True)
+        policy.graph_update = False
+        results["update_curve_no_checkpointing_eager_with_pi_old"] = micro_batch_curve(
+            config, policy, optimizer, 16, rng, config.no_checkpoint_micro_batches, pi_old=True)
+        policy.graph_update = True
         policy.gradient_checkpointing(True)
     print(f"{name}: {json.dumps({k: v for k, v in results.items() if k != 'rollout_curve'})}", flush=True)
     return results
@@ -582,6 +595,7 @@ def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_t
     results["iteration_mem_cap_gib"] = cap
     set_memory_cap(device, cap)
     policy.gradient_checkpointing(True)
+    policy.graph_update = mode == "none"  # as the trainer builds it: quantized bases update eagerly
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
     curve = rollout_curve(config, policy, config.rollout_batches, rng, f"{mode} rollout under {cap:g} GiB")
     rollout_batch = fastest(curve, "actions_per_s")

@@ -42,6 +42,9 @@
 #              overlapped halves of 16 (each half's simulators run while the other half's query is on the GPU)
 #              against 16 envs without overlap, the same checkout (gpu_7b_e2e_openvla_32_envs.json); E2E_MAX_STEPS
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
+#   graphs     bench_gpu --fused-kernels at rollout batch 16: the update with pi_old recomputed, checkpointed at micro-batch
+#              16 and without checkpointing at 2 / 4, the Llama stack replayed from the kept training graph and eagerly
+#              (gpu_7b_update_graphs.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
 #              into LEVERS_OUTPUT (gpu_7b_levers.json)
@@ -168,6 +171,8 @@ stage() {
                --baseline-repo . --extra-flags="--num-envs 32 --overlap-rollouts on" \
                --baseline-flags="--num-envs 16 --overlap-rollouts off" --work-dir /tmp/e2e \
                ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} --output "$RESULTS/gpu_7b_e2e_openvla_32_envs.json" ;;
+    graphs) $bench --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 --fused-kernels \
+              --mini-batch 96 --output "$RESULTS/gpu_7b_update_graphs.json" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \

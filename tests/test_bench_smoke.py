@@ -37,12 +37,14 @@ def test_bench_gpu_compile_layers_runs_on_cpu(tmp_path):
     results = main(BenchConfig(model="tiny", rollout_batches=(2,), micro_batches=(2,), mini_batch=2, seed_samples=1,
                                repeats=1, iteration_steps=1, iteration_batch=2, oft_batches=(2,), oft_setups=("1img",),
                                lora_rank=4, compile_layers=True, compile_backend="aot_eager",
-                               output=tmp_path / "gpu_7b.json"))
+                               no_checkpoint_micro_batches=(2,), output=tmp_path / "gpu_7b.json"))
     assert results["oft_setups"]["1img"]["compiled_actions_per_s"] > 0
     compiled = results["compiled"]
     assert compiled["update_micro_batch"] == 2 and compiled["rollout_batch"] == 2 and compiled["compile_warmup_s"] > 0
     assert compiled["logprob_diff_vs_eager"]["max"] < 1e-5 and compiled["pi_old_vs_update_max"] < 1e-5
     assert compiled["logprob_mismatch"] < 1e-4 and compiled["update_samples_per_s"] > 0
+    assert set(compiled["update_curve_no_checkpointing_with_pi_old"]) == {"2"}
+    assert set(compiled["update_curve_no_checkpointing_eager_with_pi_old"]) == {"2"}
 
 
 def test_profile_gpu_code_paths_run_on_cpu(tmp_path):

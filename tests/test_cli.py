@@ -259,6 +259,16 @@ def test_cuda_graphs_follow_the_flag(checkpoint):
         assert policy.cuda_graphs is enabled and not policy.fixed_batch  # graphs replay on CUDA only
 
 
+def test_the_update_graph_follows_its_flag_and_stays_off_where_it_cannot_capture(checkpoint):
+    """--graph-update (default on) reaches the policy, except under --base-quant or --compile-layers."""
+    assert parse_command(["train"]).model.graph_update
+    assert not parse_command(["train", "--no-graph-update"]).model.graph_update
+    for settings, expected in (({}, True), ({"graph_update": False}, False), ({"base_quant": "int8"}, False),
+                               ({"compile_layers": True}, False)):
+        model = ModelConfig(checkpoint=str(checkpoint), **settings)
+        assert build_policy(model, None, "libero_spatial", torch.device("cpu")).graph_update is expected
+
+
 def test_fused_kernels_are_on_by_default_and_only_on_cuda(checkpoint):
     """--fused-kernels (default on) swaps in Liger's kernels on CUDA only (tests/test_vla_gpu.py checks them there):
     a CPU policy keeps transformers' RMSNorm and MLP, and VLAPolicy.fuse_kernels on the CPU names the device."""

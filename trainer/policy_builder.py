@@ -29,6 +29,7 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
                          attn_implementation=model.attn_implementation, base_quant=model.base_quant,
                          base_quant_vision=model.base_quant_vision)
     policy.cuda_graphs = model.cuda_graphs
+    policy.graph_update = model.graph_update and model.base_quant == "none" and not model.compile_layers
     if lora is not None:
         policy.apply_lora(lora_settings(lora))
     if model.adapter is not None:

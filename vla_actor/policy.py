@@ -36,7 +36,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   PROPRIO_PATTERN, TRAINING_DTYPE_KEY, atomic_directory, check_keys, dtype_name,
                                   find_one, open_safetensors, read_json, read_norm_stats, read_weights,
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
-from vla_actor.cuda_graphs import KeptGraph
+from vla_actor.cuda_graphs import KeptGraph, KeptTrainingGraph
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.fused_kernels import fuse_llama_kernels
 from vla_actor.model import (EMPTY_PARTS, IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, fill,
@@ -154,6 +154,12 @@ class VLAPolicy:
     kernel launches per micro-batch); they free the decode graph and the KV cache (the update needs the memory).
     Every change to the modules (LoRA, compilation, a disabled adapter), which a replay would not see, frees all
     kept graphs.
+    `graph_update` (default True, with `cuda_graphs`): a teacher-forced forward at one batch and prompt length
+    (`log_probs(pad_to=...)`, the update's micro-batches) replays the Llama stack and its backward from CUDA graphs
+    kept for that shape (`cuda_graphs.KeptTrainingGraph`), same results, where gradient checkpointing is off,
+    attention is sdpa and every trainable parameter is in the stack (LoRA on the Llama layers only); one without
+    gradients (pi_old's) replays the same forward graph where training mode drops nothing out, so its log-probs are
+    the gradient pass's bits. `sample` frees them for the rollout's memory.
     `carried_files`: the source checkpoint's tokenizer and remote-code files (name -> bytes), which exports write
     back verbatim; empty for a policy built in memory, whose exports get a tokenizer.json written from `tokenizer`.
     """
@@ -176,8 +182,12 @@ class VLAPolicy:
         self.tokens_per_query = OFT_CHUNK * self.action_dim if is_oft else self.action_dim
         self._peft: PeftModel | None = None
         self.cuda_graphs = True
+        self.graph_update = True
         self._graph_decoder: GraphDecoder | None = None
         self._vision_graph: KeptGraph | None = None
+        self._training_graph: KeptTrainingGraph | None = None
+        self._checkpointing = False
+        self._adapter_enabled = True
         if uses_proprio and self.stats.proprio_q01 is None:
             raise ValueError(f"the checkpoint uses proprio but statistics {self.unnorm_key!r} have no proprio q01/q99")
 
@@ -196,7 +206,14 @@ class VLAPolicy:
         if images.dtype != torch.uint8 or tuple(images.shape) != (batch, IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"{name} must be uint8 [B, 224, 224, 3] with B = {batch} (one per instruction), got "
                              f"{images.dtype} {list(images.shape)}")
-        return images.to(self.device)
+        return self._on_device(images)
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor copied to the policy's device without waiting: torch's blocking copy waits for all queued
+        GPU work, so each input of an update micro-batch held the host until the GPU had finished the previous one,
+        and the GPU then waited while the host prepared the next (CUDA stages a copy from pageable memory before
+        the call returns, so the source may change right after)."""
+        return tensor.to(self.device, non_blocking=True)
 
     def _check_batch(self, images, instructions: Sequence[str], wrist, proprio) -> int:
         if isinstance(instructions, str) or not all(isinstance(text, str) for text in instructions):
@@ -226,7 +243,7 @@ class VLAPolicy:
         proprio = np.asarray(torch.as_tensor(proprio).cpu(), dtype=np.float64)
         if proprio.ndim != 2 or proprio.shape[0] != batch or not np.isfinite(proprio).all():
             raise ValueError(f"proprio must be finite float [B={batch}, 8], got shape {list(proprio.shape)}")
-        return torch.as_tensor(self.stats.normalize_proprio(proprio), dtype=torch.float32, device=self.device)
+        return self._on_device(torch.as_tensor(self.stats.normalize_proprio(proprio), dtype=torch.float32))
 
     def prompt_ids(self, instructions: Sequence[str]) -> list[list[int]]:
         """BOS + prompt + 29871 for each instruction (REF 3.1)."""
@@ -251,24 +268,51 @@ class VLAPolicy:
         text_valid = columns < (lengths + suffix_len)[:, None]
         zeroed = ((columns >= lengths[:, None]) & (columns < (lengths + zeroed_suffix)[:, None])) \
             if zeroed_suffix else None
-        device = self.device
-        embeddings = self.model.multimodal_embeddings(prefix, ids.to(device),
-                                                      None if zeroed is None else zeroed.to(device))
+        embeddings = self.model.multimodal_embeddings(prefix, self._on_device(ids),
+                                                      None if zeroed is None else self._on_device(zeroed))
         valid = torch.cat([text_valid[:, :1], torch.ones(batch, prefix.shape[1], dtype=torch.bool),
                            text_valid[:, 1:]], dim=1)
-        return _Inputs(embeddings, valid.to(device), (lengths + prefix.shape[1]).to(device))
+        return _Inputs(embeddings, self._on_device(valid), self._on_device(lengths + prefix.shape[1]))
 
-    def _hidden(self, inputs: _Inputs) -> torch.Tensor:
-        """Last hidden states of the whole padded batch: causal (OpenVLA) or bidirectional (OFT) over valid tokens."""
+    def _hidden(self, inputs: _Inputs, graphed: bool = False) -> torch.Tensor:
+        """Last hidden states of the whole padded batch: causal (OpenVLA) or bidirectional (OFT) over valid tokens;
+        `graphed`: from the kept training graph where `_graphs_update` allows."""
         batch, length = inputs.valid.shape
-        positions = torch.arange(length, device=inputs.valid.device).expand(batch, length)
+        device = inputs.valid.device
+        positions = torch.arange(length, device=device).expand(batch, length)
         if self.is_oft:
             blocked = torch.finfo(inputs.embeddings.dtype).min
-            mask = torch.zeros(batch, 1, length, length, dtype=inputs.embeddings.dtype, device=positions.device)
+            mask = torch.zeros(batch, 1, length, length, dtype=inputs.embeddings.dtype, device=device)
             mask = mask.masked_fill(~inputs.valid[:, None, None, :], blocked)
+        elif self._sdpa:
+            # the 4D mask that transformers builds for sdpa, built here: given a 2D one it checks on the host
+            # whether the batch has padding at all (a capture cannot) and then runs another kernel (other last bits)
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            mask = (causal & inputs.valid[:, None, :])[:, None]
         else:
             mask = inputs.valid.long()
+        if graphed and self._graphs_update:
+            if self._training_graph is None:
+                self._training_graph = KeptTrainingGraph(self.model.language_model.model, self._stack_with,
+                                                         self.device, "UpdateGraph")
+            return self._training_graph(inputs.embeddings, mask, positions)
         return self._llama(inputs.embeddings, mask, positions, None)
+
+    @property
+    def _sdpa(self) -> bool:
+        return self.model.language_model.config._attn_implementation == "sdpa"
+
+    @property
+    def _graphs_update(self) -> bool:
+        """Whether a teacher-forced forward may replay the kept training graph (see the class docstring)."""
+        if not (self.graph_update and self._replays_graphs and self._sdpa and not self._checkpointing
+                and self._adapter_enabled):
+            return False
+        if not torch.is_grad_enabled() and self.drops_out_in_training:
+            return False
+        stack = self.model.language_model.model
+        in_stack = sum(p.requires_grad for p in stack.parameters())
+        return in_stack > 0 and in_stack == len(self.trainable_parameters())
 
     def _llama(self, embeddings: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                cache: Cache | None) -> torch.Tensor:
@@ -276,6 +320,13 @@ class VLAPolicy:
         out = self.model.language_model.model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions,
                                               use_cache=cache is not None, **{CACHE_ARGUMENT: cache})
         return out.last_hidden_state
+
+    def _stack_with(self, parameters: dict[str, torch.Tensor], embeddings: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        """`_llama` without a cache, the stack's `parameters` (name -> tensor) in place of its own."""
+        kwargs = {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": positions, "use_cache": False,
+                  CACHE_ARGUMENT: None}
+        return torch.func.functional_call(self.model.language_model.model, parameters, (), kwargs).last_hidden_state
 
     def _action_log_softmax(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
         """The one place where logits become action log-probs: LM head on the given positions only, the 256
@@ -337,13 +388,15 @@ class VLAPolicy:
     def graph_captures(self) -> dict[str, int]:
         """How many CUDA-graph captures this policy has made, per part (one per new shape)."""
         return {"vision": 0 if self._vision_graph is None else self._vision_graph.captures,
-                "decode": 0 if self._graph_decoder is None else self._graph_decoder.captures}
+                "decode": 0 if self._graph_decoder is None else self._graph_decoder.captures,
+                "update": 0 if self._training_graph is None else self._training_graph.captures}
 
     def release_graphs(self) -> None:
-        """Free the CUDA graphs kept from the last `sample` call and the KV cache (see the class docstring)."""
-        for graphed in (self._vision_graph, self._graph_decoder):
+        """Free every kept CUDA graph and the KV cache (see the class docstring)."""
+        for graphed in (self._vision_graph, self._graph_decoder, self._training_graph):
             if graphed is not None:
                 graphed.release()
+        self._training_graph = None  # it holds the trainable parameters, which LoRA changes replace
 
     @property
     def drops_out_in_training(self) -> bool:
@@ -397,6 +450,8 @@ class VLAPolicy:
         """
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
+        if self._training_graph is not None:
+            self._training_graph.release()
         if self._replays_graphs and self._graph_decoder is not None:  # free another batch size's KV cache first
             self._graph_decoder.keep_only_batch(batch)
         with self._mode(False, cache_casts=not self._replays_graphs):
@@ -449,12 +504,13 @@ class VLAPolicy:
                 log_probs = self._action_log_softmax(hidden[:, 0], temperature)
         return torch.stack(columns, dim=1), torch.stack(chosen, dim=1)
 
-    def _oft_log_probs(self, prefix, prompts, temperature, prompt_length: int = 0) -> torch.Tensor:
+    def _oft_log_probs(self, prefix, prompts, temperature, prompt_length: int = 0,
+                       graphed: bool = False) -> torch.Tensor:
         """One bidirectional forward over prompt + 56 zero-embedded placeholders + STOP -> [B, 56, 256]."""
         batch, count = len(prompts), self.tokens_per_query
         suffix = torch.tensor([OFT_PLACEHOLDER_ID] * count + [STOP_ID]).expand(batch, count + 1)
         inputs = self._inputs(prefix, prompts, suffix, zeroed_suffix=count, prompt_length=prompt_length)
-        return self._readout(inputs, self._hidden(inputs), count, temperature)
+        return self._readout(inputs, self._hidden(inputs, graphed), count, temperature)
 
     def log_probs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], token_ids: torch.Tensor,
                   wrist=None, proprio=None, temperature: float = 1.0, pad_to: int | None = None,
@@ -467,7 +523,8 @@ class VLAPolicy:
         sample's numbers do not depend on the other samples (GEMMs and attention work row by row), and pi_old
         computed in one forward equals the update's in another (the trainer's recomputed pi_old); the vision graph
         the rollout kept (`cuda_graphs`) is replayed at that batch. A forward without gradients keeps the rollout's
-        decode graph and KV cache (it needs little memory); one with gradients frees them for its activations."""
+        decode graph and KV cache (it needs little memory) unless it replays the training graph (`graph_update`);
+        one with gradients frees them for its activations."""
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
@@ -475,16 +532,18 @@ class VLAPolicy:
             images, wrist, proprio, token_ids = (None if rows is None else _pad_rows(rows, pad_to - batch)
                                                  for rows in (images, wrist, proprio, token_ids))
             instructions = [*instructions, *[instructions[-1]] * (pad_to - batch)]
-        if torch.is_grad_enabled():
+        graphed = pad_to is not None and self._graphs_update
+        if torch.is_grad_enabled() or graphed:
             self._release_decoder()
-        with self._mode(torch.is_grad_enabled()):
+        with self._mode(torch.is_grad_enabled(), cache_casts=not graphed):
             prefix = self._prefix(images, wrist, proprio, len(instructions))
             prompts = self.prompt_ids(instructions)
             if self.is_oft:
-                log_probs = self._oft_log_probs(prefix, prompts, temperature, prompt_length)
+                log_probs = self._oft_log_probs(prefix, prompts, temperature, prompt_length, graphed)
             else:
                 inputs = self._inputs(prefix, prompts, token_ids, prompt_length=prompt_length)
-                log_probs = self._readout(inputs, self._hidden(inputs), self.tokens_per_query, temperature)
+                log_probs = self._readout(inputs, self._hidden(inputs, graphed), self.tokens_per_query,
+                                          temperature)
         log_probs = log_probs[:batch]
         columns = (token_ids[:batch] - ACTION_TOKEN_BEGIN).unsqueeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -523,7 +582,7 @@ class VLAPolicy:
         if token_ids.numel() and (token_ids.min() < ACTION_TOKEN_BEGIN or token_ids.max() >= ACTION_TOKEN_END):
             raise ValueError(f"token_ids must be action tokens in [{ACTION_TOKEN_BEGIN}, {ACTION_TOKEN_END - 1}], "
                              f"got values in [{int(token_ids.min())}, {int(token_ids.max())}]")
-        return token_ids.to(self.device)
+        return self._on_device(token_ids)
 
     # ------------------------------------------------------------------------------------- action <-> tokens
 
@@ -562,6 +621,7 @@ class VLAPolicy:
 
     def gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in backward (Llama layers and ViT blocks) to save memory."""
+        self._checkpointing = enabled
         language_model = self.model.language_model
         # activation_checkpointing_* since transformers 5.2x; the GPU image's 5.17 has only gradient_checkpointing_*
         if hasattr(language_model, "activation_checkpointing_enable"):
@@ -612,10 +672,12 @@ class VLAPolicy:
         vision graph stays where the towers and the projector hold no adapter (their outputs do not change)."""
         release = self.release_graphs if self._vision_trains else self._release_decoder
         release()
+        self._adapter_enabled = False
         try:
             with self._peft.disable_adapter() if self._peft is not None else nullcontext():
                 yield
         finally:
+            self._adapter_enabled = True
             release()
 
     def _require_lora(self, action: str) -> PeftModel:
