@@ -202,7 +202,7 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
         bar.close()
         self.skipped_steps += skipped
-        loss = distributed.reduce_values({"loss": loss}, ctx)["loss"] / (num_minibatches * cfg.optim.ppo_epochs)
+        loss = distributed.reduce_values({"loss": float(loss)}, ctx)["loss"] / (num_minibatches * cfg.optim.ppo_epochs)
         return {"train/loss": loss, **stats.reduce(ctx, UPDATE_STATS), "train/steps": total_steps,
                 "train/optimizer_steps": optimizer_steps,
                 "train/skipped_steps": skipped, "train/skipped_steps_total": self.skipped_steps,
@@ -276,10 +276,12 @@ class GRPOTrainer:
         return distributed.reduce_values({"bad": float(not finite)}, self.ctx, "max")["bad"] == 0
 
     def accumulate_gradients(self, batch: Rollouts, advantages: torch.Tensor, rows: torch.Tensor, stats: UpdateStats,
-                             old_log_probs: torch.Tensor | None = None, before_any_step: bool = False) -> float:
+                             old_log_probs: torch.Tensor | None = None,
+                             before_any_step: bool = False) -> torch.Tensor | float:
         """Gradients of one mini-batch (`rows` of this rank's steps; together with the other ranks' rows it is
         the global mini-batch) summed over ranks, through micro-batches whose losses add up to the mini-batch
-        loss; returns this rank's share of that loss. A sharded model (FSDP) sums them in its backward passes.
+        loss; returns this rank's share of that loss (on the GPU, read back once per update: a read waits for the
+        queued work). A sharded model (FSDP) sums them in its backward passes.
         `old_log_probs`: pi_old of every step (None: the rollout's). `before_any_step`: these forwards precede every
         optimizer step, so they measure how far the rollout's log-probs are from the update's, and with pi_old
         recomputed they are pi_old of their steps (filled into `old_log_probs`), unless training mode drops out."""
@@ -299,7 +301,7 @@ class GRPOTrainer:
             micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats,
                                                old_log_probs, before_any_step)
             micro_loss.backward()
-            loss += float(micro_loss.detach())
+            loss = loss + micro_loss.detach()
         for _ in range(passes - len(parts)):
             fsdp.padding_pass(self.policy, self.inputs, self.config.grpo.temperature)
         if not self.units:
@@ -316,7 +318,7 @@ class GRPOTrainer:
         shape = {"pad_to": self.config.optim.micro_batch_size, "prompt_length": self.prompt_length}
         logp, entropy = self.policy.log_probs(*inputs, **shape)
         device = logp.device
-        weights = weights.to(device)
+        weights = weights.to(device, non_blocking=True)  # see VLAPolicy._on_device
         if before_any_step and (self.pi_old_from_gradient_pass or not self.recompute_old_log_probs):
             own = logp.detach().float().cpu()
             gap = (own - batch.log_probs[rows]).abs()
@@ -325,8 +327,8 @@ class GRPOTrainer:
             if self.pi_old_from_gradient_pass:
                 old_log_probs[rows] = own
         loss, loss_stats = grpo.policy_loss(
-            logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device),
-            advantages.to(device), weights,
+            logp, (batch.log_probs if old_log_probs is None else old_log_probs)[rows].to(device, non_blocking=True),
+            advantages.to(device, non_blocking=True), weights,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, log_ratio_clamp=cfg.log_ratio_clamp,
             advantage_clamp=cfg.advantage_clamp)
         tokens = float(logp.numel())  # stored steps have no padding

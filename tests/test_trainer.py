@@ -625,6 +625,22 @@ def test_auto_recomputes_pi_old_where_the_rollout_computes_its_log_probs_differe
     assert GrpoConfig(old_log_probs=choice).recomputes_old_log_probs(bfloat16, oft, base_quant) == recomputes
 
 
+def test_update_stats_combine_tensors_and_numbers_and_read_them_back_once():
+    """Token-weighted means, minima and maxima of tensors (kept as tensors until `reduce`) and of numbers:
+    (2 * 3 + 1 * 1) / 4 = 1.75, min(3, 1.5) = 1.5, max(2, 5) = 5."""
+    stats = UpdateStats()
+    stats.mean("loss", torch.tensor(2.0), 3.0)
+    stats.mean("loss", 1.0, 1.0)
+    stats.minimum("ratio_min", torch.tensor(3.0))
+    stats.minimum("ratio_min", 1.5)
+    stats.maximum("ratio_max", 2.0)
+    stats.maximum("ratio_max", torch.tensor(5.0))
+    assert isinstance(stats.sums["loss"], torch.Tensor)
+    context = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    reduced = stats.reduce(context, {"mean": ("loss",), "min": ("ratio_min",), "max": ("ratio_max",)})
+    assert reduced == {"train/loss": 1.75, "train/ratio_min": 1.5, "train/ratio_max": 5.0}
+
+
 def test_mini_batches_are_cut_on_micro_batch_multiples():
     """3,520 steps in 13 mini-batches of micro-batches of 16: cut i at round(i x 3520 / (13 x 16)) = round(i x
     16.92) micro-batches: 17, 34, 51, 68, 85, 102, 118 (118.46), 135, ..., 203, so 17 micro-batches (272 steps) each

@@ -101,31 +101,44 @@ def _number(value: float) -> str:
 
 
 class UpdateStats:
-    """Token-weighted means, minima and maxima of per-micro-batch statistics, reduced over ranks."""
+    """Token-weighted means, minima and maxima of per-micro-batch statistics, reduced over ranks. Values may be
+    tensors on the GPU: they are combined there and read back once, in `reduce`, since each read waits for all
+    queued GPU work and would leave the GPU idle while the host prepares the next micro-batch."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.weights: dict[str, float] = {}
-        self.minima: dict[str, float] = {}
-        self.maxima: dict[str, float] = {}
+        self.minima: dict[str, torch.Tensor] = {}
+        self.maxima: dict[str, torch.Tensor] = {}
 
     def mean(self, name: str, value: torch.Tensor | float, weight: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+        self.sums[name] = self.sums.get(name, 0.0) + _detached(value) * weight
         self.weights[name] = self.weights.get(name, 0.0) + weight
 
     def minimum(self, name: str, value: torch.Tensor | float) -> None:
-        self.minima[name] = min(self.minima.get(name, math.inf), float(value))
+        self.minima[name] = _extreme(torch.minimum, self.minima.get(name), value)
 
     def maximum(self, name: str, value: torch.Tensor | float) -> None:
-        self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
+        self.maxima[name] = _extreme(torch.maximum, self.maxima.get(name), value)
 
     def reduce(self, ctx: DistContext, names: dict[str, tuple[str, ...]]) -> dict[str, float]:
         """train/<name> for the declared `names` ({"mean": ..., "min": ..., "max": ...}), the same on every rank;
         a rank that saw no data contributes nothing."""
-        sums = reduce_values({n: self.sums.get(n, 0.0) for n in names["mean"]}, ctx)
+        sums = reduce_values({n: float(self.sums.get(n, 0.0)) for n in names["mean"]}, ctx)
         weights = reduce_values({n: self.weights.get(n, 0.0) for n in names["mean"]}, ctx)
-        minima = reduce_values({n: self.minima.get(n, math.inf) for n in names["min"]}, ctx, "min")
-        maxima = reduce_values({n: self.maxima.get(n, -math.inf) for n in names["max"]}, ctx, "max")
+        minima = reduce_values({n: float(self.minima.get(n, math.inf)) for n in names["min"]}, ctx, "min")
+        maxima = reduce_values({n: float(self.maxima.get(n, -math.inf)) for n in names["max"]}, ctx, "max")
         out = {f"train/{n}": sums[n] / weights[n] for n in names["mean"] if weights[n] > 0}
         out.update({f"train/{n}": v for n, v in {**minima, **maxima}.items() if math.isfinite(v)})
         return out
+
+
+def _detached(value: torch.Tensor | float) -> torch.Tensor | float:
+    return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+
+
+def _extreme(pick, current: torch.Tensor | None, value: torch.Tensor | float) -> torch.Tensor:
+    """`pick` (torch.minimum / torch.maximum) of the running value and `value`, without reading a tensor back (a
+    0-d CPU tensor combines with a GPU one)."""
+    value = torch.as_tensor(_detached(value))
+    return value if current is None else pick(current, value)

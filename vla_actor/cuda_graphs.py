@@ -106,15 +106,16 @@ class KeptGraph:
 class KeptTrainingGraph:
     """`function(parameters, *inputs)`, which runs `module` with `parameters` (name -> tensor) in place of its own
     (torch.func.functional_call), and its backward replayed from two CUDA graphs kept for the last input shapes and
-    dtypes, with gradients for the module's trainable parameters only (the inputs take none). Eagerly, the 7B's Llama stack launches some ten
-    thousand kernels per forward and backward of an update micro-batch, and at micro-batches up to 4 the host took
-    longer to launch them than the GPU to run them (bench/results/gpu_7b_no_checkpointing_fused.json).
+    dtypes, with gradients for the module's trainable parameters only (the inputs take none). Eagerly, the 7B's
+    Llama stack launches some ten thousand kernels per forward and backward of an update micro-batch, and at
+    micro-batches up to 4 the host took longer to launch them than the GPU to run them
+    (bench/results/gpu_7b_no_checkpointing_fused.json; replayed: gpu_7b_update_graphs.json).
 
     A call copies the inputs in, replays the forward and returns its output buffer (overwritten by the next call),
-    with gradients enabled differentiable w.r.t. `parameters` (without, the forward alone: the same bits): its
-    backward copies the incoming gradient in, replays the backward graph and
-    hands autograd copies of the parameters' gradients (autograd may keep a returned tensor as a parameter's .grad,
-    which the next replay would overwrite: pytorch/pytorch#181723). Run each call's backward before the next call.
+    with gradients enabled differentiable w.r.t. the module's parameters (without, the forward alone: the same
+    bits): its backward copies the incoming gradient in, replays the backward graph and hands autograd copies of the
+    parameters' gradients (autograd may keep a returned tensor as a parameter's .grad, which the next replay would
+    overwrite: pytorch/pytorch#181723). Run each call's backward before the next call.
     A new shape is captured after one eager forward and backward on a side stream (cuBLAS workspaces); the cache is
     emptied between them, as the graphs' pool cannot take memory the warm-up left cached. The captured forward runs
     on views of the parameters made inside the capture and the backward graph ends at them: it never reaches the
