@@ -52,7 +52,9 @@
 # make_libero_bundle.sh in the team's tools), .whl/*.whl (packages the machine lacks: tyro and its needs,
 # simplejpeg), .whl_quant/*.whl (torchao, for quant8 and the quantized GPU tests), .baseline/baseline.tar.xz
 # (BASELINE_TAR). Logs and results go to JOB_DIR (/tmp/gpu_job). One transfer carries at most 64 MiB with the
-# tracked tree (~28.5 MB): .gl .libero_bundle .whl (40.0 MB) for seeds and rollout, .gl .whl .whl_quant for vlagpu.
+# tracked tree (~28.5 MB): .gl .libero_bundle .whl (40.0 MB) for seeds and rollout, .gl .whl .whl_quant for vlagpu,
+# and .baseline (git-ignored; e.g. `git archive COMMIT -- . ':(exclude)assets' | xz > .baseline/baseline.tar.xz`,
+# 1.5 MB) for the stages against a baseline.
 # SEED_GRPO_SECONDS (1300) bounds a seed's GRPO so that the seed ends inside a 30-minute lease: set it to the
 # device time left at launch minus ~500 s (machine start ~100, demos + model + SFT 160-211, the iteration that
 # crosses the bound and the last eval ~150, packing and report calls ~50; seed 1 on the H100 machine, seed 2 on an
