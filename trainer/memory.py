@@ -19,7 +19,8 @@ compiled run (`gpu_7b_compiled.json`), whose batch 32 did not fit 24 GiB, as the
 
 Time scales the per-query and per-sample seconds measured by the real trainer on an H100 (bench_e2e) by the
 card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
-quantized base, whose dequantizing layers were not timed.
+quantized base, whose dequantizing layers were not timed, or an update without gradient checkpointing, which the
+real trainer has not timed (the microbenchmark's H100 and the arithmetic of a slower card disagree in direction).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class Prediction:
     def summary(self) -> str:
         time = (f"~{self.iteration_seconds / 60:.0f} min per iteration on {self.card} (an estimate scaled from "
                 f"{MEASURED_ON} measurements)" if self.iteration_seconds is not None else
-                f"no time estimate for {self.card} (measured with bf16 bases of known cards only)")
+                f"no time estimate for this configuration on {self.card} (measured with bf16 bases, gradient "
+                f"checkpointing and known cards only)")
         return (f"predicted GPU memory {self.peak_gib:.1f} GiB (weights and LoRA state {self.resident_gib:.1f}, "
                 f"rollout peak {self.rollout_gib:.1f}, update peak {self.update_gib:.1f}); {time}")
 
@@ -227,10 +229,12 @@ def peaks(shape: ModelShape, rollout_batch: int, micro_batch: int, gradient_chec
 
 def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> float | None:
     """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card,
-    a policy not in bf16 or a quantized base (the measurements are of the unquantized bf16 7B). The GPU and the
-    simulators take turns."""
+    a policy not in bf16, a quantized base or an update without gradient checkpointing (the measurements are of the
+    unquantized bf16 7B, checkpointed; unchecked, the H100 takes 1.12x as long a sample at micro-batch 4 while a
+    slower card's arithmetic would take 0.75x, gpu_7b_update_graphs.json). The GPU and the simulators take
+    turns."""
     rate = card_tflops(card)
-    if rate is None or shape.dtype_bytes != 2 or shape.quantized_parameters:
+    if rate is None or shape.dtype_bytes != 2 or shape.quantized_parameters or not config.model.gradient_checkpointing:
         return None
     horizon = config.env.max_steps or suite_shape(config.env.task_suite).max_steps
     episodes = config.grpo.groups_per_iteration * config.grpo.group_size
