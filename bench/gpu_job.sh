@@ -18,8 +18,8 @@
 #              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (E2E_MODELS, default "openvla oft", E2E_ITERATIONS each (2), or OFT only) against
-#              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json); an OpenVLA iteration at horizon 220 takes ~5
-#              minutes on an H100, the first ~1 more
+#              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json), E2E_MAX_STEPS a shorter horizon; an OpenVLA
+#              iteration at horizon 220 takes ~5 minutes on an H100, the first ~1 more
 #   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it,
 #              E2E_ITERATIONS (3) each
@@ -42,9 +42,9 @@
 #              overlapped halves of 16 (each half's simulators run while the other half's query is on the GPU)
 #              against 16 envs without overlap, the same checkout (gpu_7b_e2e_openvla_32_envs.json); E2E_MAX_STEPS
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
-#   graphs     bench_gpu --fused-kernels at rollout batch 16: the update with pi_old recomputed, checkpointed at micro-batch
-#              16 and without checkpointing at 2 / 4, the Llama stack replayed from the kept training graph and eagerly
-#              (gpu_7b_update_graphs.json)
+#   graphs     bench_gpu --fused-kernels at rollout batch 16: the update with pi_old recomputed, checkpointed at
+#              micro-batch 16 and without checkpointing at 2 / 4, the Llama stack replayed from the kept training
+#              graph and eagerly (gpu_7b_update_graphs.json)
 #   levers     bench_gpu at rollout batch 16 and micro-batch 16: the update with the towers eager (as before they
 #              replayed the rollout's vision graph) and the fused kernels (--fused-kernels), each against this run,
 #              into LEVERS_OUTPUT (gpu_7b_levers.json)
@@ -139,7 +139,8 @@ stage() {
           --out "$RESULTS/rollout_gpu_${envs}_envs.json" || return
       done ;;
     e2e) baseline; python3 -m bench.bench_e2e --models ${E2E_MODELS:-openvla oft} --iterations "${E2E_ITERATIONS:-2}" \
-           --baseline-repo /tmp/baseline --work-dir /tmp/e2e --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
+           --baseline-repo /tmp/baseline --work-dir /tmp/e2e ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} \
+           --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
     profile) python3 -m bench.profile_gpu --variants eager fused --rollout-batches 16 32 \
