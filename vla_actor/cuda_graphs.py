@@ -117,10 +117,10 @@ class KeptTrainingGraph:
     parameters' gradients (autograd may keep a returned tensor as a parameter's .grad, which the next replay would
     overwrite: pytorch/pytorch#181723). Run each call's backward before the next call.
     A new shape is captured after one eager forward and backward on a side stream (cuBLAS workspaces); the cache is
-    emptied between them, as the graphs' pool cannot take memory the warm-up left cached. The captured forward runs
-    on views of the parameters made inside the capture and the backward graph ends at them: it never reaches the
-    parameters' own gradient accumulators, whose stream is the one they were made on (the default stream, while an
-    earlier step's autograd graph is alive) and would make the capture wait on it, which CUDA refuses. No gradient
+    emptied between them, as the graphs' pool cannot take memory the warm-up left cached. Warm-up and capture run
+    on views of the parameters made on the capture's stream, and the backward graph ends at them: it never reaches
+    the parameters' own gradient accumulators, whose stream is the one they were made on (the default stream, while
+    an earlier step's autograd graph is alive) and would make the capture wait on it, which CUDA refuses. No gradient
     checkpointing inside `function`: it saves and restores the RNG state, which a capture does not allow."""
 
     def __init__(self, module: torch.nn.Module, function: Callable[..., torch.Tensor], device: torch.device,
@@ -161,14 +161,14 @@ class KeptTrainingGraph:
         current = torch.cuda.current_stream(self._stream.device)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            warm_up = self._function(self._named, *self._inputs)
-            torch.autograd.grad(warm_up, self._parameters, torch.zeros_like(warm_up), allow_unused=True)
+            views = {name: p.view_as(p) for name, p in self._named.items()}
+            warm_up = self._function(views, *self._inputs)
+            torch.autograd.grad(warm_up, tuple(views.values()), torch.zeros_like(warm_up), allow_unused=True)
             self._grad_output = torch.empty_like(warm_up)
             del warm_up
         self._stream.synchronize()
         torch.cuda.empty_cache()
         with torch.cuda.stream(self._stream):
-            views = {name: p.view_as(p) for name, p in self._named.items()}
             self._forward = torch.cuda.CUDAGraph()
             output = _captured(self._forward, lambda: self._function(views, *self._inputs))
             self._backward = torch.cuda.CUDAGraph()
