@@ -77,8 +77,8 @@ class BenchConfig:
     activations, so the backward pass runs no second forward; results under update_curve_no_checkpointing). With
     --fused-kernels or --compile-layers they are measured under the lever instead, with the trainer's recomputed
     pi_old, beside the checkpointed --micro-batches (update_curve_with_pi_old), the Llama stack replayed from the
-    kept training graphs (VLAPolicy.graph_update, update_curve_no_checkpointing_with_pi_old) and eagerly
-    (update_curve_no_checkpointing_eager_with_pi_old)."""
+    kept training graphs where the trainer would (VLAPolicy.graph_update; not compiled blocks,
+    update_curve_no_checkpointing_with_pi_old) and eagerly (update_curve_no_checkpointing_eager_with_pi_old)."""
     mini_batch: int = 64
     """Samples (env steps) per optimizer step in our update."""
     seed_samples: int = 16
@@ -395,8 +395,12 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
     results.update(iteration_peak(config, policy, optimizer, best_micro, rng))
     if config.compile_layers:
-        results["compiled"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng,
-                                          lambda: policy.compile_layers(config.compile_backend), "compile")
+        def compile_layers() -> None:  # as the trainer builds it: compiled blocks update eagerly
+            policy.compile_layers(config.compile_backend)
+            policy.graph_update = False
+
+        results["compiled"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng, compile_layers,
+                                          "compile")
     if config.fused_kernels:
         results["fused"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng,
                                        policy.fuse_kernels, "fused")
@@ -452,10 +456,10 @@ def lever_rates(config: BenchConfig, policy: VLAPolicy, optimizer: torch.optim.O
         policy.gradient_checkpointing(False)
         results["update_curve_no_checkpointing_with_pi_old"] = micro_batch_curve(
             config, policy, optimizer, 16, rng, config.no_checkpoint_micro_batches, pi_old=True)
-        policy.graph_update = False
+        graphed, policy.graph_update = policy.graph_update, False
         results["update_curve_no_checkpointing_eager_with_pi_old"] = micro_batch_curve(
             config, policy, optimizer, 16, rng, config.no_checkpoint_micro_batches, pi_old=True)
-        policy.graph_update = True
+        policy.graph_update = graphed
         policy.gradient_checkpointing(True)
     print(f"{name}: {json.dumps({k: v for k, v in results.items() if k != 'rollout_curve'})}", flush=True)
     return results
