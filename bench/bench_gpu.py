@@ -230,12 +230,12 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     weights = grpo.token_weights(mask, torch.arange(rows))
     advantages = torch.from_numpy(np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32))
     device = policy.device
+    shape = {"pad_to": micro_batch, "prompt_length": prompt_length(policy)}
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, rows, micro_batch):
         index = slice(start, start + micro_batch)
         log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                        temperature=temperature, pad_to=micro_batch,
-                                        prompt_length=prompt_length(policy))
+                                        temperature=temperature, **shape)
         loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device), advantages[index].to(device),
                                    weights[index].to(device), mask[index].to(device))
         loss.backward()
@@ -253,13 +253,12 @@ def prompt_length(policy: VLAPolicy) -> int:
 def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, temperature: float) -> torch.Tensor:
     """pi_old as the trainer recomputes it (--old-log-probs recompute) for every mini-batch but an iteration's
     first, whose gradient pass gives its own: a no-grad forward over the rows in the update's micro-batches."""
-    parts = []
+    parts, shape = [], {"pad_to": micro_batch, "prompt_length": prompt_length(policy)}
     with torch.no_grad():
         for start in range(0, len(batch.instructions), micro_batch):
             index = slice(start, start + micro_batch)
             log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                            temperature=temperature, pad_to=micro_batch,
-                                            prompt_length=prompt_length(policy))
+                                            temperature=temperature, **shape)
             parts.append(log_probs.float())
     return torch.cat(parts).cpu()  # one copy back: each would wait for the GPU to finish
 

@@ -98,9 +98,10 @@ def observations(batch, seed=0):
     return rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8), INSTRUCTIONS[:batch]
 
 
-def tiny_policy_with_lora(directory, dtype, everywhere=False):
-    """The tiny look-alike with LoRA on the LLM (everywhere: on the projector and the ViTs too), adapters random."""
-    policy = load_policy(make_tiny_checkpoint(directory / "openvla"), device="cuda", dtype=dtype)
+def tiny_policy_with_lora(directory, dtype, everywhere=False, variant="openvla"):
+    """The tiny look-alike (`variant` "openvla", or "oft" with two images and proprio) with LoRA on the LLM
+    (everywhere: on the projector and the ViTs too), adapters random."""
+    policy = load_policy(make_tiny_checkpoint(directory / variant, variant=variant), device="cuda", dtype=dtype)
     policy.apply_lora(LoraSettings(rank=4, alpha=8, include_projector=everywhere, include_vision=everywhere))
     with torch.no_grad():
         for parameter in policy.trainable_parameters():  # B starts at zero: make the adapters change the outputs
@@ -240,18 +241,6 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, d
                 assert torch.allclose(graph_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
-def tiny_variant_with_lora(directory, variant, dtype):
-    """tiny_policy_with_lora for "openvla" or "oft" (two images and proprio)."""
-    if variant == "openvla":
-        return tiny_policy_with_lora(directory, dtype)
-    policy = load_policy(make_tiny_checkpoint(directory / "oft", variant="oft"), device="cuda", dtype=dtype)
-    policy.apply_lora(LoraSettings(rank=4, alpha=8))
-    with torch.no_grad():
-        for parameter in policy.trainable_parameters():
-            parameter.normal_(0.0, 0.1)
-    return policy
-
-
 def accumulated_update(policy, observed, tokens, graphed, shape):
     """Two micro-batches (the second padded to `pad_to`) as the update runs them: pi_old without gradients, then
     the forward with gradients, whose log-probs must equal pi_old's bit for bit, and its backward; returns the
@@ -282,7 +271,7 @@ def test_the_update_graph_equals_the_eager_stack(tmp_path, without_tf32, variant
     a .grad that the next replay would overwrite: pytorch/pytorch#181723), an in-place change of the adapters (the
     optimizer's step) is seen by the next replay, and a rollout frees the graph, captured again by the next update;
     with gradient checkpointing (which a capture cannot hold) the stack runs eagerly."""
-    policy = tiny_variant_with_lora(tmp_path, variant, dtype)
+    policy = tiny_policy_with_lora(tmp_path, dtype, variant=variant)
     images, instructions = observations(8)
     wrist = images[::-1].copy() if policy.num_images == 2 else None
     proprio = np.linspace(-1, 1, 8 * 8, dtype=np.float32).reshape(8, 8) if policy.uses_proprio else None
