@@ -40,7 +40,8 @@
 #              (gpu_7b_e2e_oft_rollout_pi_old.json)
 #   e2ewide    bench_e2e of OpenVLA, E2E_ITERATIONS (2) each, 4 groups of 8 (32 episodes an iteration): 32 envs in two
 #              overlapped halves of 16 (each half's simulators run while the other half's query is on the GPU)
-#              against 16 envs without overlap, the same checkout (gpu_7b_e2e_openvla_32_envs.json); E2E_MAX_STEPS
+#              against 16 envs without overlap, the same checkout (gpu_7b_e2e_openvla_32_envs.json); E2E_MAX_STEPS;
+#              at 120 steps on an H100 a run takes ~9 minutes (iterations of ~280 and ~210 s), the stage ~18
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   graphs     bench_gpu --fused-kernels at rollout batch 16: the update with pi_old recomputed, checkpointed at
 #              micro-batch 16 and without checkpointing at 2 / 4, the Llama stack replayed from the kept training
@@ -212,8 +213,13 @@ report() {
   for f in "$JOB_DIR"/*.rc; do [ -f "$f" ] && echo "$(basename "$f" .rc): exit $(cat "$f")"; done
   for f in "$JOB_DIR"/*.log; do echo "---- $(basename "$f")"; tail -c "${TAIL_BYTES:-1500}" "$f"; done
   [ -f "$JOB_DIR/done" ] && echo "job done"
-  # A seed's latest GRPO adapter comes back with every report, so a seed cut short by the lease keeps its result.
-  (cd "$JOB_DIR" && tar -cJf "$out/results.tar.xz" results *.log *.rc \
+  # A seed's latest GRPO adapter and the running bench_e2e trainer's metrics (every finished iteration's) come back
+  # with every report, so a stage cut short by the lease keeps what it measured.
+  mkdir -p "$JOB_DIR/e2e_runs"
+  for m in /tmp/e2e/runs/*/metrics.jsonl; do
+    [ -f "$m" ] && cp "$m" "$JOB_DIR/e2e_runs/$(basename "$(dirname "$m")").metrics.jsonl"
+  done
+  (cd "$JOB_DIR" && tar -cJf "$out/results.tar.xz" results e2e_runs *.log *.rc \
      $(ls -d ll_seed*/record.json ll_seed*/*/metrics.jsonl ll_seed*/stage_*.json ll_seed*/grpo/evals \
              ll_seed*/grpo/checkpoints/*/adapter 2>/dev/null) 2>/dev/null)
   for pack in "$JOB_DIR"/pack_*; do
