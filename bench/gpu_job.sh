@@ -21,6 +21,9 @@
 #              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json), E2E_MAX_STEPS a shorter horizon; an OpenVLA
 #              iteration at horizon 220 takes ~5 minutes on an H100, the first ~1 more
 #   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
+#   profilegraphs  profile_gpu, fused kernels: pi_old and the update micro-batch of 4 without gradient checkpointing,
+#              replayed from the kept training graph and eagerly (profile_7b_update_graphs.json, _eager.json), and the
+#              checkpointed 16 of the same code beside them (profile_7b_update_checkpointed.json)
 #   e2eoverlap bench_e2e of OVERLAP_MODELS (oft) with --overlap-rollouts against the same checkout without it,
 #              E2E_ITERATIONS (3) each
 #   nockpt     bench_gpu --fused-kernels: the update with pi_old recomputed, checkpointed at micro-batch 16 and
@@ -146,6 +149,12 @@ stage() {
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
     profile) python3 -m bench.profile_gpu --variants eager fused --rollout-batches 16 32 \
                --output "$RESULTS/profile_7b_fused.json" ;;
+    profilegraphs)
+      local fused_profile="python3 -m bench.profile_gpu --variants fused --rollout-batches 16"
+      $fused_profile --no-gradient-checkpointing --micro-batch 4 --output "$RESULTS/profile_7b_update_graphs.json" &&
+      $fused_profile --no-gradient-checkpointing --no-graph-update --micro-batch 4 \
+        --output "$RESULTS/profile_7b_update_graphs_eager.json" &&
+      $fused_profile --micro-batch 16 --output "$RESULTS/profile_7b_update_checkpointed.json" ;;
     nockpt)
       python3 -m bench.bench_gpu --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 6 8 \
         --fused-kernels --mini-batch 96 --oft-setups 2img_proprio --oft-batches 16 32 64 \

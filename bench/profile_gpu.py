@@ -3,7 +3,7 @@
 On a GPU: the random-weight OpenVLA-7B shape with LoRA r16 under the 24 GiB cap (bench_gpu's builders), profiled
 over a few rollout queries (`VLAPolicy.sample`) at batch 8, 16 and 32, a few no-grad pi_old forwards (`log_probs`
 without gradients, as `--old-log-probs recompute` runs them) and a few update micro-batches (`log_probs` with
-gradients, gradient checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is
+gradients, gradient checkpointing unless --no-gradient-checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is
 then compiled (`VLAPolicy.compile_layers`) and profiled again in the same run; `--variants eager fused` does the
 same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA); `--base-quant` profiles a
 quantized base. `--model tiny` runs every code path on the CPU (the CI smoke test; there is no GPU timeline then).
@@ -34,8 +34,8 @@ import torch
 import tyro
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.bench_gpu import (BenchConfig, Batch, build_policy, device_of, observations, rollout, sampled,
-                             set_memory_cap, synchronize, timed, update)
+from bench.bench_gpu import (BenchConfig, Batch, build_policy, device_of, observations, prompt_length, rollout,
+                             sampled, set_memory_cap, synchronize, timed, update)
 from trainer.checkpoint import write_json
 from vla_actor.policy import VLAPolicy
 
@@ -64,6 +64,13 @@ class ProfileConfig:
     cuda_graphs: bool = True
     """Vision towers and decode steps replayed from CUDA graphs (VLAPolicy.cuda_graphs, the default);
     --no-cuda-graphs: eager."""
+    gradient_checkpointing: bool = True
+    """The update micro-batch with gradient checkpointing (the default of `train`); --no-gradient-checkpointing
+    profiles it without, where its Llama forward and backward replay from the kept training graph on CUDA
+    (VLAPolicy.graph_update) unless --no-graph-update."""
+    graph_update: bool = True
+    """Without gradient checkpointing, the update's Llama stack replayed from CUDA graphs (`train --graph-update`);
+    --no-graph-update: eager."""
     calls: int = 3
     """Profiled calls per phase (after the warm-up calls)."""
     warmup_calls: int = 2
@@ -87,9 +94,11 @@ def phase_calls(config: ProfileConfig, bench: BenchConfig, policy: VLAPolicy,
     rows = sampled(policy, config.micro_batch, config.micro_batch, rng, temperature)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
 
+    shape = {"pad_to": config.micro_batch, "prompt_length": prompt_length(policy)}  # the trainer's one shape
+
     def pi_old() -> None:
         with torch.no_grad():
-            policy.log_probs(**rows.rows(slice(None)), token_ids=rows.token_ids, temperature=temperature)
+            policy.log_probs(**rows.rows(slice(None)), token_ids=rows.token_ids, temperature=temperature, **shape)
 
     def rollout_query(size: int) -> Callable[[], object]:
         queries = observations(policy, size, rng)
@@ -206,17 +215,20 @@ def main(config: ProfileConfig) -> dict:
                      "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
                      "rollout_batches": list(config.rollout_batches), "micro_batch": config.micro_batch,
                      "calls": config.calls, "cuda_graphs": config.cuda_graphs, "base_quant": config.base_quant,
+                     "gradient_checkpointing": config.gradient_checkpointing, "graph_update": config.graph_update,
                      "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:
         policy = build_policy(bench, "openvla", Path(workdir), base_quant=config.base_quant)
-        policy.gradient_checkpointing(True)
+        policy.gradient_checkpointing(config.gradient_checkpointing)
         policy.cuda_graphs = config.cuda_graphs
+        policy.graph_update = config.graph_update and config.base_quant == "none"  # as train builds it
         trace_dir = config.trace_dir or Path(workdir)
         trace_dir.mkdir(parents=True, exist_ok=True)
         for variant in config.variants:
-            if variant == "compiled":
+            if variant == "compiled":  # as train builds it: compiled blocks update eagerly
                 policy.compile_layers()
+                policy.graph_update = False
             elif variant == "fused":
                 policy.fuse_kernels()
             phases = {}

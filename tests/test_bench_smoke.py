@@ -66,6 +66,10 @@ def test_profile_gpu_code_paths_run_on_cpu(tmp_path):
         assert "OpenVLAModel.vision" in phase["named_phases"]
     assert {"DynamicDecoder.prefill", "DynamicDecoder.step"} <= set(phases["rollout_batch2"]["named_phases"])
     assert "== eager/update_micro_batch" in output.with_suffix(".txt").read_text()
+    unchecked = profile_main(ProfileConfig(model="tiny", rollout_batches=(2,), micro_batch=2, calls=1, warmup_calls=0,
+                                           timed_calls=1, top=5, gradient_checkpointing=False, output=output))
+    assert unchecked["gradient_checkpointing"] is False and unchecked["graph_update"] is True
+    assert unchecked["variants"]["eager"]["update_micro_batch"]["wall_s_per_call"] > 0
     with pytest.raises(SystemExit, match="is eager, fused, compiled, eager fused or eager compiled"):
         profile_main(ProfileConfig(model="tiny", variants=("eager", "fused", "compiled"), output=output))
 
