@@ -9,6 +9,8 @@ same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on
 quantized base. `--model tiny` runs every code path on the CPU (the CI smoke test; there is no GPU timeline then).
 
     python -m bench.profile_gpu --variants eager compiled --output bench/results/profile_7b.json
+    python -m bench.profile_gpu --variants fused --no-gradient-checkpointing --micro-batch 4 \
+        --output bench/results/profile_7b_update_graphs.json
     python -m bench.profile_gpu --model tiny --rollout-batches 2 --micro-batch 2 --output /tmp/profile.json
 
 Per variant and phase the JSON has: the unprofiled median wall time per call; from the profiled calls the GPU-busy
