@@ -3,10 +3,11 @@
 On a GPU: the random-weight OpenVLA-7B shape with LoRA r16 under the 24 GiB cap (bench_gpu's builders), profiled
 over a few rollout queries (`VLAPolicy.sample`) at batch 8, 16 and 32, a few no-grad pi_old forwards (`log_probs`
 without gradients, as `--old-log-probs recompute` runs them) and a few update micro-batches (`log_probs` with
-gradients, gradient checkpointing unless --no-gradient-checkpointing, backward, optimizer step). With `--variants eager compiled` the same policy is
-then compiled (`VLAPolicy.compile_layers`) and profiled again in the same run; `--variants eager fused` does the
-same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of `train` on CUDA); `--base-quant` profiles a
-quantized base. `--model tiny` runs every code path on the CPU (the CI smoke test; there is no GPU timeline then).
+gradients, gradient checkpointing unless --no-gradient-checkpointing, backward, optimizer step). With
+`--variants eager compiled` the same policy is then compiled (`VLAPolicy.compile_layers`) and profiled again in the
+same run; `--variants eager fused` does the same with the fused kernels (`VLAPolicy.fuse_kernels`, the default of
+`train` on CUDA); `--base-quant` profiles a quantized base. `--model tiny` runs every code path on the CPU (the CI
+smoke test; there is no GPU timeline then).
 
     python -m bench.profile_gpu --variants eager compiled --output bench/results/profile_7b.json
     python -m bench.profile_gpu --variants fused --no-gradient-checkpointing --micro-batch 4 \
@@ -207,6 +208,7 @@ def main(config: ProfileConfig) -> dict:
         raise SystemExit("profile_gpu.py: --variants is eager, fused, compiled, eager fused or eager compiled (fusing "
                          "and compiling are one-way, and train never runs both)")
     bench = BenchConfig(model=config.model)
+    graph_update = config.graph_update and config.base_quant == "none"  # as train builds it
     device = device_of(bench)
     torch.manual_seed(bench.seed)
     rng = np.random.default_rng(bench.seed)
@@ -217,14 +219,14 @@ def main(config: ProfileConfig) -> dict:
                      "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
                      "rollout_batches": list(config.rollout_batches), "micro_batch": config.micro_batch,
                      "calls": config.calls, "cuda_graphs": config.cuda_graphs, "base_quant": config.base_quant,
-                     "gradient_checkpointing": config.gradient_checkpointing, "graph_update": config.graph_update,
+                     "gradient_checkpointing": config.gradient_checkpointing, "graph_update": graph_update,
                      "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:
         policy = build_policy(bench, "openvla", Path(workdir), base_quant=config.base_quant)
         policy.gradient_checkpointing(config.gradient_checkpointing)
         policy.cuda_graphs = config.cuda_graphs
-        policy.graph_update = config.graph_update and config.base_quant == "none"  # as train builds it
+        policy.graph_update = graph_update
         trace_dir = config.trace_dir or Path(workdir)
         trace_dir.mkdir(parents=True, exist_ok=True)
         for variant in config.variants:
