@@ -394,12 +394,8 @@ def bench_openvla(config: BenchConfig, workdir: Path, rng: np.random.Generator) 
     # 6. A full iteration with the optimizer state resident: rollout for a few env steps, then the update.
     results.update(iteration_peak(config, policy, optimizer, best_micro, rng))
     if config.compile_layers:
-        def compile_layers() -> None:  # as the trainer builds it: compiled blocks update eagerly
-            policy.compile_layers(config.compile_backend)
-            policy.graph_update = False
-
-        results["compiled"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng, compile_layers,
-                                          "compile")
+        results["compiled"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng,
+                                          lambda: policy.compile_layers(config.compile_backend), "compile")
     if config.fused_kernels:
         results["fused"] = lever_rates(config, policy, optimizer, probe, curve, best_micro, rng,
                                        policy.fuse_kernels, "fused")
@@ -598,7 +594,6 @@ def measure_base_quant_mode(config: BenchConfig, mode: str, workdir: Path, num_t
     results["iteration_mem_cap_gib"] = cap
     set_memory_cap(device, cap)
     policy.gradient_checkpointing(True)
-    policy.graph_update = mode == "none"  # as the trainer builds it: quantized bases update eagerly
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
     curve = rollout_curve(config, policy, config.rollout_batches, rng, f"{mode} rollout under {cap:g} GiB")
     rollout_batch = fastest(curve, "actions_per_s")

@@ -208,7 +208,6 @@ def main(config: ProfileConfig) -> dict:
         raise SystemExit("profile_gpu.py: --variants is eager, fused, compiled, eager fused or eager compiled (fusing "
                          "and compiling are one-way, and train never runs both)")
     bench = BenchConfig(model=config.model)
-    graph_update = config.graph_update and config.base_quant == "none"  # as train builds it
     device = device_of(bench)
     torch.manual_seed(bench.seed)
     rng = np.random.default_rng(bench.seed)
@@ -219,20 +218,20 @@ def main(config: ProfileConfig) -> dict:
                      "model": config.model, "torch": torch.__version__, "mem_cap_gib": bench.mem_cap_gib,
                      "rollout_batches": list(config.rollout_batches), "micro_batch": config.micro_batch,
                      "calls": config.calls, "cuda_graphs": config.cuda_graphs, "base_quant": config.base_quant,
-                     "gradient_checkpointing": config.gradient_checkpointing, "graph_update": graph_update,
+                     "gradient_checkpointing": config.gradient_checkpointing,
                      "variants": {}}
     tables = []
     with tempfile.TemporaryDirectory() as workdir:
         policy = build_policy(bench, "openvla", Path(workdir), base_quant=config.base_quant)
         policy.gradient_checkpointing(config.gradient_checkpointing)
         policy.cuda_graphs = config.cuda_graphs
-        policy.graph_update = graph_update
+        policy.graph_update = policy.graph_update and config.graph_update  # False already for a quantized base
+        results["graph_update"] = policy.graph_update
         trace_dir = config.trace_dir or Path(workdir)
         trace_dir.mkdir(parents=True, exist_ok=True)
         for variant in config.variants:
-            if variant == "compiled":  # as train builds it: compiled blocks update eagerly
+            if variant == "compiled":
                 policy.compile_layers()
-                policy.graph_update = False
             elif variant == "fused":
                 policy.fuse_kernels()
             phases = {}

@@ -29,7 +29,8 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
                          attn_implementation=model.attn_implementation, base_quant=model.base_quant,
                          base_quant_vision=model.base_quant_vision)
     policy.cuda_graphs = model.cuda_graphs
-    policy.graph_update = model.graph_update and model.base_quant == "none" and not model.compile_layers
+    if not model.graph_update:  # a quantized base and compile_layers turn it off themselves
+        policy.graph_update = False
     if lora is not None:
         policy.apply_lora(lora_settings(lora))
     if model.adapter is not None:

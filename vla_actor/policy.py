@@ -41,7 +41,7 @@ from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
 from vla_actor.fused_kernels import fuse_llama_kernels
 from vla_actor.model import (EMPTY_PARTS, IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, fill,
                              to_file_key, to_module_key)
-from vla_actor.quant import dequantize, without_peft_requantize_warning
+from vla_actor.quant import dequantize, is_quantized, without_peft_requantize_warning
 from vla_actor.tokenizer import carried_files, load_tokenizer
 
 BOS_ID = 1
@@ -154,7 +154,8 @@ class VLAPolicy:
     kernel launches per micro-batch); they free the decode graph and the KV cache (the update needs the memory).
     Every change to the modules (LoRA, compilation, a disabled adapter), which a replay would not see, frees all
     kept graphs.
-    `graph_update` (default True, with `cuda_graphs`): a teacher-forced forward at one batch and prompt length
+    `graph_update` (default True with `cuda_graphs`; False for a quantized base, and `compile_layers` turns it off:
+    those update eagerly): a teacher-forced forward at one batch and prompt length
     (`log_probs(pad_to=...)`, the update's micro-batches) replays the Llama stack and its backward from CUDA graphs
     kept for that shape (`cuda_graphs.KeptTrainingGraph`), same results, where gradient checkpointing is off,
     attention is sdpa and every trainable parameter is in the stack (LoRA on the Llama layers only); one without
@@ -182,7 +183,7 @@ class VLAPolicy:
         self.tokens_per_query = OFT_CHUNK * self.action_dim if is_oft else self.action_dim
         self._peft: PeftModel | None = None
         self.cuda_graphs = True
-        self.graph_update = True
+        self.graph_update = not any(is_quantized(p) for p in model.language_model.parameters())
         self._graph_decoder: GraphDecoder | None = None
         self._vision_graph: KeptGraph | None = None
         self._training_graph: KeptTrainingGraph | None = None
@@ -646,7 +647,8 @@ class VLAPolicy:
         names, state dicts and parameters are unchanged; gradient checkpointing wraps the compiled blocks,
         adapter_disabled() and train/eval switch compiled variants (a few per block kind, not per call), and the
         CUDA-graph decoder captures their kernels after its eager warm-up step has compiled them. `backend`: the
-        torch.compile backend; "aot_eager" traces the same graphs without generating kernels (fast, for checks)."""
+        torch.compile backend; "aot_eager" traces the same graphs without generating kernels (fast, for checks).
+        Compiled blocks update eagerly: it turns `graph_update` off."""
         vision = self.model.vision_backbone
         blocks = [*vision.featurizer.blocks, *vision.fused_featurizer.blocks]
         for layer in self.model.language_model.model.layers:
@@ -654,6 +656,7 @@ class VLAPolicy:
             blocks += [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, attention.q_proj,
                        attention.k_proj, attention.v_proj, attention.o_proj]
         self.release_graphs()
+        self.graph_update = False
         for block in blocks:
             block.compile(backend=backend, dynamic=True)
 
