@@ -98,7 +98,7 @@ class GRPOTrainer:
         self.env_tasks: list[int | None] = [None] * self.env.num_envs  # each env's last task (rollout.play_episodes)
         # every teacher-forced forward pads its prompts to the tasks' longest: one shape, so a step's log-probs do
         # not depend on the steps beside it and pi_old's forward equals the gradient pass's (VLAPolicy.log_probs)
-        self.prompt_length = max(map(len, self.policy.prompt_ids([self.env.instruction(t) for t in self.task_ids])))
+        self.prompt_length = self.policy.longest_prompt([self.env.instruction(t) for t in self.task_ids])
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
             state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)

@@ -230,7 +230,7 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     weights = grpo.token_weights(mask, torch.arange(rows))
     advantages = torch.from_numpy(np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32))
     device = policy.device
-    shape = {"pad_to": micro_batch, "prompt_length": prompt_length(policy)}
+    shape = forward_shape(policy, micro_batch)
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, rows, micro_batch):
         index = slice(start, start + micro_batch)
@@ -244,16 +244,16 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     return {"grad_norm": float(grad_norm)}
 
 
-def prompt_length(policy: VLAPolicy) -> int:
-    """The longest prompt of INSTRUCTIONS, which every teacher-forced forward pads to, as the trainer does its
-    suite's: one shape for the update's forwards."""
-    return max(map(len, policy.prompt_ids(INSTRUCTIONS)))
+def forward_shape(policy: VLAPolicy, micro_batch: int) -> dict[str, int]:
+    """`log_probs`' padding of the update's forwards, as the trainer's: `micro_batch` rows, prompts padded to the
+    longest of INSTRUCTIONS (the trainer: of its suite's tasks), so every one has one shape."""
+    return {"pad_to": micro_batch, "prompt_length": policy.longest_prompt(INSTRUCTIONS)}
 
 
 def recomputed_pi_old(policy: VLAPolicy, batch: Batch, micro_batch: int, temperature: float) -> torch.Tensor:
     """pi_old as the trainer recomputes it (--old-log-probs recompute) for every mini-batch but an iteration's
     first, whose gradient pass gives its own: a no-grad forward over the rows in the update's micro-batches."""
-    parts, shape = [], {"pad_to": micro_batch, "prompt_length": prompt_length(policy)}
+    parts, shape = [], forward_shape(policy, micro_batch)
     with torch.no_grad():
         for start in range(0, len(batch.instructions), micro_batch):
             index = slice(start, start + micro_batch)

@@ -37,7 +37,7 @@ import torch
 import tyro
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.bench_gpu import (BenchConfig, Batch, build_policy, device_of, observations, prompt_length, rollout,
+from bench.bench_gpu import (BenchConfig, Batch, build_policy, device_of, forward_shape, observations, rollout,
                              sampled, set_memory_cap, synchronize, timed, update)
 from trainer.checkpoint import write_json
 from vla_actor.policy import VLAPolicy
@@ -97,7 +97,7 @@ def phase_calls(config: ProfileConfig, bench: BenchConfig, policy: VLAPolicy,
     rows = sampled(policy, config.micro_batch, config.micro_batch, rng, temperature)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
 
-    shape = {"pad_to": config.micro_batch, "prompt_length": prompt_length(policy)}  # the trainer's one shape
+    shape = forward_shape(policy, config.micro_batch)
 
     def pi_old() -> None:
         with torch.no_grad():

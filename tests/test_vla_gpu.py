@@ -278,7 +278,7 @@ def test_the_update_graph_equals_the_eager_stack(tmp_path, without_tf32, variant
     observed = {"images": images, "instructions": instructions, "wrist": wrist, "proprio": proprio}
     tokens = policy.sample(images, instructions, wrist=wrist, proprio=proprio, temperature=1.6,
                            greedy=True).token_ids
-    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": max(map(len, policy.prompt_ids(instructions)))}
+    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": policy.longest_prompt(instructions)}
     tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-5}
     for step in range(2):
         graph_log_probs, graph_grads = accumulated_update(policy, observed, tokens, True, shape)
@@ -307,7 +307,7 @@ def test_a_steps_log_probs_do_not_depend_on_the_steps_beside_it(tmp_path, withou
     gradient pass); a batch of 3 padded to 4 gives its rows' bits too. A no-grad forward between two rollout
     queries keeps the decode graph."""
     policy, images, instructions, tokens = checkpointed_tiny_policy(tmp_path, dtype)
-    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": max(map(len, policy.prompt_ids(instructions)))}
+    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": policy.longest_prompt(instructions)}
 
     def forward(rows: list[int]) -> torch.Tensor:
         log_probs, _ = policy.log_probs(images[rows], [instructions[i] for i in rows], tokens[rows], **shape)
@@ -473,7 +473,7 @@ def check_7b_update_graph(start):
     observed = {"images": np.concatenate([images, images]), "instructions": instructions * 2,
                 "wrist": None, "proprio": None}
     tokens = policy.sample(observed["images"], observed["instructions"], temperature=1.6).token_ids
-    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": max(map(len, policy.prompt_ids(instructions)))}
+    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": policy.longest_prompt(instructions)}
     results, peaks = {}, {}
     for graphed in (False, True):
         torch.cuda.reset_peak_memory_stats()

@@ -251,6 +251,11 @@ class VLAPolicy:
         ids = self.tokenizer([prompt_text(text) for text in instructions]).input_ids
         return [row if row[-1] == SPACE_PIECE_ID else [*row, SPACE_PIECE_ID] for row in ids]
 
+    def longest_prompt(self, instructions: Sequence[str]) -> int:
+        """Tokens of the longest of `instructions`' prompts: the `prompt_length` that gives every teacher-forced
+        forward of their steps one shape (`log_probs`)."""
+        return max(map(len, self.prompt_ids(instructions)))
+
     def _inputs(self, prefix: torch.Tensor, prompts: list[list[int]], suffix: torch.Tensor | None,
                 zeroed_suffix: int = 0, prompt_length: int = 0) -> _Inputs:
         """Embed [BOS] prefix [prompt] [suffix] per sample, right-padded to the longest prompt or `prompt_length`
