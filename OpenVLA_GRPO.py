@@ -297,13 +297,14 @@ class GRPOTrainer:
         passes = len(parts)
         if self.units:  # a sharded model's passes are collectives: every rank makes as many as the busiest one
             passes = int(distributed.reduce_values({"passes": passes}, self.ctx, "max")["passes"])
-        for part in parts:
-            micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats,
-                                               old_log_probs, before_any_step)
-            micro_loss.backward()
-            loss = loss + micro_loss.detach()
-        for _ in range(passes - len(parts)):
-            fsdp.padding_pass(self.policy, self.inputs, self.config.grpo.temperature)
+        with self.policy.training_mode():  # once for the mini-batch, not twice per micro-batch
+            for part in parts:
+                micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats,
+                                                   old_log_probs, before_any_step)
+                micro_loss.backward()
+                loss = loss + micro_loss.detach()
+            for _ in range(passes - len(parts)):
+                fsdp.padding_pass(self.policy, self.inputs, self.config.grpo.temperature)
         if not self.units:
             distributed.sum_gradients(self.params, self.ctx)
         return loss

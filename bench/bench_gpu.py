@@ -232,13 +232,14 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
     device = policy.device
     shape = forward_shape(policy, micro_batch)
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, rows, micro_batch):
-        index = slice(start, start + micro_batch)
-        log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
-                                        temperature=temperature, **shape)
-        loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device), advantages[index].to(device),
-                                   weights[index].to(device), mask[index].to(device))
-        loss.backward()
+    with policy.training_mode():
+        for start in range(0, rows, micro_batch):
+            index = slice(start, start + micro_batch)
+            log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
+                                            temperature=temperature, **shape)
+            loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device),
+                                       advantages[index].to(device), weights[index].to(device), mask[index].to(device))
+            loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
     optimizer.step()
     return {"grad_norm": float(grad_norm)}

@@ -122,6 +122,42 @@ def test_only_lora_dropout_makes_the_gradient_forward_drop_out(checkpoint):
     assert not torch.equal(with_gradients.detach(), without_gradients)
 
 
+def test_modules_keep_the_models_mode_and_training_mode_holds_it_over_gradient_forwards(checkpoint):
+    """Every module is in the model's mode, so a call switches (a walk over all modules) only where the mode
+    changes: PEFT makes its layers, dropout included, in training mode and apply_lora puts them in the eval model's
+    mode; training_mode holds training mode over forwards with gradients, and those without still run in eval."""
+    policy = with_trained_adapter(checkpoint, LoraSettings(rank=4, alpha=8, dropout=0.5))
+
+    def modes():
+        return {module.training for module in policy.model.modules()}
+
+    assert modes() == {False}
+    tokens, without_gradients = query(policy)
+    assert torch.equal(query(policy, tokens)[1], without_gradients)  # no dropout outside training mode
+    with policy.training_mode():
+        assert modes() == {True}
+        assert torch.equal(query(policy, tokens)[1], without_gradients)
+        assert modes() == {True}
+        with_gradients, _ = policy.log_probs(images(), INSTRUCTIONS, tokens)
+        assert not torch.equal(with_gradients.detach(), without_gradients)
+        assert modes() == {True}
+    assert modes() == {False}
+    with_gradients, _ = policy.log_probs(images(), INSTRUCTIONS, tokens)
+    assert not torch.equal(with_gradients.detach(), without_gradients) and modes() == {False}
+
+
+def test_the_collected_parts_follow_requires_grad_and_new_adapters(checkpoint):
+    """The policy walks its modules once per change to them, not per call; requires_grad is read at each use."""
+    policy = load_policy(checkpoint)
+    assert not policy._vision_trains
+    policy.model.projector.requires_grad_(True)
+    assert policy._vision_trains
+    policy.model.projector.requires_grad_(False)
+    stack = len(policy._model_parts.stack)
+    policy.apply_lora(LoraSettings(rank=4, alpha=8, include_projector=True))
+    assert len(policy._model_parts.stack) == stack + 28 and policy._vision_trains
+
+
 def test_save_and_load_adapter(checkpoint, tmp_path):
     policy = with_trained_adapter(checkpoint)
     tokens, expected = query(policy)

@@ -71,6 +71,7 @@ def shard(policy: VLAPolicy) -> list[FSDPModule]:
         register_fsdp_forward_method(model, method)
     # A CUDA graph would capture FSDP's hooks and their stream syncs; sharded policies run eagerly.
     policy.cuda_graphs = False
+    policy.modules_changed()  # the parameters are DTensor shards now
     return units
 
 

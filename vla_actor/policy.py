@@ -126,6 +126,38 @@ class PixelNormalization:
 
 
 @dataclass(frozen=True)
+class _ModelParts:
+    """The model's parameters by part and whether training mode drops anything out, from one walk over its modules.
+    A walk over the 7B's ~3,800 modules takes ~5-10 ms of host time, and each teacher-forced forward made several
+    (the training graph's checks, the train/eval switch): ~40 ms a call, as long as pi_old's GPU work at
+    micro-batch 4 (BENCHMARKS.md). requires_grad is read from these tuples at each use, so freezing and unfreezing
+    follow; the policy collects them anew when the modules change (`modules_changed`)."""
+
+    stack: tuple[nn.Parameter, ...]
+    """The Llama decoder stack's."""
+    outside_stack: tuple[nn.Parameter, ...]
+    """Every other one: the towers, the projectors, the LM head."""
+    vision: tuple[nn.Parameter, ...]
+    """The towers' and the projector's."""
+    drops_out: bool
+    """Whether training mode drops anything out (VLAPolicy.drops_out_in_training)."""
+
+    @staticmethod
+    def of(model: OpenVLAModel) -> _ModelParts:
+        stack = tuple(model.language_model.model.parameters())
+        in_stack = {id(p) for p in stack}
+        rates = [getattr(model.language_model.config, "attention_dropout", 0.0) or 0.0]
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                rates.append(module.p)
+            rates.append(getattr(module, "drop_prob", 0.0) or 0.0)  # timm's DropPath
+        return _ModelParts(
+            stack=stack, outside_stack=tuple(p for p in model.parameters() if id(p) not in in_stack),
+            vision=tuple(p for part in (model.vision_backbone, model.projector) for p in part.parameters()),
+            drops_out=max(rates) > 0)
+
+
+@dataclass(frozen=True)
 class _Inputs:
     """A right-padded multimodal batch."""
 
@@ -189,6 +221,8 @@ class VLAPolicy:
         self._training_graph: KeptTrainingGraph | None = None
         self._checkpointing = False
         self._adapter_enabled = True
+        self._parts: _ModelParts | None = None
+        self.modules_changed()
         if uses_proprio and self.stats.proprio_q01 is None:
             raise ValueError(f"the checkpoint uses proprio but statistics {self.unnorm_key!r} have no proprio q01/q99")
 
@@ -282,7 +316,7 @@ class VLAPolicy:
 
     def _hidden(self, inputs: _Inputs, graphed: bool = False) -> torch.Tensor:
         """Last hidden states of the whole padded batch: causal (OpenVLA) or bidirectional (OFT) over valid tokens;
-        `graphed`: from the kept training graph where `_graphs_update` allows."""
+        `graphed`: from the kept training graph (the caller checked `_graphs_update`)."""
         batch, length = inputs.valid.shape
         device = inputs.valid.device
         positions = torch.arange(length, device=device).expand(batch, length)
@@ -297,7 +331,7 @@ class VLAPolicy:
             mask = (causal & inputs.valid[:, None, :])[:, None]
         else:
             mask = inputs.valid.long()
-        if graphed and self._graphs_update:
+        if graphed:
             if self._training_graph is None:
                 self._training_graph = KeptTrainingGraph(self.model.language_model.model, self._stack_with,
                                                          self.device, "UpdateGraph")
@@ -314,11 +348,23 @@ class VLAPolicy:
         if not (self.graph_update and self._replays_graphs and self._sdpa and not self._checkpointing
                 and self._adapter_enabled):
             return False
-        if not torch.is_grad_enabled() and self.drops_out_in_training:
+        parts = self._model_parts
+        if not torch.is_grad_enabled() and parts.drops_out:
             return False
-        stack = self.model.language_model.model
-        in_stack = sum(p.requires_grad for p in stack.parameters())
-        return in_stack > 0 and in_stack == len(self.trainable_parameters())
+        return any(p.requires_grad for p in parts.stack) and not any(p.requires_grad for p in parts.outside_stack)
+
+    @property
+    def _model_parts(self) -> _ModelParts:
+        if self._parts is None:
+            self._parts = _ModelParts.of(self.model)
+        return self._parts
+
+    def modules_changed(self) -> None:
+        """Call after changing the model's modules or parameters (not their values or requires_grad) other than
+        through this policy's methods, which call it themselves: the parts are collected anew, and the modules take
+        the model's mode (PEFT makes its layers in training mode), which `_mode` relies on."""
+        self._parts = None
+        self.model.train(self.model.training)
 
     def _llama(self, embeddings: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                cache: Cache | None) -> torch.Tensor:
@@ -363,13 +409,28 @@ class VLAPolicy:
         float32 (exact optimizer updates) and would otherwise upcast every activation entering a LoRA layer to
         float32, which tripled the rollout time of the 7B model (BENCHMARKS.md). cache_casts=False makes autocast
         cast the adapters at every use instead of once per block, as a CUDA graph kept beyond the block must read
-        the adapters themselves, not copies freed when the block ends."""
+        the adapters themselves, not copies freed when the block ends. Every module is in the model's mode
+        (`modules_changed`), so the switch, a walk over all modules, runs only where the mode changes."""
         previous = self.model.training
-        self.model.train(training)
+        if training != previous:
+            self.model.train(training)
         try:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                                 cache_enabled=cache_casts):
                 yield
+        finally:
+            if training != previous:
+                self.model.train(previous)
+
+    @contextmanager
+    def training_mode(self) -> Iterator[None]:
+        """The model in training mode for the whole block, e.g. an update's micro-batches: each forward with
+        gradients inside finds it there instead of switching to it and back (two walks over the 7B's modules, ~10 ms
+        of host time a micro-batch); one without gradients still runs in eval mode."""
+        previous = self.model.training
+        self.model.train(True)
+        try:
+            yield
         finally:
             self.model.train(previous)
 
@@ -408,18 +469,12 @@ class VLAPolicy:
     def drops_out_in_training(self) -> bool:
         """Whether a forward with gradients (training mode) drops anything out (LoRA or other dropout, drop path,
         attention dropout), so that its log-probs differ from a forward without gradients."""
-        rates = [getattr(self.model.language_model.config, "attention_dropout", 0.0) or 0.0]
-        for module in self.model.modules():
-            if isinstance(module, nn.Dropout):
-                rates.append(module.p)
-            rates.append(getattr(module, "drop_prob", 0.0) or 0.0)  # timm's DropPath
-        return max(rates) > 0
+        return self._model_parts.drops_out
 
     @property
     def _vision_trains(self) -> bool:
         """Whether the vision towers or the projector hold trainable parameters (LoRA there, full fine-tuning)."""
-        parts = (self.model.vision_backbone, self.model.projector)
-        return any(p.requires_grad for part in parts for p in part.parameters())
+        return any(p.requires_grad for p in self._model_parts.vision)
 
     def _prefix(self, images, wrist, proprio, batch: int) -> torch.Tensor:
         """The prefix embeddings, the vision towers and projector replayed from a kept CUDA graph where
@@ -621,6 +676,7 @@ class VLAPolicy:
         with without_peft_requantize_warning():
             self._peft = get_peft_model(self.model, config)
         self._adapters_follow_autocast()
+        self.modules_changed()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -664,6 +720,7 @@ class VLAPolicy:
         self.graph_update = False
         for block in blocks:
             block.compile(backend=backend, dynamic=True)
+        self.modules_changed()
 
     def fuse_kernels(self) -> None:
         """Liger-kernel's fused RMSNorm, RoPE and SwiGLU and LoRA's scale-and-add in one addmm_ in every Llama
@@ -673,6 +730,7 @@ class VLAPolicy:
             raise ValueError(f"fused kernels run on CUDA only; this policy is on {self.device}")
         self.release_graphs()
         fuse_llama_kernels(self.model.language_model.model)
+        self.modules_changed()
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
@@ -712,6 +770,7 @@ class VLAPolicy:
             with without_peft_requantize_warning():
                 self._peft = PeftModel.from_pretrained(self.model, directory, is_trainable=True)
             self._adapters_follow_autocast()
+            self.modules_changed()
         else:
             saved = LoraConfig.from_pretrained(directory)
             current = self._peft.peft_config["default"]
