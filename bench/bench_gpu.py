@@ -237,8 +237,9 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
             index = slice(start, start + micro_batch)
             log_probs, _ = policy.log_probs(**batch.rows(index), token_ids=batch.token_ids[index],
                                             temperature=temperature, **shape)
-            loss, _ = grpo.policy_loss(log_probs, batch.old_log_probs[index].to(device),
-                                       advantages[index].to(device), weights[index].to(device), mask[index].to(device))
+            inputs = [part.to(device, non_blocking=True)  # as the trainer copies them (VLAPolicy._on_device)
+                      for part in (batch.old_log_probs[index], advantages[index], weights[index], mask[index])]
+            loss, _ = grpo.policy_loss(log_probs, *inputs)
             loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
     optimizer.step()
