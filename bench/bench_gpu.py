@@ -241,7 +241,8 @@ def update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Batch, mi
                       for part in (batch.old_log_probs[index], advantages[index], weights[index], mask[index])]
             loss, _ = grpo.policy_loss(log_probs, *inputs)
             loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
+    # the optimizer's list, as the trainer keeps its own: trainable_parameters() walks every module
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
     optimizer.step()
     return {"grad_norm": float(grad_norm)}
 
