@@ -274,7 +274,7 @@ class VLAPolicy:
         views = [images] if wrist is None else [images, wrist]
         names = ["images", "wrist"]
         pixels = [self.normalization(self._images(view, name, batch)) for view, name in zip(views, names)]
-        return torch.cat(pixels, dim=1).to(self.dtype)
+        return (pixels[0] if len(pixels) == 1 else torch.cat(pixels, dim=1)).to(self.dtype)  # cat copies even one
 
     def _proprio(self, proprio, batch: int) -> torch.Tensor | None:
         if proprio is None:
