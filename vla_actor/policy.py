@@ -415,28 +415,30 @@ class VLAPolicy:
         cast the adapters at every use instead of once per block, as a CUDA graph kept beyond the block must read
         the adapters themselves, not copies freed when the block ends. Every module is in the model's mode
         (`modules_changed`), so the switch, a walk over all modules, runs only where the mode changes."""
-        previous = self.model.training
-        if training != previous:
-            self.model.train(training)
-        try:
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
-                                cache_enabled=cache_casts):
-                yield
-        finally:
-            if training != previous:
-                self.model.train(previous)
+        with self._switched_to(training), torch.autocast(self.device.type, dtype=self.dtype,
+                                                         enabled=self.dtype != torch.float32,
+                                                         cache_enabled=cache_casts):
+            yield
 
     @contextmanager
     def training_mode(self) -> Iterator[None]:
         """The model in training mode for the whole block, e.g. an update's micro-batches: each forward with
         gradients inside finds it there instead of switching to it and back (two walks over the 7B's modules, ~10 ms
         of host time a micro-batch); one without gradients still runs in eval mode."""
+        with self._switched_to(True):
+            yield
+
+    @contextmanager
+    def _switched_to(self, training: bool) -> Iterator[None]:
+        """The model in `training` mode for the block and back to its mode after it, switched only if it differs."""
         previous = self.model.training
-        self.model.train(True)
+        if training != previous:
+            self.model.train(training)
         try:
             yield
         finally:
-            self.model.train(previous)
+            if training != previous:
+                self.model.train(previous)
 
     def _adapters_follow_autocast(self) -> None:
         """Let LoRA layers take the activations in the compute dtype (see `_mode`)."""
