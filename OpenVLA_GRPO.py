@@ -41,11 +41,11 @@ from trainer.config import (CompareConfig, DemoConfig, EvaluateConfig, ModelConf
                             config_to_dict, defaults_from_files, demo_defaults)
 from trainer.envs import TOY, make_env, suite_shape
 from trainer.errors import UserError, one_line_errors, traceback_requested
-from trainer.evaluation import compare_evals, evaluate, run_eval_dir, write_results
+from trainer.evaluation import compare_evals, evaluate, rank_share, run_eval_dir, write_results
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
-from trainer.rollout import PolicyInputs, Rollouts, collect_groups
+from trainer.rollout import PolicyInputs, Rollouts, collect_groups, first_tasks
 from trainer.sampler import GroupSampler
 from trainer.validation import (EvalPlan, TrainPlan, check_eval, check_output_space, check_train,
                                 checkpoint_bytes)
@@ -133,6 +133,8 @@ class GRPOTrainer:
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
                     overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
             rollout_seconds = time.perf_counter() - started
+            # the simulators build the scenes of their next episodes while the update runs
+            self.env.build_scenes(first_tasks(self.upcoming_episodes(), self.env_tasks))
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
                           if batch.num_episodes else torch.zeros(0))
@@ -348,12 +350,26 @@ class GRPOTrainer:
         stats.maximum("ratio_max", loss_stats["ratio_max"])
         return loss
 
+    def eval_episodes(self) -> list[EpisodeSpec]:
+        """The held-out init states of the training tasks, in one scene."""
+        per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
+        return [EpisodeSpec(t, i, scene=self.config.seed) for t in self.task_ids for i in self.heldout_inits[:per_task]]
+
+    def upcoming_episodes(self) -> list[EpisodeSpec]:
+        """The episodes this rank's envs play after the current iteration's update: the eval's where the iteration
+        evaluates, else the next iteration's first groups (sampler.peek), none after the last iteration."""
+        cfg, following = self.config, self.iteration + 1
+        last = cfg.iterations is not None and following >= cfg.iterations
+        if cfg.evaluation.eval_every > 0 and (following % cfg.evaluation.eval_every == 0 or last):
+            return rank_share(self.eval_episodes(), self.ctx)
+        if last:
+            return []
+        return [spec for spec in self.sampler.peek(cfg.grpo.groups_per_iteration) for _ in range(cfg.grpo.group_size)]
+
     def evaluate(self) -> dict[str, float]:
         """Greedy success on the held-out init states of the training tasks, with videos; rank 0 also writes the
         eval's results (each episode's outcome among them) to <run>/evals/iter_NNNNNN/ for `compare`."""
-        per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
-        episodes = [EpisodeSpec(t, i, scene=self.config.seed) for t in self.task_ids
-                    for i in self.heldout_inits[:per_task]]
+        episodes = self.eval_episodes()
         with fsdp.gathered(self.units):
             results = evaluate(self.env, self.policy, episodes, self.inputs, self.ctx, self.run_dir / "videos",
                                f"iter{self.iteration:06d}", self.config.evaluation.num_videos,

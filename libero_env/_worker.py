@@ -1,8 +1,8 @@
 """The subprocess side of LiberoVectorEnv: one LIBERO env, driven over a pipe.
 
-Messages in: ("reset", bddl_file, init_state, scene_seed, record), ("step", env_actions [K,7], record), ("close",).
-Answers: ("ok", payload dict) or ("error", traceback text); after an error the worker exits, since its simulator
-state can no longer be trusted, and the parent starts a fresh one. Every payload carries `seconds`: where the
+Messages in: ("reset", bddl_file, init_state, scene_seed, record), ("step", env_actions [K,7], record),
+("build", bddl_file), ("close",). Answers: ("ok", payload dict) or ("error", traceback text); after an error the
+worker exits, since its simulator state can no longer be trusted, and the parent starts a fresh one. Every payload carries `seconds`: where the
 worker's time for that answer went (WORKER_TIMES).
 """
 
@@ -56,12 +56,17 @@ class _Simulator:
         finally:
             self.seconds[part] += time.perf_counter() - started
 
-    def reset(self, bddl_file: str, init_state: np.ndarray, scene_seed: int, record: bool) -> dict:
+    def build(self, bddl_file: str) -> dict:
+        """Holds the scene of `bddl_file`, building it unless it already does; no episode starts."""
         if bddl_file != self.bddl_file:
             self.close()
             with self.timed("build"):
                 self.env = _make_env(bddl_file, self.cameras, self.resolution, self.rebuild_on_reset)
             self.bddl_file = bddl_file
+        return {}
+
+    def reset(self, bddl_file: str, init_state: np.ndarray, scene_seed: int, record: bool) -> dict:
+        self.build(bddl_file)
         with self.timed("physics"):
             obs = start_episode(self.env, init_state, scene_seed)
         return self._payload(obs, executed=0, success=False, frames=[upright(self.render(AGENTVIEW))] if record else [])
@@ -146,6 +151,8 @@ def _serve(conn: Connection, simulator: _Simulator) -> None:
                 payload = simulator.reset(*args)
             elif command == "step":
                 payload = simulator.step(*args)
+            elif command == "build":
+                payload = simulator.build(*args)
             else:
                 raise ValueError(f"unknown worker command {command!r}")
         except Exception:

@@ -209,6 +209,17 @@ class ToyVectorEnv:
         return StepResult(obs=self._observe(), done=self._done.copy(), success=self._success.copy(),
                           steps=self._steps.copy(), lost=np.zeros(self.num_envs, dtype=bool), started=started)
 
+    def build_scenes(self, task_ids: list[int | None]) -> None:
+        """LiberoVectorEnv's: here every task's scene is the same plane, so nothing is built; the tasks are
+        checked as there."""
+        self._check_open()
+        if len(task_ids) != self.num_envs:
+            raise ValueError(f"build_scenes needs a task (or None) per env: expected {self.num_envs}, got "
+                             f"{len(task_ids)}")
+        for task_id in task_ids:
+            if task_id is not None:
+                self._check_task(task_id)
+
     def frames(self, i: int) -> list[np.ndarray]:
         """Agentview frames uint8 [224, 224, 3] of env i's episode (reset + one per step); empty unless its
         EpisodeSpec asked for record_video."""

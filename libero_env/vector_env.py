@@ -201,6 +201,7 @@ class LiberoVectorEnv:
         self._starting: dict[int, EpisodeSpec] = {}  # resets in flight
         self._started: set[int] = set()  # resets finished, not yet reported by receive_step()
         self._in_flight: dict[int, str] = {}  # envs sent a step by send_step() -> "" or why the send failed
+        self._building: set[int] = set()  # envs sent a scene build by build_scenes(), answer not yet taken
         self._reset_attempts = [0] * num_envs
         self._reset_deadlines = [0.0] * num_envs
         self._done = np.ones(num_envs, bool)
@@ -258,6 +259,7 @@ class LiberoVectorEnv:
             raise RuntimeError(f"env(s) {sorted(set(envs) & set(self._starting))} are still resetting: step() "
                                "until `started` reports them")
         check_not_stepping(envs, self._in_flight)
+        self._finish_builds(envs)
         for i, spec in zip(envs, specs):
             self._specs[i] = None  # until its reset has finished, step() leaves the env alone
             self._done[i] = True
@@ -269,6 +271,33 @@ class LiberoVectorEnv:
         self._collect_starts(keep_waiting=lambda: any(i in self._starting for i in envs))
         self._started.difference_update(envs)  # the caller knows these started; others are left for step()
         return self._observation()
+
+    def build_scenes(self, task_ids: Sequence[int | None]) -> None:
+        """Starts building the scene of task `task_ids[i]` on env i (None: env i is left alone) and returns at
+        once, so that the builds run while the caller does other work (the trainer's update) and a later reset of
+        env i to that task finds its scene built. The episodes played are the same either way: a reset puts a kept
+        simulator where a fresh one would start (suites.start_episode). Only envs with no episode running or
+        starting can be given a task; a build that fails leaves a fresh worker, which builds at the reset."""
+        self._check_open()
+        task_ids = list(task_ids)
+        if len(task_ids) != self.num_envs:
+            raise ValueError(f"build_scenes needs a task (or None) per env: expected {self.num_envs}, got "
+                             f"{len(task_ids)}")
+        envs = [i for i, task_id in enumerate(task_ids) if task_id is not None]
+        for i in envs:
+            self._check_task(task_ids[i])
+        busy = sorted(i for i in envs if not self._done[i] or i in self._starting or i in self._in_flight)
+        if busy:
+            raise RuntimeError(f"env(s) {busy} are playing or starting an episode: build scenes between episodes")
+        if self.rebuild_on_reset:
+            return  # every reset rebuilds its scene anyway
+        self._finish_builds(envs)
+        for i in envs:
+            reason = self._workers[i].send(("build", self._tasks[task_ids[i]].bddl_file))
+            if reason:
+                self._restart(i, reason)
+            else:
+                self._building.add(i)
 
     def step(self, actions) -> StepResult:
         """Executes dataset-convention actions [N,7] or chunks [N,K,7] on the envs that are not done."""
@@ -342,6 +371,22 @@ class LiberoVectorEnv:
         self._reset_deadlines[env_index] = time.monotonic() + self.timeout_s
         if reason:
             self._reset_failed(env_index, reason)
+
+    def _finish_builds(self, envs: Sequence[int]) -> None:
+        """Takes the answers of the scene builds sent to `envs`, waiting for those still building; a worker that
+        failed its build is replaced (its env had no episode to lose)."""
+        try:
+            for i in sorted(self._building.intersection(envs)):
+                self._building.discard(i)
+                payload, reason = self._workers[i].receive(self.timeout_s)
+                if payload is None:
+                    self._restart(i, reason)
+                else:
+                    for part, seconds in payload["seconds"].items():
+                        self.worker_seconds[part] += seconds
+        except BaseException:
+            self.close()  # builds still in flight would be read as answers to the next command
+            raise
 
     def _reset_failed(self, env_index: int, reason: str) -> None:
         self.lost_resets += 1

@@ -185,6 +185,37 @@ def test_reset_of_some_envs_leaves_the_others_running(env):
     assert [r[1] for r in reports].count(True) == 1 and not any(r[0] for r in reports)
 
 
+def test_a_scene_built_ahead_spares_the_reset_its_build_and_plays_the_same_episode(env):
+    env.reset([EpisodeSpec(0, 1), EpisodeSpec(0, 2)])
+    with pytest.raises(RuntimeError, match=r"env\(s\) \[0, 1\] are playing or starting an episode"):
+        env.build_scenes([1, 1])
+    env.step(open_gripper_actions(2, 5))  # both reach the time limit
+    with pytest.raises(ValueError, match="expected 2, got 1"):
+        env.build_scenes([1])
+    with pytest.raises(ValueError, match=r"task_id must be in \[0, 9\] for libero_spatial, got 10"):
+        env.build_scenes([10, None])
+    builds = env.worker_seconds["build"]
+    env.build_scenes([1, None])  # env 0 builds task 1's scene while env 1 resets to it, building at its reset
+    started = time.perf_counter()
+    at_reset = env.reset([EpisodeSpec(1, 3)], envs=[1])
+    building_reset = time.perf_counter() - started
+    started = time.perf_counter()
+    ahead = env.reset([EpisodeSpec(1, 3)], envs=[0])
+    kept_reset = time.perf_counter() - started
+    assert kept_reset < building_reset / 2 and env.worker_seconds["build"] > builds
+    np.testing.assert_array_equal(ahead.agentview[0], at_reset.agentview[1])
+    np.testing.assert_array_equal(ahead.wrist[0], at_reset.wrist[1])
+    np.testing.assert_array_equal(ahead.proprio[0], at_reset.proprio[1])
+
+    env.step(open_gripper_actions(2, 5))
+    victim, lost_resets = env.worker_pids[1], env.lost_resets
+    env.build_scenes([None, 0])
+    os.kill(victim, signal.SIGKILL)  # dies building: a fresh worker builds at the reset, no episode is lost
+    obs = env.reset([EpisodeSpec(0, 1), EpisodeSpec(0, 1)])
+    assert env.worker_pids[1] != victim and not is_running(victim) and env.lost_resets == lost_resets
+    np.testing.assert_array_equal(obs.agentview[0], obs.agentview[1])
+
+
 def test_bad_inputs_raise_and_never_reach_the_simulator(env):
     with pytest.raises(ValueError, match=r"task_id must be in \[0, 9\] for libero_spatial, got 10"):
         env.reset([EpisodeSpec(10, 0), EpisodeSpec(0, 0)])

@@ -192,6 +192,11 @@ def test_bad_inputs_raise_clear_errors():
         env.reset([EpisodeSpec(task_id=0, init_index=50)] * 2)
     with pytest.raises(ValueError, match="one EpisodeSpec per env"):
         env.reset([EpisodeSpec(task_id=0, init_index=0)])
+    with pytest.raises(ValueError, match="build_scenes needs a task \\(or None\\) per env: expected 2, got 1"):
+        env.build_scenes([0])
+    with pytest.raises(ValueError, match="unknown task_id 4"):
+        env.build_scenes([None, 4])
+    env.build_scenes([None, 3])  # the toy has no scenes to build: nothing changes
     env.reset([EpisodeSpec(task_id=0, init_index=0)] * 2)
     for shape in [(2, 6), (3, 7), (2, 8, 7, 1), (2, 0, 7), (7,)]:
         with pytest.raises(ValueError, match="actions must have shape"):

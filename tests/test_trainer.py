@@ -25,7 +25,8 @@ from trainer.checkpoint import (CHECKPOINTS, checkpoint_dirs, load_checkpoint, r
 from trainer.config import GrpoConfig
 from trainer.evaluation import EVALS_DIR, evaluate
 from trainer.metrics import UpdateStats, read_metrics
-from trainer.rollout import PolicyInputs, Rollouts, collect_groups, next_episode, play_episodes, refill_groups
+from trainer.rollout import (PolicyInputs, Rollouts, collect_groups, first_tasks, next_episode, play_episodes,
+                             refill_groups)
 from trainer.sampler import GroupSampler
 
 torch.set_num_threads(1)
@@ -61,6 +62,8 @@ def test_group_sampler_visits_every_pair_once_per_pass_and_resumes():
     restored.load_state_dict(state)
     assert restored.next(8) == expected
     assert GroupSampler([0, 2], [5, 6, 7], seed=[3, 1]).next(6) != first_pass  # another rank, another order
+    peeked = restored.peek(5)  # across the end of a pass
+    assert restored.peek(5) == peeked and restored.next(5) == peeked
 
 
 def test_next_episode_spreads_the_first_over_tasks_and_keeps_each_env_on_its_task():
@@ -147,6 +150,33 @@ def test_play_episodes_starts_each_env_on_the_task_it_held_in_the_last_call():
     assert play([EpisodeSpec(0, 2), EpisodeSpec(1, 2)], None) == ["task 0", "task 1"]
     with pytest.raises(ValueError, match="env_tasks holds 3 envs' tasks for 2 envs"):
         play([EpisodeSpec(0, 2)], [None] * 3)
+
+
+class FirstResetEnv(ScriptedEnv):
+    """Records each env's task in the first reset call."""
+
+    def __init__(self, num_envs: int) -> None:
+        super().__init__(num_envs)
+        self.first_reset: dict[int, int] | None = None
+
+    def reset(self, specs, envs, wait=True):
+        if self.first_reset is None:
+            self.first_reset = {i: spec.task_id for i, spec in zip(envs, specs)}
+        return super().reset(specs, envs, wait)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_tasks_are_the_tasks_of_the_first_reset_of_play_episodes(seed):
+    rng = np.random.default_rng(seed)
+    num_envs = int(rng.integers(1, 6))
+    specs = [EpisodeSpec(int(rng.integers(4)), int(rng.integers(1, 4))) for _ in range(int(rng.integers(1, 9)))]
+    held = [None if rng.random() < 0.3 else int(rng.integers(4)) for _ in range(num_envs)]
+    predicted = first_tasks(specs, held)
+    env = FirstResetEnv(num_envs)
+    play_episodes(env, ZeroPolicy(), specs, np.zeros(len(specs), int), PolicyInputs(wrist=False, proprio=False),
+                  temperature=1.0, greedy=True, keep_steps=False, env_tasks=list(held))
+    assert env.first_reset == {i: task for i, task in enumerate(predicted) if task is not None}
+    assert sum(task is not None for task in predicted) == min(num_envs, len(specs))
 
 
 def episode_steps(rollouts: Rollouts) -> list[tuple]:
@@ -455,6 +485,36 @@ def test_max_seconds_stops_after_the_iteration_with_an_eval_and_a_checkpoint(che
     assert [p.name for p in checkpoint_dirs(trainer.run_dir)] == ["iter_000001"]
     table = (trainer.run_dir / EVALS_DIR / "iter_000001" / "results.md").read_text()
     assert f"run `{trainer.run_dir}` at iteration 1 (from checkpoint `{checkpoint}`), computed in float32" in table
+
+
+class SceneLog:
+    """Wraps a vector env, logging its build_scenes calls and each reset's task by env, in order."""
+
+    def __init__(self, env) -> None:
+        self.env, self.calls = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def build_scenes(self, task_ids):
+        self.calls.append(("build", {i: task for i, task in enumerate(task_ids) if task is not None}))
+        self.env.build_scenes(task_ids)
+
+    def reset(self, specs, envs=None, wait=True):
+        self.calls.append(("reset", {i: spec.task_id for i, spec in zip(envs, specs)}))
+        return self.env.reset(specs, envs, wait)
+
+
+def test_the_envs_build_the_scenes_of_their_next_episodes_during_the_update(checkpoint, tmp_path):
+    trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "3", "--eval-every", "2", "--no-eval-at-start")
+    log = trainer.env = SceneLog(trainer.env)
+    trainer.train()
+    trainer.close()
+    builds = [at for at, (call, _) in enumerate(log.calls) if call == "build"]
+    assert len(builds) == 3  # before the update of each iteration: the next rollout's, the eval's, the last eval's
+    for at in builds:
+        first_reset = next(tasks for call, tasks in log.calls[at + 1:] if call == "reset")
+        assert log.calls[at][1] == first_reset and first_reset
 
 
 def test_checkpoint_restores_optimizer_and_random_generators(checkpoint, tmp_path):

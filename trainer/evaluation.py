@@ -70,6 +70,11 @@ class TaskResults:
         return metrics
 
 
+def rank_share(episodes: list[EpisodeSpec], ctx: DistContext) -> list[EpisodeSpec]:
+    """The episodes of an eval this rank plays: every world_size-th one from its rank."""
+    return episodes[ctx.rank::ctx.world_size]
+
+
 def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs: PolicyInputs, ctx: DistContext,
              video_dir: Path | None, video_prefix: str, num_videos: int, progress: bool = False,
              temperature: float | None = None, overlap: bool = False, fixed_batch: bool = False,
@@ -78,7 +83,7 @@ def evaluate(env: VectorEnv, policy: Policy, episodes: list[EpisodeSpec], inputs
     records its first episode of each task (up to `num_videos`) to
     <video_dir>/<prefix>_task<t>_init<i>_<success|failure>.mp4. Lost episodes are replayed until they finish.
     `env_tasks`: the envs' tasks carried across calls (play_episodes)."""
-    mine = episodes[ctx.rank::ctx.world_size]
+    mine = rank_share(episodes, ctx)
     recorded: set[int] = set()
     filmed_tasks: set[int] = set()
     for index, spec in enumerate(mine):

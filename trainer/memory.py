@@ -84,9 +84,10 @@ SIMULATOR_ACTIONS_PER_S_PER_ENV = 345 / 16
 DEQUANTIZED_COPIES = 2
 """Dequantized weights of the largest quantized layer counted alive at a peak (the forward's and, in the update, the
 backward's through the same layer)."""
-FIRST_RESET_SECONDS = 4.5
-"""The blocking first reset of a rollout: 16 workers building their scenes and running the 10 wait steps
-(gpu_7b_e2e_oft.json, H100 machine). Later resets run in the background while the other envs step (refill), so a
+FIRST_RESET_SECONDS = 0.4
+"""The blocking first reset of a rollout: 16 kept simulators running the 10 wait steps, their scenes built during
+the last update (VectorEnv.build_scenes; gpu_7b_e2e_openvla_scene_builds.json, H100 machine: 0.4 s, and 4.0 s where
+the workers built them at the reset). Later resets run in the background while the other envs step (refill), so a
 rollout blocks on one, however many episodes each env plays."""
 
 

@@ -36,6 +36,7 @@ class VectorEnv(Protocol):
     def send_step(self, actions: np.ndarray, envs: list[int] | None = None) -> None: ...
     def receive_step(self, envs: list[int] | None = None) -> Any: ...
     def frames(self, i: int) -> list[np.ndarray]: ...
+    def build_scenes(self, task_ids: list[int | None]) -> None: ...
 
 
 class Policy(Protocol):
@@ -148,6 +149,19 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
         last_task = max(sorted(t for t in pending if pending[t]),
                         key=lambda t: len(pending[t]) / (1 + busy_tasks.count(t)))
     return pending[last_task].pop(0)
+
+
+def first_tasks(specs: list[EpisodeSpec], env_tasks: list[int | None]) -> list[int | None]:
+    """The task each env starts a play_episodes call of `specs` with (None: the env stays idle), for `env_tasks`
+    as that call will find them: the scenes its first reset builds, which VectorEnv.build_scenes can build ahead."""
+    n = len(env_tasks)
+    pending: dict[int, list[int]] = {}
+    for index, spec in enumerate(specs):
+        pending.setdefault(spec.task_id, []).append(index)
+    held, starting = list(env_tasks), [None] * n
+    for i in range(min(n, len(specs))):
+        held[i] = starting[i] = specs[next_episode(pending, held[i], held[:i])].task_id
+    return starting
 
 
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,

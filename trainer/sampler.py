@@ -38,6 +38,13 @@ class GroupSampler:
             self.position += 1
         return groups
 
+    def peek(self, n: int) -> list[EpisodeSpec]:
+        """What next(n) will return, leaving the sampler where it is."""
+        state = self.state_dict()
+        groups = self.next(n)
+        self.load_state_dict(state)
+        return groups
+
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state, "order": list(self.order), "position": self.position}
 
