@@ -45,6 +45,10 @@
 #              overlapped halves of 16 (each half's simulators run while the other half's query is on the GPU)
 #              against 16 envs without overlap, the same checkout (gpu_7b_e2e_openvla_32_envs.json); E2E_MAX_STEPS;
 #              at 120 steps on an H100 a run takes ~9 minutes (iterations of ~280 and ~210 s), the stage ~18
+#   e2egraphed bench_e2e of OpenVLA, E2E_ITERATIONS (2) each: the update without gradient checkpointing at micro-batch 4
+#              (its stack replayed from the kept training graph) against checkpointed 16, the same checkout,
+#              E2E_MAX_STEPS (gpu_7b_e2e_openvla_graphed_update.json): the trainer's own speed and peak of the bench's
+#              fastest update
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   graphs     bench_gpu --fused-kernels at rollout batch 16: the update with pi_old recomputed, checkpointed at
 #              micro-batch 16 and without checkpointing at 2 / 4, the Llama stack replayed from the kept training
@@ -184,6 +188,11 @@ stage() {
                --baseline-repo . --extra-flags="--num-envs 32 --overlap-rollouts on" \
                --baseline-flags="--num-envs 16 --overlap-rollouts off" --work-dir /tmp/e2e \
                ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} --output "$RESULTS/gpu_7b_e2e_openvla_32_envs.json" ;;
+    e2egraphed) python3 -m bench.bench_e2e --models openvla --iterations "${E2E_ITERATIONS:-2}" --baseline-repo . \
+                  --extra-flags="--no-gradient-checkpointing --micro-batch-size 4" \
+                  --baseline-flags="--gradient-checkpointing --micro-batch-size 16" --work-dir /tmp/e2e \
+                  ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} \
+                  --output "$RESULTS/gpu_7b_e2e_openvla_graphed_update.json" ;;
     graphs) $bench --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 --fused-kernels \
               --mini-batch 96 --output "$RESULTS/gpu_7b_update_graphs.json" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
