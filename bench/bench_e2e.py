@@ -172,14 +172,17 @@ def summarize(rows: list[dict], microbench_rate: float) -> dict:
     if queries and trained != queries:
         raise SystemExit(f"bench_e2e: the update trained {trained} of {queries} policy steps played: it skipped work")
     rollout_rate = env_steps / rollout_seconds
+    # a rollout blocks on its first reset once however many episodes it plays: scaled by episodes, the rest
+    first_reset = sum(r.get("perf/rollout_first_reset_seconds", 0.0) for r in steady)
+    episodes = sum(r["rollout/episodes"] for r in steady)
     summary = {
         "iterations_measured": len(steady), "env_steps": env_steps,
         "env_steps_per_s": env_steps / seconds, "rollout_actions_per_s": rollout_rate,
         "rollout_share_of_microbench": rollout_rate / microbench_rate, "microbench_actions_per_s": microbench_rate,
         "update_samples_per_s": trained / update_seconds, "rollout_seconds": rollout_seconds,
         "update_seconds": update_seconds, "peak_gib": max(r.get("perf/gpu_memory_gib", 0.0) for r in rows),
-        "iteration_seconds_128_episodes_estimate": 128 * (env_steps / sum(r["rollout/episodes"] for r in steady))
-        / (env_steps / seconds),
+        "iteration_seconds_128_episodes_estimate": 128 * (seconds - first_reset) / episodes
+        + first_reset / len(steady),
     }
     breakdown = ("perf/rollout_model_seconds", "perf/rollout_env_wait_seconds", "perf/rollout_host_seconds",
                  "perf/rollout_first_reset_seconds")

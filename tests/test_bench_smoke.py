@@ -178,3 +178,18 @@ def test_the_7b_shape_of_the_ceilings_is_the_released_one():
     assert shape.decoder_weights == 32 * (4 * 4096**2 + 3 * 4096 * 11008)
     assert (shape.hidden, shape.layers, shape.patches, shape.action_tokens) == (4096, 32, 256, 7)
     assert 20 < shape.text_tokens < 50
+
+
+def test_bench_e2e_estimates_128_episodes_with_one_first_reset_per_rollout():
+    """Two steady iterations of 16 episodes of 60 steps, 50 and 54 s, their rollouts blocking 2 and 4 s on the
+    first reset: 128 episodes take 8 times the rest of an iteration and one first reset, 128 * 98 / 32 + 6 / 2 s."""
+    from bench.bench_e2e import summarize
+
+    def row(seconds, first_reset):
+        return {"rollout/episode_length": 60, "rollout/episodes": 16, "perf/iteration_seconds": seconds,
+                "perf/rollout_seconds": 20.0, "train/steps": 960, "rollout/policy_queries": 960,
+                "perf/rollout_first_reset_seconds": first_reset, "perf/gpu_memory_gib": 17.0}
+
+    summary = summarize([row(80.0, 9.0), row(50.0, 2.0), row(54.0, 4.0)], microbench_rate=75.0)
+    assert summary["iteration_seconds_128_episodes_estimate"] == pytest.approx(395.0)
+    assert summary["env_steps_per_s"] == pytest.approx(1920 / 104) and summary["iterations_measured"] == 2
