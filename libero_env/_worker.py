@@ -2,8 +2,8 @@
 
 Messages in: ("reset", bddl_file, init_state, scene_seed, record), ("step", env_actions [K,7], record),
 ("build", bddl_file), ("close",). Answers: ("ok", payload dict) or ("error", traceback text); after an error the
-worker exits, since its simulator state can no longer be trusted, and the parent starts a fresh one. Every payload carries `seconds`: where the
-worker's time for that answer went (WORKER_TIMES).
+worker exits, since its simulator state can no longer be trusted, and the parent starts a fresh one. Every payload
+carries `seconds`: where the worker's time for that answer went (WORKER_TIMES).
 """
 
 import os

@@ -151,17 +151,32 @@ def next_episode(pending: dict[int, list[int]], last_task: int | None, busy_task
     return pending[last_task].pop(0)
 
 
-def first_tasks(specs: list[EpisodeSpec], env_tasks: list[int | None]) -> list[int | None]:
-    """The task each env starts a play_episodes call of `specs` with (None: the env stays idle), for `env_tasks`
-    as that call will find them: the scenes its first reset builds, which VectorEnv.build_scenes can build ahead."""
-    n = len(env_tasks)
+def pending_episodes(specs: list[EpisodeSpec]) -> dict[int, list[int]]:
+    """Task id -> indices of its episodes in `specs`, in order: what next_episode takes from."""
     pending: dict[int, list[int]] = {}
     for index, spec in enumerate(specs):
         pending.setdefault(spec.task_id, []).append(index)
-    held, starting = list(env_tasks), [None] * n
-    for i in range(min(n, len(specs))):
-        held[i] = starting[i] = specs[next_episode(pending, held[i], held[:i])].task_id
-    return starting
+    return pending
+
+
+def start_episodes(specs: list[EpisodeSpec], pending: dict[int, list[int]], env_tasks: list[int | None],
+                   playing: np.ndarray, envs: np.ndarray) -> list[int]:
+    """Gives each idle env of `envs` (playing -1), in order, its next episode from `pending` (next_episode, with
+    the tasks of the envs playing as busy) while any is left; writes it to `playing` and its task to `env_tasks`;
+    returns the envs that got one."""
+    idle = [int(i) for i in envs if playing[i] < 0][:sum(map(len, pending.values()))]
+    for i in idle:
+        playing[i] = next_episode(pending, env_tasks[i], [env_tasks[j] for j in range(len(playing)) if playing[j] >= 0])
+        env_tasks[i] = specs[playing[i]].task_id
+    return idle
+
+
+def first_tasks(specs: list[EpisodeSpec], env_tasks: list[int | None]) -> list[int | None]:
+    """The task each env starts a play_episodes call of `specs` with (None: the env stays idle), for `env_tasks`
+    as that call will find them: the scenes its first reset builds, which VectorEnv.build_scenes can build ahead."""
+    held, playing = list(env_tasks), np.full(len(env_tasks), -1)
+    started = start_episodes(specs, pending_episodes(specs), held, playing, np.arange(len(env_tasks)))
+    return [held[i] if i in started else None for i in range(len(env_tasks))]
 
 
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
@@ -193,23 +208,14 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     videos: dict[int, list[np.ndarray]] = {}
     bar = tqdm(total=total, desc="eval" if greedy else "rollout", unit="ep", leave=False,
                disable=None if progress else True)
-    pending: dict[int, list[int]] = {}
-    for index, spec in enumerate(specs):
-        pending.setdefault(spec.task_id, []).append(index)
+    pending = pending_episodes(specs)
     playing = np.full(n, -1)  # each env's episode (resetting or running), -1 when idle
     running = np.zeros(n, dtype=bool)
     halves = np.array_split(np.arange(n), 2) if overlap and n > 1 else [np.arange(n)]
     query_size = len(halves[0])  # every query's rows with fixed_batch: the first half is the larger one
 
-    def start_episodes(envs: np.ndarray) -> list[int]:
-        idle = [int(i) for i in envs if playing[i] < 0][:sum(map(len, pending.values()))]
-        for i in idle:
-            playing[i] = next_episode(pending, env_tasks[i], [env_tasks[j] for j in range(n) if playing[j] >= 0])
-            env_tasks[i] = specs[playing[i]].task_id
-        return idle
-
     model_seconds = env_seconds = reset_seconds = 0.0
-    first = start_episodes(np.arange(n))
+    first = start_episodes(specs, pending, env_tasks, playing, np.arange(n))
     observations = [None] * len(halves)  # each half's latest observation (its rows are current)
     if first:
         started = time.perf_counter()
@@ -234,7 +240,7 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
                     bar.update(1)
                 running |= result.started
                 observations[half] = result.obs
-                starting = start_episodes(envs)
+                starting = start_episodes(specs, pending, env_tasks, playing, envs)
                 if starting:
                     started = time.perf_counter()
                     env.reset([specs[playing[i]] for i in starting], envs=starting, wait=False)
