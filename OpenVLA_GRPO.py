@@ -149,7 +149,7 @@ class GRPOTrainer:
             metrics = {"iteration": self.iteration, "env_steps": self.env_steps, **metrics,
                        **rollout_metrics(counts, self.task_ids),
                        **perf_metrics(counts, trained, rollout_seconds, started, ctx, cfg.env.num_envs)}
-            if cfg.evaluation.eval_every > 0 and (self.iteration % cfg.evaluation.eval_every == 0 or self.finished()):
+            if self.evaluates_after(self.iteration, last=self.finished()):
                 metrics.update(self.evaluate())
             self.logger.log(metrics)
             if self.iteration % cfg.checkpointing.save_every == 0 or self.finished():
@@ -350,6 +350,11 @@ class GRPOTrainer:
         stats.maximum("ratio_max", loss_stats["ratio_max"])
         return loss
 
+    def evaluates_after(self, iteration: int, last: bool) -> bool:
+        """Whether the held-out eval runs after `iteration`: every --eval-every iterations and after the last."""
+        every = self.config.evaluation.eval_every
+        return every > 0 and (iteration % every == 0 or last)
+
     def eval_episodes(self) -> list[EpisodeSpec]:
         """The held-out init states of the training tasks, in one scene."""
         per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
@@ -360,7 +365,7 @@ class GRPOTrainer:
         evaluates, else the next iteration's first groups (sampler.peek), none after the last iteration."""
         cfg, following = self.config, self.iteration + 1
         last = cfg.iterations is not None and following >= cfg.iterations
-        if cfg.evaluation.eval_every > 0 and (following % cfg.evaluation.eval_every == 0 or last):
+        if self.evaluates_after(following, last):
             return rank_share(self.eval_episodes(), self.ctx)
         if last:
             return []
