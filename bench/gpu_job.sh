@@ -18,7 +18,8 @@
 #              episodes of each of tasks 0-3
 #   reuse      bench_gpu of this checkout and of BASELINE_TAR (a tar.xz of an older commit), alternated twice
 #   e2e, e2eoft  bench_e2e (E2E_MODELS, default "openvla oft", E2E_ITERATIONS each (2), or OFT only) against
-#              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json), E2E_MAX_STEPS a shorter horizon; an OpenVLA
+#              BASELINE_TAR, into E2E_OUTPUT (gpu_7b_e2e.json), E2E_MAX_STEPS a shorter horizon, E2E_FLAGS train
+#              flags of both runs; an OpenVLA
 #              iteration at horizon 220 takes ~5 minutes on an H100, the first ~1 more
 #   profile    profile_gpu: a rollout query at batch 16 and 32, pi_old and an update micro-batch of 16, eager and fused
 #   profilegraphs  profile_gpu, fused kernels: pi_old and the update micro-batch of 4 without gradient checkpointing,
@@ -148,7 +149,7 @@ stage() {
       done ;;
     e2e) baseline; python3 -m bench.bench_e2e --models ${E2E_MODELS:-openvla oft} --iterations "${E2E_ITERATIONS:-2}" \
            --baseline-repo /tmp/baseline --work-dir /tmp/e2e ${E2E_MAX_STEPS:+--max-steps "$E2E_MAX_STEPS"} \
-           --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
+           ${E2E_FLAGS:+--extra-flags="$E2E_FLAGS"} --output "$RESULTS/${E2E_OUTPUT:-gpu_7b_e2e.json}" ;;
     e2eoft) baseline; python3 -m bench.bench_e2e --models oft --baseline-repo /tmp/baseline --work-dir /tmp/e2e \
               --output "$RESULTS/gpu_7b_e2e_oft.json" ;;
     profile) python3 -m bench.profile_gpu --variants eager fused --rollout-batches 16 32 \

@@ -61,8 +61,10 @@ class ModelConfig:
     needs sdpa or eager)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B). Off, a 7B step
-    keeps ~1.6 GiB of activations, so only micro-batches up to 4 fit 24 GB, and they update slower even replayed
-    from CUDA graphs (--graph-update: 24.5 against 27.4 samples/s at 16 checkpointed on an H100, BENCHMARKS.md)."""
+    keeps ~1.6 GiB of activations, so only micro-batches up to 4 fit 24 GB: replayed from CUDA graphs
+    (--graph-update) the micro-batch of 4 updates 1.20x faster than checkpointed 16 on an H100 (31.5 against 26.2
+    samples/s with pi_old) but peaks at 22.5 GiB in that benchmark, over the 22 GiB a 24 GB card leaves the rest of
+    an iteration; at 2 it is slower (24.5; BENCHMARKS.md)."""
     base_quant: Literal["none", "int8", "nf4", "fp8", "fp8-dynamic"] = "none"
     """Store the frozen base's LLM linear weights quantized at load time (QLoRA; torchao, pip install torchao): int8
     (8-bit per-row, CPU and CUDA), nf4 (QLoRA's 4-bit NormalFloat, CPU and CUDA) or fp8 (e4m3, CUDA compute
@@ -85,8 +87,8 @@ class ModelConfig:
     forward, from CUDA graphs kept for the update's one micro-batch shape (VLAPolicy.graph_update; same results),
     where the eager layers launch their kernels slower than the GPU runs them. Needs --cuda-graphs, sdpa attention
     and LoRA on the Llama layers only (not with --lora-projector / --lora-vision, --base-quant, --compile-layers or
-    --finetune full, which run eagerly): the 7B's micro-batch of 4 updates 1.55x faster than eagerly on an H100
-    (BENCHMARKS.md). --no-graph-update runs the update eagerly."""
+    --finetune full, which run eagerly): the 7B's micro-batch of 4 updates 1.96x faster than eagerly on an H100
+    (31.5 against 16.1 samples/s with pi_old, BENCHMARKS.md). --no-graph-update runs the update eagerly."""
     compile_layers: bool = False
     """torch.compile (inductor, dynamic shapes) the blocks without a KV cache: per Llama layer the RMSNorms, the MLP
     and the q/k/v/o projections with their LoRA adapters, and every ViT block (VLAPolicy.compile_layers), so the

@@ -231,9 +231,9 @@ def peaks(shape: ModelShape, rollout_batch: int, micro_batch: int, gradient_chec
 def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> float | None:
     """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card,
     a policy not in bf16, a quantized base or an update without gradient checkpointing (the measurements are of the
-    unquantized bf16 7B, checkpointed; unchecked, the H100 takes 1.12x as long a sample at micro-batch 4 while a
-    slower card's arithmetic would take 0.75x, gpu_7b_update_graphs.json). The GPU and the simulators take
-    turns."""
+    unquantized bf16 7B, checkpointed; unchecked and graphed, the H100 takes 0.83x as long a sample at micro-batch 4
+    and 1.07x at 2, where the host launches more than the GPU computes, while a slower card's arithmetic would take
+    0.75x at either: gpu_7b_update_graphs_walks_once.json). The GPU and the simulators take turns."""
     rate = card_tflops(card)
     if rate is None or shape.dtype_bytes != 2 or shape.quantized_parameters or not config.model.gradient_checkpointing:
         return None
