@@ -133,14 +133,15 @@ class GRPOTrainer:
                     cfg.grpo.max_refill_rounds, progress=cfg.logging.progress and ctx.is_main,
                     overlap=self.overlap, fixed_batch=self.policy.fixed_batch, env_tasks=self.env_tasks)
             rollout_seconds = time.perf_counter() - started
-            # the simulators build the scenes of their next episodes while the update runs
-            self.env.build_scenes(first_tasks(self.upcoming_episodes(), self.env_tasks))
             advantages = (grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids),
                                                 scale_by_std=cfg.grpo.scale_by_std)
                           if batch.num_episodes else torch.zeros(0))
+            counts = distributed.reduce_values({**counts, **advantage_sums(advantages)}, ctx)
+            # the simulators build the scenes of their next episodes while the update runs
+            upcoming = self.upcoming_episodes(self.env_steps + int(counts["episode_length_sum"]))
+            self.env.build_scenes(first_tasks(upcoming, self.env_tasks))
             metrics = self.update(batch, advantages)
             self.scheduler.step()
-            counts = distributed.reduce_values({**counts, **advantage_sums(advantages)}, ctx)
             self.iteration += 1
             self.env_steps += int(counts["episode_length_sum"])
             self.out_of_time = self.config.max_seconds > 0 and distributed.reduce_values(
@@ -360,11 +361,13 @@ class GRPOTrainer:
         per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
         return [EpisodeSpec(t, i, scene=self.config.seed) for t in self.task_ids for i in self.heldout_inits[:per_task]]
 
-    def upcoming_episodes(self) -> list[EpisodeSpec]:
-        """The episodes this rank's envs play after the current iteration's update: the eval's where the iteration
-        evaluates, else the next iteration's first groups (sampler.peek), none after the last iteration."""
+    def upcoming_episodes(self, env_steps: int) -> list[EpisodeSpec]:
+        """The episodes this rank's envs play after the current iteration's update, `env_steps` counting its
+        rollout: the eval's where the iteration evaluates, else the next iteration's first groups (sampler.peek),
+        none after the last iteration (by --iterations or --timesteps; --max-seconds is not known before the update
+        ends, so such a run builds the scenes of a rollout it does not play)."""
         cfg, following = self.config, self.iteration + 1
-        last = cfg.iterations is not None and following >= cfg.iterations
+        last = (cfg.iterations is not None and following >= cfg.iterations) or env_steps >= cfg.timesteps
         if self.evaluates_after(following, last):
             return rank_share(self.eval_episodes(), self.ctx)
         if last:

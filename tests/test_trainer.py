@@ -517,6 +517,23 @@ def test_the_envs_build_the_scenes_of_their_next_episodes_during_the_update(chec
         assert log.calls[at][1] == first_reset and first_reset
 
 
+def test_a_run_that_ends_by_its_timesteps_builds_the_last_evals_scenes_not_another_rollouts(checkpoint, tmp_path):
+    """--timesteps ends the run after the first iteration (its episodes play at least one step): the build before
+    that update is the last eval's, as with --iterations, and a run without evals builds nothing."""
+    for evals, builds in ((("--eval-every", "5"), 1), (("--eval-every", "0"), 0)):
+        trainer = toy_trainer(checkpoint, tmp_path / evals[1], "--timesteps", "1", *evals, "--no-eval-at-start",
+                              "--eval-episodes-per-task", "2")
+        log = trainer.env = SceneLog(trainer.env)
+        trainer.train()
+        trainer.close()
+        assert trainer.iteration == 1
+        built = [tasks for call, tasks in log.calls if call == "build"]
+        assert len(built) == 1 and len([tasks for tasks in built if tasks]) == builds
+        if builds:  # the eval's first reset, right after the update
+            at = [call for call, _ in log.calls].index("build")
+            assert built[0] == next(tasks for call, tasks in log.calls[at + 1:] if call == "reset")
+
+
 def test_checkpoint_restores_optimizer_and_random_generators(checkpoint, tmp_path):
     trainer = toy_trainer(checkpoint, tmp_path, "--iterations", "1", "--eval-every", "0", "--keep-last", "2")
     trainer.train()
