@@ -137,13 +137,12 @@ class GRPOTrainer:
                                                 scale_by_std=cfg.grpo.scale_by_std)
                           if batch.num_episodes else torch.zeros(0))
             counts = distributed.reduce_values({**counts, **advantage_sums(advantages)}, ctx)
+            self.env_steps += int(counts["episode_length_sum"])
             # the simulators build the scenes of their next episodes while the update runs
-            upcoming = self.upcoming_episodes(self.env_steps + int(counts["episode_length_sum"]))
-            self.env.build_scenes(first_tasks(upcoming, self.env_tasks))
+            self.env.build_scenes(first_tasks(self.upcoming_episodes(), self.env_tasks))
             metrics = self.update(batch, advantages)
             self.scheduler.step()
             self.iteration += 1
-            self.env_steps += int(counts["episode_length_sum"])
             self.out_of_time = self.config.max_seconds > 0 and distributed.reduce_values(
                 {"seconds": time.monotonic() - self.started}, ctx, op="max")["seconds"] > self.config.max_seconds
             trained = metrics["train/steps"] * cfg.optim.ppo_epochs
@@ -361,13 +360,13 @@ class GRPOTrainer:
         per_task = self.config.evaluation.eval_episodes_per_task or len(self.heldout_inits)
         return [EpisodeSpec(t, i, scene=self.config.seed) for t in self.task_ids for i in self.heldout_inits[:per_task]]
 
-    def upcoming_episodes(self, env_steps: int) -> list[EpisodeSpec]:
-        """The episodes this rank's envs play after the current iteration's update, `env_steps` counting its
-        rollout: the eval's where the iteration evaluates, else the next iteration's first groups (sampler.peek),
+    def upcoming_episodes(self) -> list[EpisodeSpec]:
+        """The episodes this rank's envs play after the current iteration's update (its rollout's env steps
+        counted): the eval's where the iteration evaluates, else the next iteration's first groups (sampler.peek),
         none after the last iteration (by --iterations or --timesteps; --max-seconds is not known before the update
         ends, so such a run builds the scenes of a rollout it does not play)."""
         cfg, following = self.config, self.iteration + 1
-        last = (cfg.iterations is not None and following >= cfg.iterations) or env_steps >= cfg.timesteps
+        last = self.ends_after(following)
         if self.evaluates_after(following, last):
             return rank_share(self.eval_episodes(), self.ctx)
         if last:
@@ -410,10 +409,13 @@ class GRPOTrainer:
                             full_state)
         distributed.barrier(self.ctx)
 
-    def finished(self) -> bool:
+    def ends_after(self, iteration: int) -> bool:
+        """Whether the run ends after `iteration` by --iterations or --timesteps (env steps as counted now)."""
         limit = self.config.iterations
-        return (self.env_steps >= self.config.timesteps or (limit is not None and self.iteration >= limit)
-                or self.out_of_time)
+        return self.env_steps >= self.config.timesteps or (limit is not None and iteration >= limit)
+
+    def finished(self) -> bool:
+        return self.ends_after(self.iteration) or self.out_of_time
 
     def close(self) -> None:
         """Stops the env workers and the logger; the process group stays up for the rest of the process."""
