@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -99,6 +99,12 @@ class GRPOTrainer:
         # every teacher-forced forward pads its prompts to the tasks' longest: one shape, so a step's log-probs do
         # not depend on the steps beside it and pi_old's forward equals the gradient pass's (VLAPolicy.log_probs)
         self.prompt_length = self.policy.longest_prompt([self.env.instruction(t) for t in self.task_ids])
+        # steps whose vision output one pass computes for several update micro-batches: the rollout's batch (a
+        # whole number of micro-batches), where the towers run faster a step than at a micro-batch of 4 and replay
+        # the rollout's kept graph; None: each micro-batch runs its own (one per micro-batch, or the vision trains)
+        micro, queried = config.optim.micro_batch_size, self.env.num_envs // (2 if self.overlap else 1)
+        shared = micro * -(-queried // micro)
+        self.vision_chunk = shared if self.policy.vision_frozen and shared > micro else None
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout
             state = load_checkpoint(plan.resume_from, self.policy, self.optimizer, self.scheduler, self.ctx.rank,
                                     self.ctx.world_size)
@@ -225,15 +231,29 @@ class GRPOTrainer:
         rows = torch.cat(covered) if covered else torch.zeros(0, dtype=torch.long)
         size = self.config.optim.micro_batch_size
         with torch.no_grad(), fsdp.gathered(self.units):
-            parts = [self.policy.log_probs(*self.step_inputs(batch, index), pad_to=size,
-                                           prompt_length=self.prompt_length)[0].float()
-                     for index in (rows.split(size) if len(rows) else ())]
+            parts = [self.policy.log_probs(*self.step_inputs(batch, rows[part]), pad_to=size,
+                                           prompt_length=self.prompt_length, patches=patches)[0].float()
+                     for part, patches in self.micro_batches(batch, rows)]
         if len(rows):
             recomputed[rows] = torch.cat(parts).cpu()  # one copy back: each waits for the GPU to finish
             gap = (recomputed[rows] - batch.log_probs[rows]).abs()
             stats.mean("rollout_logprob_mismatch", gap.mean(), gap.numel())
             stats.maximum("rollout_logprob_mismatch_max", gap.max())
         return recomputed
+
+    def micro_batches(self, batch: Rollouts, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """`rows` cut into micro-batches (positions in `rows`), each with its steps' vision output where one pass
+        serves several micro-batches (`vision_chunk`), else None. Every pass runs at one shape, so a step's patches
+        are the same in pi_old's forward and in its gradient pass."""
+        size, positions = self.config.optim.micro_batch_size, torch.arange(len(rows))
+        for chunk in positions.split(self.vision_chunk or size):
+            patches = None
+            if self.vision_chunk is not None:
+                index = rows[chunk].numpy()
+                patches = self.policy.patches(batch.agentview[index], batch.wrist[index] if self.inputs.wrist else None,
+                                              pad_to=self.vision_chunk)
+            for start in range(0, len(chunk), size):
+                yield chunk[start:start + size], None if patches is None else patches[start:start + size]
 
     def step_inputs(self, batch: Rollouts, rows: torch.Tensor) -> tuple:
         """policy.log_probs arguments of some stored steps."""
@@ -295,17 +315,17 @@ class GRPOTrainer:
         weights = distributed.token_weights(traj_ids, tokens, aggregation, self.ctx, constant)
         step_advantages = advantages[traj_ids]  # A_i on every step of episode i (REF 9.1.5)
         loss = 0.0
-        parts = torch.arange(len(rows)).split(self.config.optim.micro_batch_size) if len(rows) else ()
-        passes = len(parts)
+        parts = -(-len(rows) // self.config.optim.micro_batch_size)
+        passes = parts
         if self.units:  # a sharded model's passes are collectives: every rank makes as many as the busiest one
             passes = int(distributed.reduce_values({"passes": passes}, self.ctx, "max")["passes"])
         with self.policy.training_mode():  # once for the mini-batch, not twice per micro-batch
-            for part in parts:
+            for part, patches in self.micro_batches(batch, rows):
                 micro_loss = self.micro_batch_loss(batch, rows[part], step_advantages[part], weights[part], stats,
-                                                   old_log_probs, before_any_step)
+                                                   old_log_probs, before_any_step, patches)
                 micro_loss.backward()
                 loss = loss + micro_loss.detach()
-            for _ in range(passes - len(parts)):
+            for _ in range(passes - parts):
                 fsdp.padding_pass(self.policy, self.inputs, self.config.grpo.temperature)
         if not self.units:
             distributed.sum_gradients(self.params, self.ctx)
@@ -313,12 +333,14 @@ class GRPOTrainer:
 
     def micro_batch_loss(self, batch: Rollouts, rows: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
                          stats: UpdateStats, old_log_probs: torch.Tensor | None = None,
-                         before_any_step: bool = False) -> torch.Tensor:
+                         before_any_step: bool = False, patches: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of some steps (`rows`, with their advantages and the mini-batch's aggregation weights) against
-        pi_old `old_log_probs` (None: the rollout's log-probs; `before_any_step`: see accumulate_gradients)."""
+        pi_old `old_log_probs` (None: the rollout's log-probs; `before_any_step`: see accumulate_gradients), from
+        their vision output `patches` where given (micro_batches)."""
         cfg = self.config.grpo
         inputs = self.step_inputs(batch, rows)
-        shape = {"pad_to": self.config.optim.micro_batch_size, "prompt_length": self.prompt_length}
+        shape = {"pad_to": self.config.optim.micro_batch_size, "prompt_length": self.prompt_length,
+                 "patches": patches}
         logp, entropy = self.policy.log_probs(*inputs, **shape)
         device = logp.device
         weights = weights.to(device, non_blocking=True)  # see VLAPolicy._on_device

@@ -101,3 +101,61 @@ def test_states_it_does_not_fold_run_as_themselves(state):
             for parameter in layer.parameters():
                 parameter.normal_(0.0, 0.3)
     assert torch.equal(lora_linear(layer, x), layer(x))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(12, 20, bias=False), nn.Linear(12, 20, bias=False), nn.Linear(20, 12)
+
+
+def swiglu_model(dropout=0.0):
+    torch.manual_seed(0)
+    model = get_peft_model(SwiGLU(), LoraConfig(r=4, lora_alpha=6, lora_dropout=dropout,
+                                                target_modules=["gate", "up", "down"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.3)
+    return model.base_model.model
+
+
+def product_of(gate, up):
+    return nn.functional.silu(gate) * up
+
+
+def swiglu_forward_and_grads(model, x, recompute):
+    """The MLP through lora_linear, the down adapter's input kept or recomputed; its output, the gradients and the
+    storage of every tensor autograd saved."""
+    saved = set()
+
+    def keep(tensor):
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        gate, up = lora_linear(model.gate, x), lora_linear(model.up, x)
+        product = product_of(gate, up)
+        out = lora_linear(model.down, product, recomputed_from=(product_of, gate, up) if recompute else None)
+    (out ** 2).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads, saved, product.untyped_storage().data_ptr()
+
+
+def test_the_down_adapter_can_recompute_its_input_instead_of_keeping_it():
+    model, x = swiglu_model(), torch.randn(3, 5, 12)
+    kept, kept_grads, kept_saved, kept_product = swiglu_forward_and_grads(model, x, recompute=False)
+    again, again_grads, again_saved, again_product = swiglu_forward_and_grads(model, x, recompute=True)
+    assert torch.equal(kept, again)
+    for kept_grad, again_grad in zip(kept_grads, again_grads):
+        assert torch.allclose(kept_grad, again_grad, rtol=1e-5, atol=1e-6)
+    assert kept_product in kept_saved and again_product not in again_saved  # the adapter kept the product, or not
+    # with dropout on the adapter's input the recomputed rows would miss its mask: the dropped-out input is kept
+    dropping = swiglu_model(dropout=0.1).train()
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        runs.append(swiglu_forward_and_grads(dropping, x, recompute))
+    assert torch.equal(runs[0][0], runs[1][0]) and len(runs[0][2]) == len(runs[1][2])

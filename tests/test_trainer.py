@@ -659,6 +659,43 @@ def test_the_first_mini_batch_is_its_own_pi_old_and_no_step_is_forwarded_twice(c
     assert reduced["train/rollout_logprob_mismatch_max"] == float(gap.max())
 
 
+def test_micro_batches_smaller_than_the_rollouts_batch_share_its_vision_pass(checkpoint, tmp_path, monkeypatch):
+    """Micro-batches of 2 beside 4 envs: pi_old's pass and the gradient passes run the vision towers once per 4
+    steps (the rollout's batch), so a step's patches are the same bits in both (the first mini-batch's gradient
+    pass, which is its own pi_old, and the no-grad pass give the same numbers as a forward from patches computed at
+    that shape), within float32 rounding of the forward that runs the towers per micro-batch."""
+    trainer = toy_trainer(checkpoint, tmp_path, "--old-log-probs", "recompute", "--mini-batch-size", "8",
+                          "--micro-batch-size", "2", "--eval-every", "0")
+    assert trainer.vision_chunk == 4
+    batch, _ = collect_groups(trainer.env, trainer.policy, trainer.sampler, trainer.inputs, 4, 2, 1.6,
+                              dynamic_sampling=True, max_refill_rounds=8)
+    trainer.close()
+    advantages = grpo.group_advantages(torch.from_numpy(batch.success), torch.from_numpy(batch.group_ids))
+    first_epoch = torch.randperm(batch.num_steps).tensor_split(3)
+    vision_passes, towers = [], trainer.policy.model.patch_embeddings
+
+    def counted(pixels):
+        vision_passes.append(len(pixels))
+        return towers(pixels)
+
+    monkeypatch.setattr(trainer.policy.model, "patch_embeddings", counted)
+    stats = UpdateStats()
+    old = trainer.old_log_probs(batch, first_epoch, stats)
+    later = len(torch.cat(first_epoch[1:]))
+    assert vision_passes == [4] * -(-later // 4)
+    trainer.accumulate_gradients(batch, advantages, first_epoch[0], stats, old, before_any_step=True)
+    assert vision_passes[-(-later // 4):] == [4] * -(-len(first_epoch[0]) // 4) and not old.isnan().any()
+    shape = {"pad_to": 2, "prompt_length": trainer.prompt_length}
+    with torch.no_grad():
+        for rows in first_epoch:
+            for index in rows.split(2):
+                patches = trainer.policy.patches(batch.agentview[index.numpy()], pad_to=4)
+                expected, _ = trainer.policy.log_probs(*trainer.step_inputs(batch, index), **shape, patches=patches)
+                per_micro_batch, _ = trainer.policy.log_probs(*trainer.step_inputs(batch, index), **shape)
+                assert torch.equal(old[index], expected.float())
+                torch.testing.assert_close(old[index], per_micro_batch.float(), atol=1e-5, rtol=0)
+
+
 def test_with_lora_dropout_pi_old_is_a_forward_without_dropout_for_every_step(checkpoint, tmp_path):
     """--lora-dropout: the gradient pass drops out, so the no-grad pass before the first step covers the first
     mini-batch too, and the first mini-batch's gradient pass leaves pi_old as that pass gave it (the forward the

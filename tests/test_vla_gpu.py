@@ -25,7 +25,7 @@ from libero_env.toy import ToyVectorEnv
 from trainer.rollout import PolicyInputs, play_episodes
 from trained_adapters import apply_trained_adapter
 from vla_actor import LoraSettings, load_policy, make_tiny_checkpoint
-from vla_actor.fused_kernels import fused_kernels_available
+from vla_actor.fused_kernels import FusedSwiGLU, fused_kernels_available, set_down_input_recomputation
 from vla_actor.openvla_7b import random_7b_policy
 from vla_actor.quant import FP8_MIN_CAPABILITY, Float8Product, compiled, quantize_layer, quantize_rows
 
@@ -241,6 +241,29 @@ def test_teacher_forcing_replays_the_kept_vision_graph(tmp_path, without_tf32, d
                 assert torch.allclose(graph_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patches_at_the_rollouts_batch_replay_its_vision_graph_for_the_update(tmp_path, without_tf32, dtype):
+    """The update's micro-batches of 4 beside a rollout of 8 (trainer.micro_batches): the patches of 8 steps come
+    from the vision graph the rollout kept (no new capture, the towers not run per micro-batch), pi_old without
+    gradients equals the graphed gradient pass from them bit for bit, and both are within rounding of the forwards
+    that run the towers at the micro-batch (bf16: other GEMM shapes)."""
+    policy = tiny_policy_with_lora(tmp_path, dtype)
+    images, instructions = observations(8)
+    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": policy.longest_prompt(instructions)}
+    patches = policy.patches(images[:7], pad_to=8)
+    assert policy.graph_captures["vision"] == 1
+    for rows in (slice(0, 4), slice(4, 7)):
+        inputs = (images[rows], instructions[rows], tokens[rows])
+        with torch.no_grad():
+            old, _ = policy.log_probs(*inputs, **shape, patches=patches[rows])
+            towers, _ = policy.log_probs(*inputs, **shape)
+        new, _ = policy.log_probs(*inputs, **shape, patches=patches[rows])
+        assert torch.equal(new.detach(), old) and new.requires_grad
+        torch.testing.assert_close(old, towers, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=0)
+    assert policy.graph_captures["update"] == 1 and policy.graph_captures["vision"] == 2  # the towers' own, at 4
+
+
 def accumulated_update(policy, observed, tokens, graphed, shape):
     """Two micro-batches (the second padded to `pad_to`) as the update runs them: pi_old without gradients, then
     the forward with gradients, whose log-probs must equal pi_old's bit for bit, and its backward; returns the
@@ -259,6 +282,36 @@ def accumulated_update(policy, observed, tokens, graphed, shape):
     for parameter in policy.trainable_parameters():
         parameter.grad = None
     return torch.cat(log_probs), grads
+
+
+def test_without_checkpointing_the_fused_mlp_recomputes_its_down_input(tmp_path, without_tf32):
+    """Without gradient checkpointing the fused MLP's down adapter makes its input again in the backward pass
+    (FusedSwiGLU.recompute_down_input) instead of keeping it: float32 log-probs and adapter gradients, eager and from
+    the kept training graph, equal the unfused policy's and those of the fused MLP that keeps its input (pi_old equal
+    to the forward with gradients bit for bit: accumulated_update); checkpointing turns it off."""
+    if not fused_kernels_available():
+        pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
+    policy = tiny_policy_with_lora(tmp_path, torch.float32)
+    images, instructions = observations(8)
+    observed = {"images": images, "instructions": instructions, "wrist": None, "proprio": None}
+    tokens = policy.sample(images, instructions, temperature=1.6, greedy=True).token_ids
+    shape = {"temperature": 1.6, "pad_to": 4, "prompt_length": policy.longest_prompt(instructions)}
+    unfused = accumulated_update(policy, observed, tokens, False, shape)
+    policy.fuse_kernels()
+    mlps = [module for module in policy.model.modules() if isinstance(module, FusedSwiGLU)]
+    assert mlps and all(mlp.recompute_down_input for mlp in mlps)
+    recomputed = [accumulated_update(policy, observed, tokens, graphed, shape) for graphed in (False, True)]
+    set_down_input_recomputation(policy.model.language_model.model, False)
+    policy.release_graphs()
+    kept = accumulated_update(policy, observed, tokens, False, shape)
+    for log_probs, grads in (unfused, *recomputed):
+        assert torch.allclose(log_probs, kept[0], atol=1e-5)
+        for grad, kept_grad in zip(grads, kept[1], strict=True):
+            assert torch.allclose(grad, kept_grad, rtol=1e-3, atol=1e-6)
+    policy.gradient_checkpointing(True)
+    assert not any(mlp.recompute_down_input for mlp in mlps)
+    policy.gradient_checkpointing(False)
+    assert all(mlp.recompute_down_input for mlp in mlps)
 
 
 @pytest.mark.parametrize("variant", ["openvla", "oft"])

@@ -110,6 +110,36 @@ def test_adapter_disabled_is_the_base_model(checkpoint):
         assert torch.equal(query(base, tokens)[1], base_log_probs)
 
 
+@pytest.mark.parametrize("variant", ["openvla", "oft"])
+def test_patches_computed_once_give_the_forwards_that_run_the_towers(variant, checkpoint, oft_checkpoint):
+    """log_probs(patches=...) takes the vision output instead of running the towers: the same bits where the
+    patches come from the same batch shape, with and without gradients (a micro-batch padded to `pad_to` pads its
+    patches as its images; OFT appends its proprio token after them); only while the towers train nothing."""
+    policy = with_trained_adapter(oft_checkpoint if variant == "oft" else checkpoint)
+    frames, extra = images(4), {"proprio": proprio(4)} if variant == "oft" else {}
+    instructions = [*INSTRUCTIONS, *INSTRUCTIONS]
+    tokens = policy.sample(frames, instructions, greedy=True, **extra).token_ids
+    patches = policy.patches(frames)
+    assert patches.shape[:2] == (4, 256) and not patches.requires_grad
+    assert torch.equal(policy.patches(frames[:3], pad_to=4), patches[:3])
+    shape = {"pad_to": 4, "temperature": 1.6}
+    with torch.no_grad():
+        towers, _ = policy.log_probs(frames, instructions, tokens, **extra, **shape)
+        shared, _ = policy.log_probs(frames, instructions, tokens, **extra, **shape, patches=patches)
+        part_extra = {"proprio": extra["proprio"][:3]} if extra else {}
+        padded, _ = policy.log_probs(frames[:3], instructions[:3], tokens[:3], **part_extra, **shape,
+                                     patches=patches[:3])
+    with_gradients, _ = policy.log_probs(frames, instructions, tokens, **extra, **shape, patches=patches)
+    assert torch.equal(shared, towers) and torch.equal(padded, towers[:3])
+    assert torch.equal(with_gradients.detach(), towers) and with_gradients.requires_grad
+    with pytest.raises(ValueError, match="patches must hold the 4 observations"):
+        policy.log_probs(frames, instructions, tokens, **extra, patches=patches[:3])
+    vision_lora = with_trained_adapter(checkpoint, LoraSettings(rank=4, alpha=8, include_vision=True))
+    assert not vision_lora.vision_frozen
+    with pytest.raises(RuntimeError, match="train nothing"):
+        vision_lora.patches(frames)
+
+
 def test_only_lora_dropout_makes_the_gradient_forward_drop_out(checkpoint):
     """drops_out_in_training: the tiny look-alike has no dropout of its own (as OpenVLA), LoRA dropout adds it, and
     then a forward with gradients differs from one without (the trainer's pi_old must not come from it)."""

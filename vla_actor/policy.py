@@ -38,7 +38,7 @@ from vla_actor.checkpoint import (CONFIG_FILE, L1_HEAD_PATTERN, PREPROCESSOR_CON
                                   read_proprio_projector, resolve_directory, trained_dtype_name, write_checkpoint)
 from vla_actor.cuda_graphs import KeptGraph, KeptTrainingGraph
 from vla_actor.fast_decode import DynamicDecoder, GraphDecoder
-from vla_actor.fused_kernels import fuse_llama_kernels
+from vla_actor.fused_kernels import fuse_llama_kernels, set_down_input_recomputation
 from vla_actor.model import (EMPTY_PARTS, IMAGE_SIZE, ModelSpec, OpenVLAModel, build_model, checkpoint_tensors, fill,
                              to_file_key, to_module_key)
 from vla_actor.quant import dequantize, is_quantized, without_peft_requantize_warning
@@ -482,20 +482,50 @@ class VLAPolicy:
         """Whether the vision towers or the projector hold trainable parameters (LoRA there, full fine-tuning)."""
         return any(p.requires_grad for p in self._model_parts.vision)
 
-    def _prefix(self, images, wrist, proprio, batch: int) -> torch.Tensor:
-        """The prefix embeddings, the vision towers and projector replayed from a kept CUDA graph where
-        `cuda_graphs` allows and no gradient has to flow through them (its output is overwritten by the next call;
-        the prefix is copied into each call's embeddings before then)."""
-        pixels, proprio = self._pixel_values(images, wrist, batch), self._proprio(proprio, batch)
-        if not self._replays_graphs or (torch.is_grad_enabled() and self._vision_trains):
-            return self.model.prefix_embeddings(pixels, proprio)  # FSDP runs its root's hooks here (trainer/fsdp.py)
+    @property
+    def vision_frozen(self) -> bool:
+        """Whether the vision towers and the projector hold nothing trainable, so that their output for an
+        observation is the same before and after any optimizer step (`patches`)."""
+        return not self._vision_trains
+
+    def patches(self, images: np.ndarray | torch.Tensor, wrist=None, pad_to: int | None = None) -> torch.Tensor:
+        """The vision towers' and the projector's output [B, 256n, D] for `images` (and `wrist`), without
+        gradients, for teacher-forced forwards that share one vision pass (`log_probs(patches=...)`); computed at
+        `pad_to` rows (copies of the last observation) where given, one shape, so that an observation's patches do
+        not depend on the others beside it. Only while `vision_frozen`."""
+        if not self.vision_frozen:
+            raise RuntimeError("patches are computed once for several forwards only while the vision towers and "
+                               "the projector train nothing")
+        batch = len(images)
+        if pad_to is not None and batch < pad_to:
+            images, wrist = (None if rows is None else _pad_rows(rows, pad_to - batch) for rows in (images, wrist))
+        with torch.no_grad():
+            pixels = self._pixel_values(images, wrist, len(images))
+            if not self._replays_graphs:
+                with self._mode(False):
+                    return self.model.patch_embeddings(pixels)[:batch]
+            return self._vision_patches(pixels)[:batch].clone()  # the graph's output is overwritten by its next replay
+
+    def _vision_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision towers and the projector replayed from the kept CUDA graph (its output buffer)."""
         if self._vision_graph is None:
             self._vision_graph = KeptGraph(self.model.patch_embeddings, self.device, "VisionGraph")
         # the graph must read the weights themselves, not autocast's cached copies, which the block frees (_mode)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
                                              enabled=self.dtype != torch.float32, cache_enabled=False):
-            patches = self._vision_graph(pixels)
-        return self.model.append_proprio(patches, proprio)
+            return self._vision_graph(pixels)
+
+    def _prefix(self, images, wrist, proprio, batch: int, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """The prefix embeddings: `patches` where given, else the vision towers and projector, replayed from a kept
+        CUDA graph where `cuda_graphs` allows and no gradient has to flow through them (its output is overwritten
+        by the next call; the prefix is copied into each call's embeddings before then)."""
+        proprio = self._proprio(proprio, batch)
+        if patches is not None:
+            return self.model.append_proprio(patches.to(self.device, non_blocking=True), proprio)
+        pixels = self._pixel_values(images, wrist, batch)
+        if not self._replays_graphs or (torch.is_grad_enabled() and self._vision_trains):
+            return self.model.prefix_embeddings(pixels, proprio)  # FSDP runs its root's hooks here (trainer/fsdp.py)
+        return self.model.append_proprio(self._vision_patches(pixels), proprio)
 
     def _release_decoder(self) -> None:
         """Free the kept decode graph and its KV cache, keeping the vision graph (whose pool left the trainer's
@@ -581,7 +611,7 @@ class VLAPolicy:
 
     def log_probs(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str], token_ids: torch.Tensor,
                   wrist=None, proprio=None, temperature: float = 1.0, pad_to: int | None = None,
-                  prompt_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  prompt_length: int = 0, patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs float32 [B, T] of `token_ids` and the entropy [B, T] of the 256-way
         distributions, with the same slicing and temperature as `sample`. Differentiable w.r.t. the adapters;
         runs in training mode (LoRA dropout, gradient checkpointing) when gradients are enabled. `pad_to` rows and
@@ -591,19 +621,25 @@ class VLAPolicy:
         computed in one forward equals the update's in another (the trainer's recomputed pi_old); the vision graph
         the rollout kept (`cuda_graphs`) is replayed at that batch. A forward without gradients keeps the rollout's
         decode graph and KV cache (it needs little memory) unless it replays the training graph (`graph_update`);
-        one with gradients frees them for its activations."""
+        one with gradients frees them for its activations. `patches`: the observations' `patches` [B, ...], computed
+        once for several forwards, instead of the vision towers here."""
         self._check_temperature(temperature)
         batch = self._check_batch(images, instructions, wrist, proprio)
         token_ids = self._check_tokens(token_ids, batch)
+        if patches is not None:
+            if not self.vision_frozen or len(patches) != batch:
+                raise ValueError(f"patches must hold the {batch} observations' vision output, computed while the "
+                                 f"vision towers train nothing (VLAPolicy.patches)")
         if pad_to is not None and batch < pad_to:
-            images, wrist, proprio, token_ids = (None if rows is None else _pad_rows(rows, pad_to - batch)
-                                                 for rows in (images, wrist, proprio, token_ids))
+            images, wrist, proprio, token_ids, patches = (
+                None if rows is None else _pad_rows(rows, pad_to - batch)
+                for rows in (images, wrist, proprio, token_ids, patches))
             instructions = [*instructions, *[instructions[-1]] * (pad_to - batch)]
         graphed = pad_to is not None and self._graphs_update
         if torch.is_grad_enabled() or graphed:
             self._release_decoder()
         with self._mode(torch.is_grad_enabled(), cache_casts=not graphed):
-            prefix = self._prefix(images, wrist, proprio, len(instructions))
+            prefix = self._prefix(images, wrist, proprio, len(instructions), patches)
             prompts = self.prompt_ids(instructions)
             if self.is_oft:
                 log_probs = self._oft_log_probs(prefix, prompts, temperature, prompt_length, graphed)
@@ -703,6 +739,8 @@ class VLAPolicy:
             language_model.gradient_checkpointing_disable()
         for vit in (self.model.vision_backbone.featurizer, self.model.vision_backbone.fused_featurizer):
             vit.set_grad_checkpointing(enabled)
+        # without checkpointing every layer keeps its activations: the fused MLP's down adapter recomputes its input
+        set_down_input_recomputation(language_model.model, not enabled)
 
     def compile_layers(self, backend: str = "inductor") -> None:
         """torch.compile (inductor, dynamic shapes) every block that holds no KV cache, in place: per Llama layer
@@ -736,6 +774,7 @@ class VLAPolicy:
             raise ValueError(f"fused kernels run on CUDA only; this policy is on {self.device}")
         self.release_graphs()
         fuse_llama_kernels(self.model.language_model.model)
+        set_down_input_recomputation(self.model.language_model.model, not self._checkpointing)
         self.modules_changed()
 
     @contextmanager
