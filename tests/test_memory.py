@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from OpenVLA_GRPO import parse_command
-from trainer.memory import (FIRST_RESET_SECONDS, GIB, KV_SLOT_MULTIPLE, PI_OLD_SHARE, ROLLOUT_ACTIVATIONS,
-                            SECONDS_PER_QUERY, SECONDS_PER_SAMPLE, SIMULATOR_ACTIONS_PER_S_PER_ENV,
-                            UNCHECKPOINTED_ACTIVATIONS, UPDATE_ACTIVATIONS, ModelShape, check_fits, checkpoint_shape,
-                            iteration_seconds, model_shape, predict, rollout_bytes_per_sample, update_bytes_per_sample)
+from trainer.memory import (FIRST_RESET_SECONDS, FUSED_UNCHECKPOINTED_ACTIVATIONS, GIB, KV_SLOT_MULTIPLE, PI_OLD_SHARE,
+                            ROLLOUT_ACTIVATIONS, SECONDS_PER_QUERY, SECONDS_PER_SAMPLE,
+                            SIMULATOR_ACTIONS_PER_S_PER_ENV, UNCHECKPOINTED_ACTIVATIONS, UPDATE_ACTIVATIONS, ModelShape,
+                            check_fits, checkpoint_shape, iteration_seconds, model_shape, predict,
+                            rollout_bytes_per_sample, update_bytes_per_sample)
 from vla_actor import LoraSettings
 from vla_actor.openvla_7b import openvla_7b_config
 
@@ -28,6 +29,8 @@ def test_per_sample_bytes_by_hand():
     assert update_bytes_per_sample(shape, True) == pytest.approx(2 * tokens * 8 * 2
                                                                  + UPDATE_ACTIVATIONS * tokens * 16 * 2)
     assert update_bytes_per_sample(shape, False) == pytest.approx(2 * UNCHECKPOINTED_ACTIVATIONS * tokens * 16 * 2)
+    assert update_bytes_per_sample(shape, False, fused=True) == pytest.approx(
+        2 * FUSED_UNCHECKPOINTED_ACTIVATIONS * tokens * 16 * 2)
 
 
 def shape_7b(tmp_path: Path, variant: str, images: int, proprio: bool) -> ModelShape:
@@ -71,11 +74,16 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
     cases.append((oft, oft_run["num_envs"], 8, oft_run["oft_peak_gib"], "peak"))
     unchecked = json.loads((RESULTS / "gpu_7b_no_checkpointing.json").read_text())["update_curve_no_checkpointing"]
     cases += [(openvla, 1, int(m), point["peak_gib"], "update_unchecked") for m, point in unchecked.items() if point]
+    graphed = json.loads((RESULTS / "gpu_7b_e2e_openvla_graphed_update.json").read_text())  # fused, down recomputed
+    cases.append((openvla, graphed["num_envs"], 4, graphed["peak_gib"], "peak_unchecked_fused"))
+    cases.append((openvla, graphed["num_envs"], 16, graphed["peak_gib_baseline"], "peak"))
     for shape, num_envs, micro_batch, measured, part in cases:
-        flags = ["--no-gradient-checkpointing"] if part == "update_unchecked" else []
-        prediction = predict(train_config(num_envs, micro_batch, *flags), shape, "NVIDIA H200")
+        flags = ["--no-gradient-checkpointing"] if "unchecked" in part else []
+        prediction = predict(train_config(num_envs, micro_batch, *flags), shape, "NVIDIA H200",
+                             fused=part.endswith("fused"))
         predicted = {"rollout": prediction.rollout_gib, "update": prediction.update_gib,
-                     "update_unchecked": prediction.update_gib, "peak": prediction.peak_gib}[part]
+                     "update_unchecked": prediction.update_gib, "peak": prediction.peak_gib,
+                     "peak_unchecked_fused": prediction.peak_gib}[part]
         assert abs(predicted / measured - 1) < 0.10, (part, num_envs, micro_batch, predicted, measured)
 
 

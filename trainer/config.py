@@ -60,11 +60,12 @@ class ModelConfig:
     """Llama attention kernel; flash_attention_2 needs flash-attn installed and OpenVLA (OFT's bidirectional mask
     needs sdpa or eager)."""
     gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B). Off, a 7B step
-    keeps ~1.6 GiB of activations, so only micro-batches up to 4 fit 24 GB: replayed from CUDA graphs
-    (--graph-update) the micro-batch of 4 updates 1.20x faster than checkpointed 16 on an H100 (31.5 against 26.2
-    samples/s with pi_old) but peaks at 22.5 GiB in that benchmark, over the 22 GiB a 24 GB card leaves the rest of
-    an iteration; at 2 it is slower (24.5; BENCHMARKS.md)."""
+    """Recompute activations in the backward pass (a micro-batch of 8-16 steps in ~1-2 GB on a 7B). Off, every layer
+    keeps its activations (with the fused kernels ~0.8 GiB a 7B token-head step), so micro-batches up to 4 fit 24 GB:
+    replayed from CUDA graphs (--graph-update) the token head's micro-batch of 4 updated 1.36x faster than
+    checkpointed 16 in the real trainer on an H100 (34.3 against 25.3 samples/s, the whole iteration 1.22x) and
+    peaked at 18.95 GiB (BENCHMARKS.md); at 2 it is slower than checkpointed 16. On by default until OFT's 2 images,
+    predicted at 23.5 GiB for micro-batch 4, have run without it; `train --dry-run` predicts the peak."""
     base_quant: Literal["none", "int8", "nf4", "fp8", "fp8-dynamic"] = "none"
     """Store the frozen base's LLM linear weights quantized at load time (QLoRA; torchao, pip install torchao): int8
     (8-bit per-row, CPU and CUDA), nf4 (QLoRA's 4-bit NormalFloat, CPU and CUDA) or fp8 (e4m3, CUDA compute

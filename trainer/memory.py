@@ -8,11 +8,11 @@ cache of its prompt (OpenVLA; OFT decodes in one forward) plus the activations o
 tokens x MLP width.
 Update: the LoRA gradients, and per sample of the micro-batch the checkpointed input of every decoder layer plus
 the one layer recomputed in the backward pass (without gradient checkpointing: every layer's activations, at their
-own fitted factor). The activation factors and the fixed workspace terms are fitted to the 7B curves of
-`bench/results/gpu_7b.json` and `gpu_7b_no_checkpointing.json`; the real trainer's peaks (`gpu_7b_e2e*.json`) are
-predicted within 10 % (tests/test_memory.py). A quantized layer multiplies by a
-dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the largest such copy
-are counted as alive at a peak, an assumption the int8, nf4 and fp8 rollout and iteration peaks check
+own fitted factor, or with the fused kernels the tensors they keep, counted). The activation factors and the fixed
+workspace terms are fitted to the 7B curves of `bench/results/gpu_7b.json` and `gpu_7b_no_checkpointing.json`; the
+real trainer's peaks (`gpu_7b_e2e*.json`) are predicted within 10 % (tests/test_memory.py). A quantized layer
+multiplies by a dequantized copy of its weight, made for the call and freed after it; DEQUANTIZED_COPIES of the
+largest such copy are counted as alive at a peak, an assumption the int8, nf4 and fp8 rollout and iteration peaks check
 (`gpu_7b_quant.json`, `gpu_7b_quant_fp8.json`, `gpu_7b_quant_8bit.json`: within 6 %). Compiled blocks
 (--compile-layers) hold more activations than eager ones; their extra per token and MLP channel is fitted to the one
 compiled run (`gpu_7b_compiled.json`), whose batch 32 did not fit 24 GiB, as the fit predicts.
@@ -20,7 +20,8 @@ compiled run (`gpu_7b_compiled.json`), whose batch 32 did not fit 24 GiB, as the
 Time scales the per-query and per-sample seconds measured by the real trainer on an H100 (bench_e2e) by the
 card's dense bf16 rate, and adds the simulators' time measured there: an estimate, not a measurement, and none for a
 quantized base, whose dequantizing layers were not timed, or an update without gradient checkpointing, which the
-real trainer has not timed (the microbenchmark's H100 and the arithmetic of a slower card disagree in direction).
+real trainer has timed at one micro-batch only (4; the microbenchmark's H100 and the arithmetic of a slower card
+disagree in direction at 2).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from trainer.envs import suite_shape
 from trainer.policy_builder import lora_settings
 from vla_actor.action_tokens import OFT_CHUNK
 from vla_actor.checkpoint import CONFIG_FILE, read_json
+from vla_actor.fused_kernels import fused_kernels_available
 from vla_actor.model import ModelSpec, build_model
 from vla_actor.policy import OFT_CONFIG_HINTS, LoraSettings, lora_target_modules, resolve_dtype
 from vla_actor.quant import quantized_layer_names, quantized_weight_bytes
@@ -54,7 +56,14 @@ UPDATE_ACTIVATIONS = 11.1
 """The same for the decoder layer the backward pass recomputes (fitted)."""
 UNCHECKPOINTED_ACTIVATIONS = 9.2
 """The same for each decoder layer of an update without gradient checkpointing, which keeps every layer's
-activations for the backward pass (fitted to gpu_7b_no_checkpointing.json's micro-batches 2 and 4)."""
+activations for the backward pass (fitted to gpu_7b_no_checkpointing.json's micro-batches 2 and 4, transformers'
+layers)."""
+FUSED_UNCHECKPOINTED_ACTIVATIONS = 5.0
+"""The same with the fused kernels (--fused-kernels, liger-kernel installed), counted: per token a layer keeps eight
+hidden-size tensors (the two RMSNorms' inputs and outputs, queries, keys, values and the attention's output) and
+the SwiGLU kernel's gate and up, while its down projection's input is made again in the backward pass
+(vla_actor/fused_kernels.py): (8 x 4,096 + 2 x 11,008) / 11,008 = 4.98 MLP channels; the real trainer's peak at
+micro-batch 4 (gpu_7b_e2e_openvla_graphed_update.json, 18.95 GiB) implies 4.4."""
 COMPILED_ROLLOUT_ACTIVATIONS = 27.9
 """What compiled blocks hold beyond ROLLOUT_ACTIVATIONS, in the same units (fitted: +2.6 GiB at batch 16)."""
 COMPILED_UPDATE_ACTIVATIONS = 11.3
@@ -191,11 +200,13 @@ def rollout_bytes_per_sample(shape: ModelShape, compiled: bool = False) -> float
     return activations + shape.layers * 2 * shape.kv_hidden * slots * shape.dtype_bytes
 
 
-def update_bytes_per_sample(shape: ModelShape, gradient_checkpointing: bool, compiled: bool = False) -> float:
+def update_bytes_per_sample(shape: ModelShape, gradient_checkpointing: bool, compiled: bool = False,
+                            fused: bool = False) -> float:
     tokens = shape.prompt_tokens + shape.action_tokens + int(shape.oft)
     compiled_extra = COMPILED_UPDATE_ACTIVATIONS if compiled else 0.0
     if not gradient_checkpointing:  # every layer keeps its activations for the backward pass
-        return shape.layers * (UNCHECKPOINTED_ACTIVATIONS + compiled_extra) * tokens * shape.mlp * shape.dtype_bytes
+        kept = FUSED_UNCHECKPOINTED_ACTIVATIONS if fused else UNCHECKPOINTED_ACTIVATIONS
+        return shape.layers * (kept + compiled_extra) * tokens * shape.mlp * shape.dtype_bytes
     return (shape.layers * tokens * shape.hidden * shape.dtype_bytes
             + (UPDATE_ACTIVATIONS + compiled_extra) * tokens * shape.mlp * shape.dtype_bytes)
 
@@ -204,36 +215,40 @@ def card_tflops(card: str) -> float | None:
     return next((rate for name, rate in DENSE_BF16_TFLOPS.items() if name in card), None)
 
 
-def predict(config: TrainConfig, shape: ModelShape, card: str) -> Prediction:
-    """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`."""
+def predict(config: TrainConfig, shape: ModelShape, card: str, fused: bool | None = None) -> Prediction:
+    """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`; `fused`: whether
+    the Llama layers run the fused kernels (None: --fused-kernels where liger-kernel is installed)."""
     queried = config.env.num_envs  # a query's batch; overlapped halves query one half, the larger, at a time
     if config.env.overlaps(shape.oft, cuda=True):
         queried = (queried + 1) // 2
+    if fused is None:
+        fused = config.model.fused_kernels and fused_kernels_available()
     resident, rollout, update = peaks(shape, queried, config.optim.micro_batch_size,
-                                      config.model.gradient_checkpointing, config.model.compile_layers)
+                                      config.model.gradient_checkpointing, config.model.compile_layers, fused)
     return Prediction(resident / GIB, rollout / GIB, update / GIB, iteration_seconds(config, shape, card), card)
 
 
 def peaks(shape: ModelShape, rollout_batch: int, micro_batch: int, gradient_checkpointing: bool,
-          compiled: bool = False) -> tuple[float, ...]:
+          compiled: bool = False, fused: bool = False) -> tuple[float, ...]:
     """Bytes resident all run, at the rollout peak (queries of `rollout_batch`) and at the update peak (`compiled`:
-    --compile-layers)."""
+    --compile-layers; `fused`: the fused kernels)."""
     frozen = (shape.frozen_parameters - shape.quantized_parameters) * shape.dtype_bytes + shape.quantized_bytes
     resident = frozen + shape.lora_parameters * 12  # fp32 LoRA weights + 2 moments
     dequantized = DEQUANTIZED_COPIES * shape.largest_quantized * shape.dtype_bytes
     rollout = (resident + ROLLOUT_WORKSPACE_GIB * GIB + dequantized
                + rollout_batch * rollout_bytes_per_sample(shape, compiled))
     update = (resident + shape.lora_parameters * 4 + UPDATE_WORKSPACE_GIB * GIB + dequantized
-              + micro_batch * update_bytes_per_sample(shape, gradient_checkpointing, compiled))
+              + micro_batch * update_bytes_per_sample(shape, gradient_checkpointing, compiled, fused))
     return resident, rollout, update
 
 
 def iteration_seconds(config: TrainConfig, shape: ModelShape, card: str) -> float | None:
     """Seconds of one iteration where every episode runs to the horizon (failures do), None for an unknown card,
     a policy not in bf16, a quantized base or an update without gradient checkpointing (the measurements are of the
-    unquantized bf16 7B, checkpointed; unchecked and graphed, the H100 takes 0.83x as long a sample at micro-batch 4
-    and 1.07x at 2, where the host launches more than the GPU computes, while a slower card's arithmetic would take
-    0.75x at either: gpu_7b_update_graphs_walks_once.json). The GPU and the simulators take turns."""
+    unquantized bf16 7B, checkpointed; unchecked and graphed, the real trainer's update took 0.74x as long at
+    micro-batch 4 on an H100, gpu_7b_e2e_openvla_graphed_update.json, and the microbenchmark 1.07x at 2, where the
+    host launches more than the GPU computes, while a slower card's arithmetic would take 0.75x at either:
+    gpu_7b_update_graphs_walks_once.json). The GPU and the simulators take turns."""
     rate = card_tflops(card)
     if rate is None or shape.dtype_bytes != 2 or shape.quantized_parameters or not config.model.gradient_checkpointing:
         return None
