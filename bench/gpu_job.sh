@@ -50,6 +50,8 @@
 #              (its stack replayed from the kept training graph) against checkpointed 16, the same checkout,
 #              E2E_MAX_STEPS (gpu_7b_e2e_openvla_graphed_update.json): the trainer's own speed and peak of the bench's
 #              fastest update
+#   e2eoftunchecked  bench_e2e of OFT, E2E_ITERATIONS (3) each: the update without gradient checkpointing at
+#              micro-batch 2 (graphed) against checkpointed 8, the same checkout (gpu_7b_e2e_oft_unchecked.json)
 #   e2esteady  bench_e2e of OpenVLA, two iterations of this checkout alone (gpu_7b_e2e_openvla_steady.json)
 #   graphs     bench_gpu --fused-kernels at rollout batch 16: the update with pi_old recomputed, checkpointed at
 #              micro-batch 16 and without checkpointing at 2 / 4, the Llama stack replayed from the kept training
@@ -196,6 +198,10 @@ stage() {
                   --output "$RESULTS/gpu_7b_e2e_openvla_graphed_update.json" ;;
     graphs) $bench --rollout-batches 16 --micro-batches 16 --no-checkpoint-micro-batches 2 4 --fused-kernels \
               --mini-batch 96 --output "$RESULTS/gpu_7b_update_graphs.json" ;;
+    e2eoftunchecked) python3 -m bench.bench_e2e --models oft --iterations "${E2E_ITERATIONS:-3}" --baseline-repo . \
+                       --extra-flags="--no-gradient-checkpointing --micro-batch-size 2" \
+                       --baseline-flags="--gradient-checkpointing --micro-batch-size 8" --work-dir /tmp/e2e \
+                       --output "$RESULTS/gpu_7b_e2e_oft_unchecked.json" ;;
     e2esteady) python3 -m bench.bench_e2e --models openvla --iterations 2 --work-dir /tmp/e2e \
                  --output "$RESULTS/gpu_7b_e2e_openvla_steady.json" ;;
     levers) $bench --rollout-batches 16 --micro-batches 16 --fused-kernels \
