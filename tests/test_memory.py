@@ -87,6 +87,25 @@ def test_predictions_are_within_ten_percent_of_every_recorded_7b_peak(tmp_path):
         assert abs(predicted / measured - 1) < 0.10, (part, num_envs, micro_batch, predicted, measured)
 
 
+def test_the_fused_factor_is_counted_where_build_policy_would_fuse(tmp_path, monkeypatch):
+    """Without checkpointing, an update's activations are counted with the fused kernels' factor exactly where
+    build_policy swaps them in (liger-kernel installed, --fused-kernels, no --compile-layers)."""
+    monkeypatch.setattr("trainer.memory.fused_kernels_available", lambda: True)
+    shape = shape_7b(tmp_path, "openvla", 1, False)
+    unchecked = ("--no-gradient-checkpointing",)
+
+    def update_gib(*flags: str) -> float:
+        return predict(train_config(16, 4, *unchecked, *flags), shape, "NVIDIA H100").update_gib
+
+    assert update_gib() == pytest.approx(predict(train_config(16, 4, *unchecked), shape, "NVIDIA H100",
+                                                 fused=True).update_gib)
+    assert update_gib("--no-fused-kernels") == pytest.approx(predict(train_config(16, 4, *unchecked), shape,
+                                                                     "NVIDIA H100", fused=False).update_gib)
+    unfused_compiled = predict(train_config(16, 4, *unchecked, "--compile-layers"), shape, "NVIDIA H100", fused=False)
+    assert update_gib("--compile-layers") == pytest.approx(unfused_compiled.update_gib)
+    assert update_gib() < update_gib("--no-fused-kernels")
+
+
 def test_overlapped_halves_are_counted_as_one_half_per_query(tmp_path):
     """With --overlap-rollouts a query holds the envs of one half (the larger of an odd number), so 32 envs in halves
     need the rollout memory of 16 envs and 15 that of 8; OFT on CUDA overlaps by default, the token head does not."""

@@ -35,7 +35,7 @@ import torch
 from libero_env.processing import ACTION_DIM
 from trainer.config import TrainConfig
 from trainer.envs import suite_shape
-from trainer.policy_builder import lora_settings
+from trainer.policy_builder import asks_fused_kernels, lora_settings
 from vla_actor.action_tokens import OFT_CHUNK
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.fused_kernels import fused_kernels_available
@@ -217,12 +217,13 @@ def card_tflops(card: str) -> float | None:
 
 def predict(config: TrainConfig, shape: ModelShape, card: str, fused: bool | None = None) -> Prediction:
     """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`; `fused`: whether
-    the Llama layers run the fused kernels (None: --fused-kernels where liger-kernel is installed)."""
+    the Llama layers run the fused kernels (None: where build_policy would swap them in on this machine)."""
     queried = config.env.num_envs  # a query's batch; overlapped halves query one half, the larger, at a time
     if config.env.overlaps(shape.oft, cuda=True):
         queried = (queried + 1) // 2
     if fused is None:
-        fused = config.model.fused_kernels and fused_kernels_available()
+        fused = (asks_fused_kernels(config.model, torch.device("cuda"), config.finetune == "full")
+                 and fused_kernels_available())
     resident, rollout, update = peaks(shape, queried, config.optim.micro_batch_size,
                                       config.model.gradient_checkpointing, config.model.compile_layers, fused)
     return Prediction(resident / GIB, rollout / GIB, update / GIB, iteration_seconds(config, shape, card), card)

@@ -17,6 +17,12 @@ def lora_settings(lora: LoraConfig) -> LoraSettings:
                         include_projector=lora.lora_projector, include_vision=lora.lora_vision)
 
 
+def asks_fused_kernels(model: ModelConfig, device: torch.device, full: bool = False) -> bool:
+    """Whether `build_policy` swaps in the fused kernels where liger-kernel is installed: asked for, on CUDA, and
+    neither compiled layers nor full fine-tuning."""
+    return model.fused_kernels and device.type == "cuda" and not model.compile_layers and not full
+
+
 def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, device: torch.device,
                  full: bool = False) -> VLAPolicy:
     """The checkpoint with a trainable LoRA adapter (fresh, or `model.adapter`) or, with `full`, every used weight
@@ -41,7 +47,7 @@ def build_policy(model: ModelConfig, lora: LoraConfig | None, unnorm_key: str, d
         policy.gradient_checkpointing(True)
     if model.compile_layers:
         policy.compile_layers()
-    if model.fused_kernels and device.type == "cuda" and not model.compile_layers and not full:
+    if asks_fused_kernels(model, device, full):
         if fused_kernels_available():
             policy.fuse_kernels()
         else:
