@@ -45,7 +45,7 @@ from trainer.evaluation import compare_evals, evaluate, rank_share, run_eval_dir
 from trainer.metrics import MetricsLogger, UpdateStats
 from trainer.plot import plot_run
 from trainer.policy_builder import build_policy
-from trainer.rollout import PolicyInputs, Rollouts, collect_groups, first_tasks
+from trainer.rollout import PolicyInputs, Rollouts, collect_groups, env_halves, first_tasks
 from trainer.sampler import GroupSampler
 from trainer.validation import (EvalPlan, TrainPlan, check_eval, check_output_space, check_train,
                                 checkpoint_bytes)
@@ -102,7 +102,7 @@ class GRPOTrainer:
         # steps whose vision output one pass computes for several update micro-batches: the rollout's batch (a
         # whole number of micro-batches), where the towers run faster a step than at a micro-batch of 4 and replay
         # the rollout's kept graph; None: each micro-batch runs its own (one per micro-batch, or the vision trains)
-        micro, queried = config.optim.micro_batch_size, self.env.num_envs // (2 if self.overlap else 1)
+        micro, queried = config.optim.micro_batch_size, len(env_halves(self.env.num_envs, self.overlap)[0])
         shared = micro * -(-queried // micro)
         self.vision_chunk = shared if self.policy.vision_frozen and shared > micro else None
         if plan.resume_from is not None:  # after everything that draws random numbers before the first rollout

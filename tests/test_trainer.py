@@ -696,6 +696,19 @@ def test_micro_batches_smaller_than_the_rollouts_batch_share_its_vision_pass(che
                 torch.testing.assert_close(old[index], per_micro_batch.float(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("envs", "overlap", "micro", "chunk"), [(5, "on", 1, 3), (5, "on", 2, 4), (4, "off", 4, None),
+                                                            (6, "off", 4, 8)])
+def test_the_shared_vision_pass_covers_the_rollouts_query_in_whole_micro_batches(checkpoint, tmp_path, envs, overlap,
+                                                                                  micro, chunk):
+    """The update's shared vision pass (`vision_chunk`) spans a rollout query's batch (with overlapped halves the
+    larger half, as play_episodes queries it) rounded up to whole micro-batches; none where one micro-batch covers
+    it."""
+    trainer = toy_trainer(checkpoint, tmp_path, "--num-envs", str(envs), "--overlap-rollouts", overlap,
+                          "--micro-batch-size", str(micro), "--mini-batch-size", "8", "--eval-every", "0")
+    trainer.close()
+    assert trainer.vision_chunk == chunk
+
+
 def test_with_lora_dropout_pi_old_is_a_forward_without_dropout_for_every_step(checkpoint, tmp_path):
     """--lora-dropout: the gradient pass drops out, so the no-grad pass before the first step covers the first
     mini-batch too, and the first mini-batch's gradient pass leaves pi_old as that pass gave it (the forward the

@@ -36,6 +36,7 @@ from libero_env.processing import ACTION_DIM
 from trainer.config import TrainConfig
 from trainer.envs import suite_shape
 from trainer.policy_builder import asks_fused_kernels, lora_settings
+from trainer.rollout import env_halves
 from vla_actor.action_tokens import OFT_CHUNK
 from vla_actor.checkpoint import CONFIG_FILE, read_json
 from vla_actor.fused_kernels import fused_kernels_available
@@ -218,9 +219,8 @@ def card_tflops(card: str) -> float | None:
 def predict(config: TrainConfig, shape: ModelShape, card: str, fused: bool | None = None) -> Prediction:
     """The memory and time of `config`'s iterations for a model of `shape` on the card named `card`; `fused`: whether
     the Llama layers run the fused kernels (None: where build_policy would swap them in on this machine)."""
-    queried = config.env.num_envs  # a query's batch; overlapped halves query one half, the larger, at a time
-    if config.env.overlaps(shape.oft, cuda=True):
-        queried = (queried + 1) // 2
+    # a query's batch; overlapped halves query one half, the larger, at a time
+    queried = len(env_halves(config.env.num_envs, config.env.overlaps(shape.oft, cuda=True))[0])
     if fused is None:
         fused = (asks_fused_kernels(config.model, torch.device("cuda"), config.finetune == "full")
                  and fused_kernels_available())

@@ -179,6 +179,11 @@ def first_tasks(specs: list[EpisodeSpec], env_tasks: list[int | None]) -> list[i
     return [held[i] if i in started else None for i in range(len(env_tasks))]
 
 
+def env_halves(num_envs: int, overlap: bool) -> list[np.ndarray]:
+    """The envs a rollout queries together: two fixed halves with `overlap` (the first the larger), else all."""
+    return np.array_split(np.arange(num_envs), 2) if overlap and num_envs > 1 else [np.arange(num_envs)]
+
+
 def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], group_ids: np.ndarray,
                   inputs: PolicyInputs, temperature: float, greedy: bool, keep_steps: bool,
                   progress: bool = False, overlap: bool = False, fixed_batch: bool = False,
@@ -211,7 +216,7 @@ def play_episodes(env: VectorEnv, policy: Policy, specs: list[EpisodeSpec], grou
     pending = pending_episodes(specs)
     playing = np.full(n, -1)  # each env's episode (resetting or running), -1 when idle
     running = np.zeros(n, dtype=bool)
-    halves = np.array_split(np.arange(n), 2) if overlap and n > 1 else [np.arange(n)]
+    halves = env_halves(n, overlap)
     query_size = len(halves[0])  # every query's rows with fixed_batch: the first half is the larger one
 
     model_seconds = env_seconds = reset_seconds = 0.0
